@@ -1,0 +1,1 @@
+"""Backends: one module per real tool, plus ``sim``, all behind the ``Backend`` protocol."""

@@ -1,0 +1,162 @@
+"""The Backend protocol every tool module implements, and the small records it exchanges."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from vmpool.errors import ReadyTimeout, VmPoolError
+
+#: Names every backend accepts: lowercase letters, digits and '-', starting with a letter.
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+#: Label keys vmpool puts on machines (where the backend has labels) and in ownership records.
+LABEL_SESSION = "vmpool.session"
+LABEL_HOST = "vmpool.host"
+LABEL_PID = "vmpool.pid"
+LABEL_PID_START = "vmpool.pid_start"
+LABEL_CONFIG_HASH = "vmpool.config_hash"
+LABEL_POOL = "vmpool.pool"
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` when every backend accepts it, else raise ValueError saying why."""
+    if not NAME_RE.match(name):
+        raise ValueError(
+            f"invalid machine name {name!r}: use 1-63 lowercase letters, digits and '-', "
+            "starting with a letter"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """The outcome of a command run inside a machine."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond the basics."""
+
+    #: reset() restores a snapshot taken when the machine became ready (fast, in place).
+    reset: bool = False
+    #: machines carry labels (owner is read back from list()); else ownership records are used.
+    labels: bool = False
+    #: machines of one pool can share a private network and report an address.
+    network: bool = False
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """What the controller asks a backend to create."""
+
+    name: str
+    labels: Mapping[str, str]
+    #: slot number within the pool (0-based); stable across replacements of that slot's machine
+    index: int = 0
+    #: name of the pool's private network (create_network() was called for it), or None
+    network: str | None = None
+
+
+@dataclass(frozen=True)
+class MachineInfo:
+    """A machine as the backend's tool lists it."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    running: bool = False
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A tool that makes machines. Every method may raise BackendError (or a subclass)."""
+
+    name: str
+    capabilities: Capabilities
+
+    def check(self) -> None:
+        """Raise BackendUnavailable saying what to install when the tool or image is missing."""
+
+    def create(self, spec: MachineSpec) -> None:
+        """Create (but not necessarily start) the machine ``spec.name``."""
+
+    def start(self, name: str) -> None:
+        """Start the machine; returns once the tool has started it (not necessarily ready)."""
+
+    def wait_ready(self, name: str, timeout: float) -> None:
+        """Probe until the machine answers, or raise ReadyTimeout with the last probe error."""
+
+    def exec(self, name: str, argv: Sequence[str], timeout: float) -> ExecResult:
+        """Run ``argv`` in the machine; raise ExecTimeout after ``timeout`` seconds."""
+
+    def snapshot(self, name: str) -> None:
+        """Record the ready state that reset() returns to (no-op without the reset capability)."""
+
+    def reset(self, name: str) -> None:
+        """Return the machine to its snapshot; only called when ``capabilities.reset``."""
+
+    def delete(self, name: str) -> None:
+        """Destroy the machine and everything it owns; a missing machine is success."""
+
+    def list(self, prefix: str) -> list[MachineInfo]:
+        """Machines whose name starts with ``prefix`` (with their labels where supported)."""
+
+    def address(self, name: str) -> str | None:
+        """An address the pool's other machines can reach this one at, or None."""
+
+    def create_network(self, name: str, labels: Mapping[str, str]) -> None:
+        """Create the pool's private network (only with ``capabilities.network``)."""
+
+    def delete_network(self, name: str) -> None:
+        """Remove the network; a missing network is success."""
+
+    def list_networks(self, prefix: str) -> list[MachineInfo]:
+        """Networks whose name starts with ``prefix``, with labels where supported."""
+
+
+def probe_until(
+    probe: Callable[[], None],
+    *,
+    timeout: float,
+    what: str,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    first_interval: float = 0.05,
+    max_interval: float = 1.0,
+) -> None:
+    """Call ``probe`` until it returns without raising, or raise ReadyTimeout.
+
+    The interval grows from ``first_interval`` to ``max_interval``; the last probe error is
+    part of the ReadyTimeout message.
+    """
+    deadline = clock() + timeout
+    interval = first_interval
+    last: str = "no probe ran"
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            probe()
+            return
+        except VmPoolError as exc:
+            last = str(exc)
+        except OSError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        remaining = deadline - clock()
+        if remaining <= 0:
+            raise ReadyTimeout(
+                f"{what} not ready after {timeout:g}s ({attempts} probes); last error: {last}"
+            )
+        sleep(min(interval, remaining))
+        interval = min(interval * 2, max_interval)

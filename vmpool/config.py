@@ -1,0 +1,427 @@
+"""Configuration: pydantic models for ``pool.toml`` / ``[tool.vmpool]``, loading and precedence.
+
+Precedence, highest first: command-line option > ``VMPOOL_*`` environment variable > file >
+default. Every problem is reported as one line naming its source and dotted key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vmpool.errors import ConfigError
+
+Policy = Literal["reuse", "reset", "replace"]
+BackendName = Literal["auto", "sim", "podman", "docker", "qemu", "orbstack"]
+NAME_PART = r"^[a-z][a-z0-9]{0,15}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class PoolSettings(_Strict):
+    """Keys of the ``[pool]`` table (and of each ``[profiles.NAME]`` table)."""
+
+    size: int | None = Field(
+        None, ge=1, le=256,
+        description="Machines to keep warm. Default: the xdist worker count, 1 without xdist.",
+    )
+    backend: BackendName = Field(
+        "auto", description="auto tries orbstack, podman, docker, then qemu; first usable wins."
+    )
+    name_prefix: str = Field(
+        "vmpool", pattern=NAME_PART,
+        description="Machines are named <prefix>-<session>-[<profile>-]<n>.",
+    )
+    state_dir: Path | None = Field(
+        None, description="Where pool state files live. Default: the user state dir (platformdirs)."
+    )
+    checkout_timeout: float = Field(
+        300.0, gt=0, description="Seconds a test waits for a free machine before CheckoutTimeout."
+    )
+    checkin_policy: Policy = Field(
+        "reset", description="After a passing test: reuse as is, reset to snapshot, or replace."
+    )
+    failure_policy: Policy = Field("replace", description="After a failed test.")
+    max_uses: int | None = Field(
+        None, ge=1, description="Replace a machine after this many check-outs (unset: no limit)."
+    )
+    max_age: float | None = Field(
+        None, gt=0, description="Replace a machine older than this many seconds (unset: no limit)."
+    )
+    pre_ping: bool = Field(True, description="Probe a machine at check-out; replace it if unhealthy.")
+    warmup_parallelism: int = Field(
+        4, ge=1, le=64, description="Machines created/started at once."
+    )
+    retries: int = Field(2, ge=0, le=20, description="Extra attempts for a machine that fails.")
+    backoff: float = Field(
+        0.5, ge=0, description="First retry delay in seconds; doubles each time, with jitter."
+    )
+    backoff_max: float = Field(10.0, ge=0, description="Largest retry delay in seconds.")
+    ready_timeout: float = Field(
+        120.0, gt=0, description="Seconds a machine may take from start to ready."
+    )
+    teardown_timeout: float = Field(
+        60.0, ge=0, description="Seconds teardown waits for outstanding leases."
+    )
+    keep: bool = Field(
+        False, description="Keep the pool idle after the session for the next one to adopt."
+    )
+    network: bool = Field(
+        True, description="Give the pool a private network when the backend supports one."
+    )
+
+
+class SimSettings(_Strict):
+    """``[sim]``: the simulated backend (test double and benchmark baseline)."""
+
+    root: Path | None = Field(None, description="Where sim machines live. Default: <state_dir>/sim.")
+    create_latency: float = Field(0.0, ge=0, description="Seconds a create takes.")
+    start_latency: float = Field(0.0, ge=0, description="Seconds a start takes.")
+    ready_latency: float = Field(0.0, ge=0, description="Seconds from start until ready.")
+    reset_latency: float = Field(0.0, ge=0, description="Seconds a reset takes.")
+    delete_latency: float = Field(0.0, ge=0, description="Seconds a delete takes.")
+    exec_latency: float = Field(0.0, ge=0, description="Seconds an exec takes.")
+    fail_create: list[int] = Field(
+        default_factory=list, description="Fail the k-th create (1-based, counted across processes)."
+    )
+    fail_every_create: bool = Field(False, description="Every create fails.")
+    hang_on_start: bool = Field(False, description="start() never becomes ready.")
+
+
+class PodmanSettings(_Strict):
+    """``[podman]``: podman or docker containers as machines."""
+
+    tool: Literal["podman", "docker"] = Field("podman", description="The container CLI to drive.")
+    image: str = Field(
+        "localhost/vmpool-busybox:latest",
+        description="Image machines run (`vmpool image build --backend podman` makes the default).",
+    )
+    command: list[str] = Field(
+        default_factory=lambda: ["sleep", "infinity"], description="Keeps the container running."
+    )
+    runtime: str | None = Field(None, description="OCI runtime (auto: runc if crun cannot run).")
+    ulimits: dict[str, str] | None = Field(
+        None, description="--ulimit values, e.g. {nofile = '1024:1024'} (auto: detected)."
+    )
+    memory: str | None = Field(None, description="--memory, e.g. '512m'.")
+    cpus: float | None = Field(None, gt=0, description="--cpus.")
+    extra_args: list[str] = Field(default_factory=list, description="Extra `run` arguments.")
+    command_timeout: float = Field(60.0, gt=0, description="Timeout for each podman command.")
+
+
+class QemuSettings(_Strict):
+    """``[qemu]``: one qemu-system process per machine, QMP + guest agent."""
+
+    binary: str = Field("qemu-system-x86_64", description="The QEMU system emulator.")
+    accel: Literal["auto", "kvm", "tcg"] = Field(
+        "auto", description="auto probes KVM by booting with a deadline, else uses TCG."
+    )
+    memory: int = Field(256, ge=64, description="Guest memory in MiB.")
+    cpus: int = Field(1, ge=1, le=64, description="Guest vCPUs.")
+    image_dir: Path | None = Field(
+        None, description="Where `vmpool image build` puts the guest image (default: user cache)."
+    )
+    kernel: Path | None = Field(None, description="Your own kernel (default: the built image's).")
+    initrd: Path | None = Field(None, description="Your own initramfs (default: the built image's).")
+    disk: Path | None = Field(
+        None, description="Base disk (qcow2/raw); each machine boots a qcow2 overlay of it."
+    )
+    append: str = Field("", description="Extra kernel command line.")
+    machine: str = Field("pc", description="QEMU -M value.")
+    kvm_probe_timeout: float = Field(20.0, gt=0, description="Deadline of the KVM boot probe.")
+
+
+class OrbstackSettings(_Strict):
+    """``[orbstack]``: OrbStack Linux machines via ``orbctl`` (macOS only)."""
+
+    distro: str = Field("alpine", description="Distro image, e.g. 'ubuntu:jammy'.")
+    arch: str | None = Field(None, description="amd64 or arm64 (default: host).")
+    user: str | None = Field(None, description="Default user for commands.")
+    command_timeout: float = Field(300.0, gt=0, description="Timeout for each orbctl command.")
+
+
+class Profile(_Strict):
+    """A fully-resolved pool: pool keys plus every backend's settings."""
+
+    name: str
+    pool: PoolSettings = PoolSettings()
+    sim: SimSettings = SimSettings()
+    podman: PodmanSettings = PodmanSettings()
+    qemu: QemuSettings = QemuSettings()
+    orbstack: OrbstackSettings = OrbstackSettings()
+
+    def config_hash(self, backend: str) -> str:
+        """Identity of the machines this profile makes (not of sizes or policies)."""
+        section = getattr(self, backend, None)
+        payload = {
+            "backend": backend,
+            "settings": section.model_dump(mode="json") if isinstance(section, BaseModel) else None,
+        }
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+class ConfigFile(_Strict):
+    """The whole file: ``[pool]``, backend tables and ``[profiles.NAME]`` overrides."""
+
+    pool: PoolSettings = PoolSettings()
+    sim: SimSettings = SimSettings()
+    podman: PodmanSettings = PodmanSettings()
+    qemu: QemuSettings = QemuSettings()
+    orbstack: OrbstackSettings = OrbstackSettings()
+    profiles: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="[profiles.NAME]: pool keys and backend tables that override the defaults.",
+    )
+
+    @field_validator("profiles")
+    @classmethod
+    def _profile_names(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        import re
+
+        for name in value:
+            if not re.match(NAME_PART, name) or name == "default":
+                raise ValueError(
+                    f"profile name {name!r} must match {NAME_PART} and not be 'default'"
+                )
+        return value
+
+
+DEFAULT_PROFILE = "default"
+_BACKEND_TABLES = ("sim", "podman", "qemu", "orbstack")
+#: Environment variables for pool keys: VMPOOL_<KEY>.
+ENV_PREFIX = "VMPOOL_"
+
+
+@dataclass
+class Config:
+    """The loaded configuration: one Profile per name ("default" always exists)."""
+
+    profiles: dict[str, Profile]
+    source: str = "defaults"
+    origins: dict[tuple[str, ...], str] = field(default_factory=dict)
+
+    @property
+    def default(self) -> Profile:
+        return self.profiles[DEFAULT_PROFILE]
+
+    def profile(self, name: str | None) -> Profile:
+        """The named profile; an unknown name is a ConfigError with a did-you-mean."""
+        key = name or DEFAULT_PROFILE
+        if key not in self.profiles:
+            raise ConfigError(unknown_profile_message(key, list(self.profiles)))
+        return self.profiles[key]
+
+
+def unknown_profile_message(name: str, known: list[str]) -> str:
+    hint = difflib.get_close_matches(name, known, n=1)
+    did = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return f"unknown profile {name!r}{did}; known profiles: {', '.join(sorted(known))}"
+
+
+def find_config(rootdir: Path) -> Path | None:
+    """``pool.toml`` in ``rootdir``, else ``pyproject.toml`` when it has ``[tool.vmpool]``."""
+    candidate = rootdir / "pool.toml"
+    if candidate.is_file():
+        return candidate
+    pyproject = rootdir / "pyproject.toml"
+    if pyproject.is_file():
+        try:
+            data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError):
+            return None
+        if isinstance(data.get("tool"), dict) and "vmpool" in data["tool"]:
+            return pyproject
+    return None
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """The raw vmpool table of ``path`` (a pool.toml, or pyproject.toml's [tool.vmpool])."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: file not found") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    if path.name == "pyproject.toml":
+        tool = data.get("tool", {})
+        table = tool.get("vmpool", {}) if isinstance(tool, dict) else {}
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: tool.vmpool: must be a table")
+        return table
+    return data
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
+    """Pool keys set through ``VMPOOL_<KEY>`` variables (unknown VMPOOL_ names are ignored)."""
+    out: dict[str, str] = {}
+    for key in PoolSettings.model_fields:
+        value = environ.get(ENV_PREFIX + key.upper())
+        if value is not None and value != "":
+            out[key] = value
+    return out
+
+
+def load(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    override_names: Mapping[str, str] | None = None,
+) -> Config:
+    """Load and validate the configuration.
+
+    ``overrides`` are pool keys from the command line (highest precedence); ``override_names``
+    maps each to the option that set it, so an error names the option. Raises ConfigError
+    listing every problem.
+    """
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = read_file(path) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: must be a table")
+    origins: dict[tuple[str, ...], str] = {}
+    pool_raw = raw.get("pool", {})
+    if isinstance(pool_raw, dict):
+        pool_raw = dict(pool_raw)
+        for key, value in env_overrides(env).items():
+            pool_raw[key] = value
+            origins[("pool", key)] = ENV_PREFIX + key.upper()
+        names = override_names or {}
+        for key, value in (overrides or {}).items():
+            if value is None:
+                continue
+            pool_raw[key] = value
+            origins[("pool", key)] = names.get(key, f"--{key}")
+        raw = {**raw, "pool": pool_raw}
+
+    problems: list[str] = []
+    try:
+        top = ConfigFile.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_format_errors(exc, source, (), origins, ConfigFile))
+        raise ConfigError(problems) from None
+
+    profiles: dict[str, Profile] = {}
+    base = {k: raw.get(k, {}) for k in ("pool", *_BACKEND_TABLES)}
+    profiles[DEFAULT_PROFILE] = Profile.model_validate({"name": DEFAULT_PROFILE, **base})
+    for name, table in top.profiles.items():
+        if not isinstance(table, dict):
+            problems.append(f"{source}: profiles.{name}: must be a table")
+            continue
+        merged: dict[str, Any] = {"name": name}
+        pool_keys = {k: v for k, v in table.items() if k not in _BACKEND_TABLES}
+        # a profile's own size/policies win over the file's [pool], but options and env still win
+        file_pool = dict(raw.get("pool", {}))
+        merged_pool = {**file_pool, **pool_keys}
+        for (table_name, key), _origin in origins.items():
+            if table_name == "pool" and key in file_pool:
+                merged_pool[key] = file_pool[key]
+        merged["pool"] = merged_pool
+        for backend in _BACKEND_TABLES:
+            section = table.get(backend, {})
+            base_section = raw.get(backend, {})
+            if not isinstance(section, dict):
+                problems.append(f"{source}: profiles.{name}.{backend}: must be a table")
+                continue
+            merged[backend] = {**base_section, **section}
+        try:
+            profiles[name] = Profile.model_validate(merged)
+        except ValidationError as exc:
+            problems.extend(
+                _format_errors(exc, source, ("profiles", name), origins, Profile, flat_pool=True)
+            )
+    if problems:
+        raise ConfigError(problems)
+    return Config(profiles=profiles, source=source, origins=origins)
+
+
+def _format_errors(
+    exc: ValidationError,
+    source: str,
+    prefix: tuple[str, ...],
+    origins: Mapping[tuple[str, ...], str],
+    model: type[BaseModel],
+    *,
+    flat_pool: bool = False,
+) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        if flat_pool and loc[:1] == ("pool",):
+            loc = loc[1:]  # profile tables hold pool keys directly
+        origin = origins.get(loc) if not prefix else None
+        where = origin if origin else f"{source}: {'.'.join(prefix + loc)}"
+        lines.append(f"{where}: {_describe(err, loc, model)}")
+    return lines
+
+
+def _describe(err: Any, loc: tuple[str, ...], model: type[BaseModel]) -> str:
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        known = _known_keys(model, loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], known, n=1)
+        did = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return f"unknown key{did}"
+    messages = {
+        "greater_than_equal": "must be >= {ge}",
+        "greater_than": "must be > {gt}",
+        "less_than_equal": "must be <= {le}",
+        "less_than": "must be < {lt}",
+        "int_parsing": "must be an integer",
+        "int_type": "must be an integer",
+        "int_from_float": "must be a whole number",
+        "float_parsing": "must be a number",
+        "float_type": "must be a number",
+        "bool_parsing": "must be true or false",
+        "bool_type": "must be true or false",
+        "string_type": "must be a string",
+        "string_pattern_mismatch": "must match {pattern}",
+        "literal_error": "must be one of {expected}",
+        "list_type": "must be a list",
+        "dict_type": "must be a table",
+        "model_type": "must be a table",
+        "model_attributes_type": "must be a table",
+    }
+    template = messages.get(kind)
+    text = template.format(**ctx) if template else str(err["msg"])
+    return f"{text}, got {got!r}" if kind != "missing" else text
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", {})
+        if part in fields:
+            current = fields[part].annotation
+        else:
+            current = PoolSettings if part not in _BACKEND_TABLES else None
+    fields = getattr(current, "model_fields", None)
+    if fields is None and loc and loc[0] == "profiles":
+        return [*PoolSettings.model_fields, *_BACKEND_TABLES]
+    return list(fields or [])
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of the file, as written to config/pool.schema.json."""
+    schema = ConfigFile.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "vmpool pool.toml"
+    return schema

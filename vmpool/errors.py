@@ -1,0 +1,64 @@
+"""The exception hierarchy: everything vmpool raises on purpose is a VmPoolError."""
+
+from __future__ import annotations
+
+
+class VmPoolError(Exception):
+    """Base of every error vmpool raises on purpose."""
+
+
+class ConfigError(VmPoolError):
+    """A configuration file, environment variable or option is invalid.
+
+    ``problems`` holds one line per problem, each naming the source and the dotted key.
+    """
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class StateError(VmPoolError):
+    """The state directory or a state file cannot be used safely."""
+
+
+class BackendError(VmPoolError):
+    """A backend tool failed."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend's tool or image is missing; the message says what to install."""
+
+
+class ReadyTimeout(BackendError):
+    """A machine did not become ready before its deadline; the message holds the last probe error."""
+
+
+class ExecTimeout(BackendError):
+    """A command in a machine did not finish before its timeout."""
+
+
+class CapabilityError(BackendError):
+    """The backend cannot do what was asked (e.g. networking)."""
+
+
+class CheckoutTimeout(VmPoolError):
+    """No machine became free before the check-out timeout; the message summarises the pool."""
+
+
+class PoolUnavailable(VmPoolError):
+    """The pool cannot serve machines (e.g. every machine is broken, or the pool was torn down)."""
+
+
+class CommandFailed(VmPoolError):
+    """A command run with ``check=True`` exited non-zero; the message shows command and output."""
+
+    def __init__(self, argv: list[str], returncode: int, stdout: str, stderr: str) -> None:
+        self.argv = argv
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        super().__init__(
+            f"command {argv!r} exited {returncode}\n"
+            f"--- stdout ---\n{stdout.rstrip()}\n--- stderr ---\n{stderr.rstrip()}"
+        )
