@@ -42,6 +42,7 @@ def run(
     timeout: float,
     input: str | bytes | None = None,
     env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
     install_hint: str = "",
 ) -> ProcResult:
     """Run ``argv`` (never through a shell) and wait at most ``timeout`` seconds.
@@ -61,6 +62,7 @@ def run(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=full_env,
+            cwd=cwd,
             start_new_session=True,
         )
     except FileNotFoundError as exc:

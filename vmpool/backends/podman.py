@@ -1,0 +1,674 @@
+"""Podman (or docker) containers as machines, and the busybox image they run by default.
+
+One module drives either CLI (``[podman] tool``). The OCI runtime and the ``--ulimit`` values a
+container needs are detected once per tool version, by running a throwaway container, and cached
+in ``<state_dir>/<tool>/runtime.json``. Reset is "commit when ready, recreate from the commit":
+each machine's recipe (options and command) is kept in ``<state_dir>/<tool>/<name>.json`` so any
+process sharing the state directory can recreate it exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmpool import _proc
+from vmpool.backends.base import (
+    Capabilities,
+    ExecResult,
+    MachineInfo,
+    MachineSpec,
+    probe_until,
+    validate_name,
+)
+from vmpool.config import PodmanSettings
+from vmpool.errors import BackendError, BackendUnavailable, VmPoolError
+
+log = logging.getLogger(__name__)
+
+#: The image `build_image` makes and ``[podman] image`` defaults to.
+DEFAULT_IMAGE = "localhost/vmpool-busybox:latest"
+#: Warm (snapshot) images are ``<WARM_REPO>/<machine name>:ready``.
+WARM_REPO = "localhost/vmpool-warm"
+#: Limits runc needs spelled out where the host's hard limits cannot be inherited.
+FALLBACK_ULIMITS: Mapping[str, str] = {"nofile": "1024:1024", "nproc": "1024:1024"}
+
+_INSTALL_HINTS = {
+    "podman": "apt-get install podman runc",
+    "docker": "install Docker Engine: https://docs.docker.com/engine/install/",
+}
+_BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
+_RUNC_PATHS = ("/usr/bin/runc", "/usr/sbin/runc", "/usr/local/bin/runc", "/usr/local/sbin/runc")
+#: Applets the image must have even if ``busybox --list`` cannot be read.
+_ESSENTIAL_APPLETS = (
+    "sh", "ash", "ls", "cat", "echo", "true", "false", "sleep", "timeout", "mkdir", "rm", "cp",
+    "mv", "ln", "touch", "test", "[", "grep", "sed", "awk", "ps", "kill", "env", "id", "hostname",
+    "ip", "ifconfig", "ping", "nc", "httpd", "wget", "tar", "gzip", "head", "tail", "wc", "sort",
+)
+_PREFIX_RE = re.compile(r"^[a-z0-9-]*$")
+_CACHE_FILE = "runtime.json"
+# aliases: inside PodmanBackend the name `list` is the protocol's method, not the builtin
+_MachineInfos = list[MachineInfo]
+_Argv = list[str]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The runtime verdict: ``--runtime`` (None: the tool's default) and ``--ulimit`` values."""
+
+    runtime: str | None
+    ulimits: tuple[tuple[str, str], ...] = ()
+
+    def argv(self) -> list[str]:
+        args = ["--runtime", self.runtime] if self.runtime else []
+        for key, value in self.ulimits:
+            args += ["--ulimit", f"{key}={value}"]
+        return args
+
+    def to_json(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "ulimits": dict(self.ulimits)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> RunOptions:
+        if not isinstance(data, dict):
+            raise ValueError("runtime verdict must be an object")
+        runtime = data.get("runtime")
+        ulimits = data.get("ulimits") or {}
+        if runtime is not None and not isinstance(runtime, str):
+            raise ValueError("runtime must be a string or null")
+        if not isinstance(ulimits, dict):
+            raise ValueError("ulimits must be an object")
+        return cls(runtime, _ulimit_items(ulimits))
+
+
+@dataclass
+class _Record:
+    """How to recreate a machine, and the images it owns."""
+
+    name: str
+    image: str
+    options: list[str]
+    command: list[str]
+    network: str | None = None
+    warm_image: str | None = None
+    warm_image_id: str | None = None
+    #: earlier warm images, removed once no container uses them
+    stale_images: list[str] = field(default_factory=list)
+
+
+class PodmanBackend:
+    """Containers as machines, driven through the ``podman`` (or ``docker``) command line."""
+
+    capabilities = Capabilities(reset=True, labels=True, network=True)
+
+    def __init__(self, settings: PodmanSettings, state_dir: Path) -> None:
+        self.settings = settings
+        self.name: str = settings.tool
+        self._tool = settings.tool
+        self._dir = Path(state_dir) / settings.tool
+        self._options: RunOptions | None = None
+        self._options_lock = threading.Lock()
+
+    # -- the protocol --------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise BackendUnavailable when the tool, the image or a working runtime is missing."""
+        image = self.settings.image
+        if not _image_exists(self.settings, image, what="check"):
+            raise BackendUnavailable(_missing_image_message(self._tool, image))
+        self.run_options()
+
+    def create(self, spec: MachineSpec) -> None:
+        name = validate_name(spec.name)
+        if spec.network is not None:
+            validate_name(spec.network)
+        options = self._container_options(name, spec.labels, spec.network)
+        command = list(self.settings.command)
+        self._run("create", *options, self.settings.image, *command).check(f"create {name}")
+        self._write_record(
+            _Record(name, self.settings.image, options, command, network=spec.network)
+        )
+
+    def start(self, name: str) -> None:
+        self._run("start", validate_name(name)).check(f"start {name}")
+
+    def wait_ready(self, name: str, timeout: float) -> None:
+        validate_name(name)
+        deadline = time.monotonic() + timeout
+
+        def probe() -> None:
+            # each probe gets the time left (at least a moment), so a hung exec cannot overrun
+            left = max(deadline - time.monotonic(), 0.5)
+            result = self.exec(name, ["true"], timeout=min(left, self.settings.command_timeout))
+            if not result.ok:
+                raise BackendError(
+                    f"probe `true` exited {result.returncode}: {result.stderr.strip()[-500:]}"
+                )
+
+        probe_until(probe, timeout=timeout, what=f"{self._tool} container {name}")
+
+    def exec(self, name: str, argv: Sequence[str], timeout: float) -> ExecResult:
+        """Run ``argv`` in the container; ExecTimeout after ``timeout`` seconds.
+
+        The command's own exit status is returned; a failure of the tool itself (no such
+        container, container not running) raises BackendError.
+        """
+        validate_name(name)
+        if not argv:
+            raise ValueError("exec needs a command")
+        result = self._run("exec", name, *argv, timeout=timeout)
+        if self._is_tool_error(result):
+            raise BackendError(
+                f"{self._tool} exec in {name} failed: {result.stderr.strip()[-2000:]}"
+            )
+        return ExecResult(result.returncode, result.stdout, result.stderr)
+
+    def snapshot(self, name: str) -> None:
+        """Commit the (ready) container to its warm image, which reset() recreates it from."""
+        validate_name(name)
+        record = self._load_record(name) or self._record_from_inspect(name)
+        warm = warm_image_name(name)
+        commit = ["commit", "-q", name, warm] if self._tool == "podman" else ["commit", name, warm]
+        result = self._run(*commit).check(f"snapshot {name}")
+        image_id = _last_line(result.stdout)
+        if record.warm_image_id and record.warm_image_id != image_id:
+            # the container may still run from the old image; it is removed after the next reset
+            record.stale_images.append(record.warm_image_id)
+        record.warm_image, record.warm_image_id = warm, image_id
+        self._write_record(record)
+        log.debug("snapshot %s -> %s (%s) in %.3fs", name, warm, image_id, result.duration)
+
+    def reset(self, name: str) -> None:
+        """Replace the container by a fresh one from its warm image (same name and options)."""
+        validate_name(name)
+        record = self._load_record(name)
+        if record is None or not record.warm_image:
+            raise BackendError(f"reset {name}: no snapshot recorded; snapshot() it first")
+        self._remove_container(name)
+        self._run("run", "-d", *record.options, record.warm_image, *record.command).check(
+            f"reset {name}"
+        )
+        self._drop_stale_images(record)
+        self.wait_ready(name, self.settings.command_timeout)
+
+    def delete(self, name: str) -> None:
+        validate_name(name)
+        self._remove_container(name)
+        record = self._load_record(name)
+        self._remove_image(warm_image_name(name), missing_ok=True)
+        if record is not None:
+            self._drop_stale_images(record, keep_current=False)
+        with contextlib.suppress(FileNotFoundError):
+            self._record_path(name).unlink()
+
+    def list(self, prefix: str) -> _MachineInfos:
+        _validate_prefix(prefix)
+        if self._tool == "podman":
+            args = ["ps", "-a", "--format", "json"]
+            if prefix:
+                args[2:2] = ["--filter", f"name=^{prefix}"]
+        else:
+            args = ["ps", "-a", "--no-trunc", "--format", "{{json .}}"]
+            if prefix:
+                args[2:2] = ["--filter", f"name={prefix}"]
+        rows = _json_rows(self._run(*args).check("list containers").stdout)
+        machines: dict[str, MachineInfo] = {}
+        for row in rows:
+            names = row.get("Names") or row.get("Name") or []
+            if isinstance(names, str):
+                names = names.split(",")
+            labels = _labels(row.get("Labels"))
+            running = str(row.get("State", "")).lower() == "running"
+            for raw in names:
+                cname = str(raw).lstrip("/")
+                if cname.startswith(prefix):
+                    machines[cname] = MachineInfo(cname, labels, running)
+        return sorted(machines.values(), key=lambda m: m.name)
+
+    def address(self, name: str) -> str | None:
+        info = self._inspect(validate_name(name))
+        if info is None:
+            raise BackendError(f"address {name}: no container named {name!r}")
+        settings = info.get("NetworkSettings") or {}
+        networks: Mapping[str, Any] = settings.get("Networks") or {}
+        record = self._load_record(name)
+        preferred = [record.network] if record is not None and record.network else []
+        for net in [*preferred, *networks]:
+            ip = (networks.get(net) or {}).get("IPAddress")
+            if ip:
+                return str(ip)
+        ip = settings.get("IPAddress")
+        return str(ip) if ip else None
+
+    def create_network(self, name: str, labels: Mapping[str, str]) -> None:
+        validate_name(name)
+        args = ["network", "create"]
+        for key, value in sorted(labels.items()):
+            args += ["--label", f"{key}={value}"]
+        result = self._run(*args, name)
+        if result.returncode != 0:
+            if "already exists" in result.stderr:
+                log.debug("network %s already exists", name)
+                return
+            result.check(f"create network {name}")
+
+    def delete_network(self, name: str) -> None:
+        validate_name(name)
+        result = self._run("network", "rm", name)
+        if result.returncode != 0 and not _is_missing(result.stderr):
+            result.check(f"delete network {name}")
+
+    def list_networks(self, prefix: str) -> _MachineInfos:
+        _validate_prefix(prefix)
+        fmt = "json" if self._tool == "podman" else "{{json .}}"
+        rows = _json_rows(self._run("network", "ls", "--format", fmt).check("list networks").stdout)
+        found = []
+        for row in rows:
+            net = str(row.get("name") or row.get("Name") or "")
+            if net and net.startswith(prefix):
+                found.append(MachineInfo(net, _labels(row.get("labels", row.get("Labels")))))
+        return sorted(found, key=lambda m: m.name)
+
+    # -- runtime detection ---------------------------------------------------------------------
+    def run_options(self) -> RunOptions:
+        """The ``--runtime``/``--ulimit`` verdict: from settings, the cache, or a probe."""
+        with self._options_lock:
+            if self._options is None:
+                self._options = self._detect_options()
+            return self._options
+
+    def _detect_options(self) -> RunOptions:
+        s = self.settings
+        if s.runtime is not None and s.ulimits is not None:
+            return RunOptions(s.runtime, _ulimit_items(s.ulimits))
+        version = _last_line(self._run("--version").check("version").stdout)
+        key = json.dumps(
+            {"tool": self._tool, "version": version, "runtime": s.runtime, "ulimits": s.ulimits},
+            sort_keys=True,
+        )
+        cache = self._read_cache()
+        if key in cache:
+            try:
+                options = RunOptions.from_json(cache[key])
+            except ValueError as exc:
+                log.warning("ignoring bad runtime cache entry in %s: %s", self._dir, exc)
+            else:
+                log.debug("runtime verdict from cache: %s", options)
+                return options
+        options = self._probe_options()
+        cache[key] = options.to_json()
+        self._write_json(self._dir / _CACHE_FILE, cache)
+        log.info("%s %s: using %s", self._tool, version, options.argv() or "the defaults")
+        return options
+
+    def _probe_options(self) -> RunOptions:
+        """Run ``IMAGE true`` with candidate options until one works; BackendUnavailable if none."""
+        s = self.settings
+        runtimes: list[str | None] = [s.runtime] if s.runtime is not None else [None]
+        if s.runtime is None and _have_runc():
+            runtimes.append("runc")
+        limit_sets = [_ulimit_items(s.ulimits)] if s.ulimits is not None else [
+            (), _ulimit_items(FALLBACK_ULIMITS)
+        ]
+        failures: list[str] = []
+        for runtime in runtimes:
+            for ulimits in limit_sets:
+                candidate = RunOptions(runtime, ulimits)
+                result = self._run(
+                    "run", "--rm", "--network", "none", *candidate.argv(), s.image, "true"
+                )
+                if result.returncode == 0:
+                    return candidate
+                error = result.stderr.strip()[-500:]
+                failures.append(f"{' '.join(candidate.argv()) or 'defaults'}: {error}")
+                if "image not known" in error or "No such image" in error:
+                    raise BackendUnavailable(_missing_image_message(self._tool, s.image))
+                # without limits a failure that is not about rlimits will not be cured by them
+                if not ulimits and "rlimit" not in error.lower():
+                    break
+        raise BackendUnavailable(
+            f"{self._tool} cannot run a container here (install runc, or set [podman] runtime "
+            "and ulimits); tried:\n  " + "\n  ".join(failures)
+        )
+
+    def _read_cache(self) -> dict[str, Any]:
+        try:
+            data = json.loads((self._dir / _CACHE_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable runtime cache: %s", exc)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _run(
+        self, *args: str, timeout: float | None = None, input: bytes | None = None
+    ) -> _proc.ProcResult:
+        return _proc.run(
+            [self._tool, *args],
+            timeout=self.settings.command_timeout if timeout is None else timeout,
+            input=input,
+            install_hint=_INSTALL_HINTS[self._tool],
+        )
+
+    def _container_options(
+        self, name: str, labels: Mapping[str, str], network: str | None
+    ) -> _Argv:
+        s = self.settings
+        options = ["--name", name, "--hostname", name]
+        for key, value in sorted(labels.items()):
+            options += ["--label", f"{key}={value}"]
+        if network:
+            options += ["--network", network]
+        options += self.run_options().argv()
+        if s.memory:
+            options += ["--memory", s.memory]
+        if s.cpus:
+            options += ["--cpus", f"{s.cpus:g}"]
+        return options + list(s.extra_args)
+
+    def _is_tool_error(self, result: _proc.ProcResult) -> bool:
+        """Did the tool fail (rather than the command in the container)?"""
+        err = result.stderr.lstrip()
+        if self._tool == "podman":
+            return result.returncode == 125 and "Error: " in err
+        return result.returncode != 0 and (
+            err.startswith("Error response from daemon:") or err.startswith("Error: No such")
+        )
+
+    def _remove_container(self, name: str) -> None:
+        # podman's rm -f first waits the stop timeout (10 s) for `sleep` as pid 1 to ignore TERM
+        args = ["rm", "-f", "-t", "0", name] if self._tool == "podman" else ["rm", "-f", name]
+        result = self._run(*args)
+        if result.returncode != 0 and not _is_missing(result.stderr):
+            result.check(f"remove {name}")
+
+    def _remove_image(self, image: str, *, missing_ok: bool) -> bool:
+        """Remove ``image`` unless a container uses it; True when it is gone."""
+        result = self._run("image", "rm", image)
+        if result.returncode == 0 or (missing_ok and _is_missing(result.stderr)):
+            return True
+        log.debug("could not remove image %s: %s", image, result.stderr.strip())
+        return False
+
+    def _drop_stale_images(self, record: _Record, *, keep_current: bool = True) -> None:
+        if not record.stale_images:
+            return
+        record.stale_images = [
+            image for image in record.stale_images
+            if not self._remove_image(image, missing_ok=True)
+        ]
+        if keep_current:
+            self._write_record(record)
+
+    def _inspect(self, name: str) -> dict[str, Any] | None:
+        result = self._run("container", "inspect", name)
+        if result.returncode != 0:
+            if _is_missing(result.stderr):
+                return None
+            result.check(f"inspect {name}")
+        rows = _json_rows(result.stdout)
+        return rows[0] if rows else None
+
+    def _record_from_inspect(self, name: str) -> _Record:
+        """A record for a container made without one (e.g. by an older vmpool)."""
+        info = self._inspect(name)
+        if info is None:
+            raise BackendError(f"no container named {name!r}")
+        config = info.get("Config") or {}
+        networks = list((info.get("NetworkSettings") or {}).get("Networks") or {})
+        network = networks[0] if len(networks) == 1 else None
+        labels = {str(k): str(v) for k, v in (config.get("Labels") or {}).items()}
+        image = str(info.get("ImageName") or config.get("Image") or self.settings.image)
+        command = [str(c) for c in (config.get("Cmd") or self.settings.command)]
+        return _Record(name, image, self._container_options(name, labels, network), command,
+                       network=network)
+
+    def _record_path(self, name: str) -> Path:
+        return self._dir / f"{name}.json"
+
+    def _load_record(self, name: str) -> _Record | None:
+        try:
+            data = json.loads(self._record_path(name).read_text(encoding="utf-8"))
+            return _Record(**data)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("ignoring unreadable record for %s: %s", name, exc)
+            return None
+
+    def _write_record(self, record: _Record) -> None:
+        self._write_json(self._record_path(record.name), asdict(record))
+
+    def _write_json(self, path: Path, data: Any) -> None:
+        """Write via a temporary file and rename, so readers never see half a file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(data, fh, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+# -- the image ----------------------------------------------------------------------------------
+def build_image(
+    settings: PodmanSettings,
+    *,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> str:
+    """Make ``DEFAULT_IMAGE`` (a busybox-static rootfs) with ``<tool> import``; return its name.
+
+    An existing image is kept unless ``force``.
+    """
+
+    def say(message: str) -> None:
+        log.info("%s", message)
+        if progress is not None:
+            progress(message)
+
+    image = DEFAULT_IMAGE
+    if not force and _image_exists(settings, image, what="build"):
+        say(f"{image} already exists (force to rebuild)")
+        return image
+    busybox = _find_busybox()
+    say(f"building a rootfs from {busybox}")
+    data = busybox.read_bytes()
+    if not _is_static_elf(data):
+        raise BackendUnavailable(
+            f"{busybox} is dynamically linked; the image needs a static one "
+            "(apt-get install busybox-static)"
+        )
+    tarball = _rootfs_tar(data, _applets(busybox))
+    say(f"importing {image} ({len(tarball) // 1024} KiB) with {settings.tool}")
+    _proc.run(
+        [
+            settings.tool, "import",
+            "--change", "ENV PATH=/bin:/sbin:/usr/bin:/usr/sbin",
+            "--change", 'CMD ["sleep", "infinity"]',
+            "-", image,
+        ],
+        input=tarball,
+        timeout=settings.command_timeout,
+        install_hint=_INSTALL_HINTS[settings.tool],
+    ).check(f"import {image}")
+    say(f"built {image}")
+    return image
+
+
+def warm_image_name(name: str) -> str:
+    """The image a machine's snapshot is committed to."""
+    return f"{WARM_REPO}/{validate_name(name)}:ready"
+
+
+def _image_exists(settings: PodmanSettings, image: str, *, what: str) -> bool:
+    if settings.tool == "podman":
+        argv = ["podman", "image", "exists", image]
+    else:
+        argv = ["docker", "image", "inspect", "--format", "{{.Id}}", image]
+    result = _proc.run(
+        argv, timeout=settings.command_timeout, install_hint=_INSTALL_HINTS[settings.tool]
+    )
+    if result.returncode == 0:
+        return True
+    if result.returncode == 1 and (settings.tool == "podman" or _is_missing(result.stderr)):
+        return False
+    raise BackendUnavailable(
+        f"{settings.tool} does not work ({what}): {' '.join(argv)} exited "
+        f"{result.returncode}: {result.stderr.strip()[-1000:]}"
+    )
+
+
+def _missing_image_message(tool: str, image: str) -> str:
+    build = f"`vmpool image build --backend {tool}`"
+    if image == DEFAULT_IMAGE:
+        return f"{tool} image {image} not found: run {build} to build it"
+    return (
+        f"{tool} image {image} not found: build or pull it, or unset [podman] image and run "
+        f"{build} for the default busybox image"
+    )
+
+
+def _find_busybox() -> Path:
+    for candidate in (*_BUSYBOX_CANDIDATES, shutil.which("busybox")):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    raise BackendUnavailable("busybox: not found (apt-get install busybox-static)")
+
+
+def _applets(busybox: Path) -> list[str]:
+    names = set(_ESSENTIAL_APPLETS)
+    try:
+        result = _proc.run([str(busybox), "--list"], timeout=10)
+    except VmPoolError as exc:
+        log.debug("busybox --list failed: %s", exc)
+    else:
+        if result.returncode == 0:
+            names.update(result.stdout.split())
+    return sorted(n for n in names if n and "/" not in n and n != "busybox")
+
+
+def _rootfs_tar(busybox: bytes, applets: Iterable[str]) -> bytes:
+    """A tar of a minimal root: /bin/busybox, its applets as symlinks, /etc basics, /tmp."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+
+        def add_dir(path: str, mode: int = 0o755) -> None:
+            info = tarfile.TarInfo(path)
+            info.type, info.mode = tarfile.DIRTYPE, mode
+            tar.addfile(info)
+
+        def add_file(path: str, data: bytes, mode: int = 0o644) -> None:
+            info = tarfile.TarInfo(path)
+            info.size, info.mode = len(data), mode
+            tar.addfile(info, io.BytesIO(data))
+
+        for path in ("bin", "dev", "etc", "proc", "root", "run", "sys", "var", "www"):
+            add_dir(path)
+        add_dir("tmp", 0o1777)
+        add_dir("var/tmp", 0o1777)
+        add_file("bin/busybox", busybox, 0o755)
+        for applet in applets:
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(info)
+        add_file(
+            "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n"
+        )
+        add_file("etc/group", b"root:x:0:\nnogroup:x:65534:\n")
+        add_file("etc/hosts", b"127.0.0.1 localhost\n")
+    return buf.getvalue()
+
+
+def _is_static_elf(data: bytes) -> bool:
+    """True for an ELF executable without a PT_INTERP program header (no dynamic loader)."""
+    if data[:4] != b"\x7fELF":
+        return False
+    is64, little = data[4] == 2, data[5] == 1
+    end = "<" if little else ">"
+    if is64:
+        phoff, = struct.unpack_from(end + "Q", data, 0x20)
+        phentsize, phnum = struct.unpack_from(end + "HH", data, 0x36)
+    else:
+        phoff, = struct.unpack_from(end + "I", data, 0x1C)
+        phentsize, phnum = struct.unpack_from(end + "HH", data, 0x2A)
+    for i in range(phnum):
+        p_type, = struct.unpack_from(end + "I", data, phoff + i * phentsize)
+        if p_type == 3:  # PT_INTERP
+            return False
+    return True
+
+
+# -- small parsers --------------------------------------------------------------------------------
+def _have_runc() -> bool:
+    return shutil.which("runc") is not None or any(Path(p).exists() for p in _RUNC_PATHS)
+
+
+def _ulimit_items(ulimits: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((str(k), str(v)) for k, v in ulimits.items()))
+
+
+def _validate_prefix(prefix: str) -> None:
+    if not _PREFIX_RE.match(prefix):
+        raise ValueError(f"invalid name prefix {prefix!r}: use lowercase letters, digits and '-'")
+
+
+def _is_missing(stderr: str) -> bool:
+    text = stderr.lower()
+    return any(
+        marker in text
+        for marker in ("no such container", "no such image", "no such network", "not known",
+                       "not found", "no such object")
+    )
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _json_rows(text: str) -> list[dict[str, Any]]:
+    """A JSON array (podman ``--format json``) or one object per line (docker ``{{json .}}``)."""
+    text = text.strip()
+    if not text:
+        return []
+    try:
+        data = json.loads(text)
+    except ValueError:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as exc:
+            raise BackendError(f"unexpected output (not JSON): {text[:200]!r}") from exc
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise BackendError(f"unexpected output (not a JSON list): {text[:200]!r}")
+    return [row for row in data if isinstance(row, dict)]
+
+
+def _labels(raw: Any) -> dict[str, str]:
+    """Labels as a dict (podman) or ``k=v,k=v`` (docker's table output)."""
+    if isinstance(raw, dict):
+        return {str(k): str(v) for k, v in raw.items()}
+    if isinstance(raw, str) and raw:
+        pairs = (item.partition("=") for item in raw.split(","))
+        return {k: v for k, _, v in pairs if k}
+    return {}

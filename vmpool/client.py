@@ -1,0 +1,248 @@
+"""Check-out and check-in from any process (an xdist worker, the CLI, a library user).
+
+``PoolClient`` drives the lease protocol against a StateStore; ``VM`` is the handle a test gets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from vmpool import leases
+from vmpool.backends.base import Backend, ExecResult
+from vmpool.errors import CommandFailed, PoolUnavailable, StateError, VmPoolError
+from vmpool.ownership import current_process, is_alive
+from vmpool.state import Holder, Pool, StateStore
+
+log = logging.getLogger(__name__)
+
+_FIRST_POLL = 0.002
+_MAX_POLL = 0.1
+_RECLAIM_EVERY = 1.0
+
+
+class VM:
+    """One leased machine, as a test sees it."""
+
+    def __init__(self, name: str, backend: Backend, address: str | None, lease: Lease) -> None:
+        self.name = name
+        self.backend = backend
+        self.address = address
+        self._lease = lease
+
+    def exec(
+        self, cmd: Sequence[str] | str, *, timeout: float = 60.0, check: bool = False
+    ) -> ExecResult:
+        """Run ``cmd`` in the machine: an argv list, or a string for the guest's ``sh -c``.
+
+        ``check=True`` raises CommandFailed (command, exit code, stdout, stderr) on non-zero.
+        """
+        argv = ["sh", "-c", cmd] if isinstance(cmd, str) else [str(a) for a in cmd]
+        result = self.backend.exec(self.name, argv, timeout)
+        if check and result.returncode != 0:
+            raise CommandFailed(argv, result.returncode, result.stdout, result.stderr)
+        return result
+
+    def mark_dirty(self) -> None:
+        """Force a reset (or the stronger policy) when this machine is checked in."""
+        self._lease.dirty.add(self.name)
+
+    def __repr__(self) -> str:
+        return f"VM({self.name!r}, backend={self.backend.name!r}, address={self.address!r})"
+
+
+@dataclass
+class Lease:
+    """Machines checked out together; check them in together."""
+
+    request_id: str
+    names: list[str]
+    addresses: dict[str, str | None]
+    holder: Holder
+    waited: float
+    dirty: set[str] = field(default_factory=set)
+    vms: list[VM] = field(default_factory=list)
+
+
+class PoolClient:
+    """Check machines out of one pool and back in."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        backend: Backend,
+        policy: leases.Policy,
+        *,
+        worker: str = "main",
+        pre_ping: bool = True,
+        ping_timeout: float = 15.0,
+        clock: Callable[[], float] = time.time,
+        wait_log: os.PathLike[str] | str | None = None,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.policy = policy
+        self.worker = worker
+        self.pre_ping = pre_ping
+        self.ping_timeout = ping_timeout
+        self.clock = clock
+        self.wait_log = wait_log
+        self._me = current_process()
+
+    def _holder(self, test: str | None) -> Holder:
+        return Holder(**self._me.model_dump(), worker=self.worker, test=test)
+
+    def checkout(
+        self,
+        count: int = 1,
+        *,
+        fresh: bool = False,
+        test: str | None = None,
+        timeout: float = 300.0,
+    ) -> Lease:
+        """Take ``count`` machines at once (all or none), waiting in line up to ``timeout``.
+
+        Raises CheckoutTimeout (with the pool's summary) or PoolUnavailable.
+        """
+        started = self.clock()
+        deadline = started + timeout
+        front = False
+        while True:
+            names, request_id, holder = self._wait_for_grant(count, fresh, test, deadline, front)
+            pool = self.store.read()
+            addresses = {n: _address(pool, n) for n in names}
+            bad = self._ping(names) if self.pre_ping else {}
+            if not bad:
+                waited = self.clock() - started
+                lease = Lease(request_id, names, addresses, holder, waited)
+                lease.vms = [VM(n, self.backend, addresses[n], lease) for n in names]
+                self._record_wait(waited)
+                return lease
+            with self.store.transaction() as pool:
+                now = self.clock()
+                for name in names:
+                    if name in bad:
+                        leases.mark_unhealthy(pool, name, bad[name], now)
+                    else:
+                        leases.checkin(
+                            pool, [name], holder, self.policy, failed=False, now=now
+                        )
+            log.warning("pre-ping failed for %s; replacing and asking again", sorted(bad))
+            front = True
+
+    def _wait_for_grant(
+        self, count: int, fresh: bool, test: str | None, deadline: float, front: bool
+    ) -> tuple[list[str], str, Holder]:
+        request_id = uuid.uuid4().hex[:12]
+        holder = self._holder(test)
+        request = leases.new_request(holder, request_id, count, fresh, self.clock())
+        holder = request.holder
+        with self.store.transaction() as pool:
+            self._check_serviceable(pool, count)
+            leases.enqueue(pool, request, front=front)
+            leases.serve_queue(pool, self.clock())
+            granted = leases.take_grant(pool, request_id)
+        interval = _FIRST_POLL
+        last_reclaim = self.clock()
+        while granted is None:
+            now = self.clock()
+            if now >= deadline:
+                with self.store.transaction() as pool:
+                    granted = leases.cancel(pool, request_id) or None
+                    if granted is None:
+                        raise leases.timeout_error(pool, now - request.since, count, now)
+                break
+            time.sleep(min(interval, max(deadline - now, 0)))
+            interval = min(interval * 2, _MAX_POLL)
+            with self.store.transaction() as pool:
+                if self.clock() - last_reclaim >= _RECLAIM_EVERY:
+                    leases.reclaim(pool, self.policy, is_alive, self.clock())
+                    last_reclaim = self.clock()
+                self._check_serviceable(pool, count, request_id)
+                leases.serve_queue(pool, self.clock())
+                try:
+                    granted = leases.take_grant(pool, request_id)
+                except LookupError:
+                    raise PoolUnavailable(
+                        f"pool {pool.id}: check-out request {request_id} vanished "
+                        "(the controller dropped it: is the pool shutting down?)"
+                    ) from None
+        return granted, request_id, holder
+
+    @staticmethod
+    def _check_serviceable(pool: Pool, count: int, request_id: str | None = None) -> None:
+        problem = None
+        if pool.closing:
+            problem = f"pool {pool.id} is shutting down"
+        elif count > pool.size:
+            problem = f"asked for {count} machines but pool {pool.id} has only {pool.size}"
+        elif leases.all_broken(pool):
+            errors = [m.error for m in pool.machines if m.error]
+            problem = (
+                f"pool {pool.id} ({pool.backend}): no machine could be made; "
+                f"last error: {errors[-1] if errors else 'unknown'}"
+            )
+        if problem:
+            if request_id is not None:
+                leases.cancel(pool, request_id)
+            raise PoolUnavailable(problem)
+
+    def _ping(self, names: list[str]) -> dict[str, str]:
+        bad = {}
+        for name in names:
+            try:
+                res = self.backend.exec(name, ["true"], self.ping_timeout)
+                if res.returncode != 0:
+                    bad[name] = f"pre-ping exited {res.returncode}: {res.stderr.strip()}"
+            except VmPoolError as exc:
+                bad[name] = f"pre-ping failed: {exc}"
+        return bad
+
+    def _record_wait(self, waited: float) -> None:
+        if self.wait_log is None:
+            return
+        with contextlib.suppress(OSError), open(self.wait_log, "a") as fh:
+            fh.write(f"{self.clock():.3f} {waited:.6f} {self.worker}\n")
+
+    def checkin(self, lease: Lease, *, failed: bool = False) -> dict[str, leases.Action]:
+        """Return the machines: reuse, reset (done here, now) or replace (the controller's job)."""
+        with self.store.transaction() as pool:
+            actions = leases.checkin(
+                pool,
+                lease.names,
+                lease.holder,
+                self.policy,
+                failed=failed,
+                dirty=lease.dirty,
+                now=self.clock(),
+            )
+        for name, action in actions.items():
+            if action != "reset":
+                continue
+            error = None
+            try:
+                self.backend.reset(name)
+            except VmPoolError as exc:
+                error = str(exc)
+                log.warning("reset of %s failed, it will be replaced: %s", name, exc)
+            try:
+                with self.store.transaction() as pool:
+                    leases.finish_reset(
+                        pool, name, ok=error is None, error=error, now=self.clock()
+                    )
+            except StateError:
+                log.warning("pool gone while resetting %s", name)
+        return actions
+
+
+def _address(pool: Pool | None, name: str) -> str | None:
+    if pool is None:
+        return None
+    m = pool.find(name)
+    return m.address if m else None
+

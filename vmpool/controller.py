@@ -1,0 +1,477 @@
+"""The pool controller: warm-up, replenishment, reclaim, teardown. The only bulk backend driver.
+
+One Controller per pool (profile) per session, in the xdist controller process or the single
+pytest process. A background thread keeps the pool at size; slow backend calls run in a bounded
+thread pool, each recording its outcome in its own state transaction.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vmpool import leases
+from vmpool.backends.base import Backend, MachineSpec
+from vmpool.config import Profile
+from vmpool.errors import PoolUnavailable, ReadyTimeout, StateError, VmPoolError
+from vmpool.ownership import (
+    ProcessRef,
+    current_process,
+    is_alive,
+    machine_name,
+    network_name,
+    owner_labels,
+    pool_id,
+)
+from vmpool.state import JsonStateDir, MachineState, Pool
+from vmpool.backends.base import LABEL_POOL
+
+log = logging.getLogger(__name__)
+
+_TICK = 0.05
+_IDLE_TICK = 0.25
+_RECLAIM_EVERY = 0.5
+#: wait_ready is called in slices this long so a teardown can interrupt warm-up
+_READY_SLICE = 2.0
+
+
+class _Cancelled(Exception):
+    """Teardown began while this machine was warming."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A warm-up progress event for the plugin and CLI to display."""
+
+    pool: str
+    profile: str
+    backend: str
+    size: int
+    ready: int
+    warming: int
+    broken: int
+    message: str = ""
+
+
+def policy_for(profile: Profile, backend: Backend) -> leases.Policy:
+    p = profile.pool
+    return leases.Policy(
+        checkin=p.checkin_policy,
+        failure=p.failure_policy,
+        max_uses=p.max_uses,
+        max_age=p.max_age,
+        can_reset=backend.capabilities.reset,
+    )
+
+
+class Controller:
+    """Owns one pool for one session: creates or adopts it, keeps it warm, tears it down."""
+
+    def __init__(
+        self,
+        *,
+        directory: JsonStateDir,
+        backend: Backend,
+        profile: Profile,
+        size: int,
+        session: str,
+        keep: bool = False,
+        progress: Callable[[Progress], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.directory = directory
+        self.backend = backend
+        self.profile = profile
+        self.settings = profile.pool
+        self.size = size
+        self.session = session
+        self.keep = keep
+        self.progress = progress
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.policy = policy_for(profile, backend)
+        self.config_hash = profile.config_hash(backend.name)
+        self.me: ProcessRef = current_process()
+        self.pool_id = pool_id(self.settings.name_prefix, session, profile.name)
+        self.store = directory.store(self.pool_id)
+        self.adopted_from: str | None = None
+        self._stop = threading.Event()
+        self._cancel = threading.Event()
+        self._wake = threading.Event()
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.settings.warmup_parallelism, thread_name_prefix="vmpool-warm"
+        )
+        self._thread: threading.Thread | None = None
+        self._last_reclaim = 0.0
+        self.error: VmPoolError | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Create (or adopt) the pool record and begin warming in the background."""
+        self.backend.check()
+        adopted = self._adopt()
+        if adopted is None:
+            network = None
+            if self.settings.network and self.backend.capabilities.network:
+                network = network_name(self.pool_id)
+                self.backend.create_network(
+                    network, owner_labels(self.pool_id, self.session, self.me, self.config_hash)
+                )
+            now = self.clock()
+            self.store.create(
+                Pool(
+                    id=self.pool_id,
+                    profile=self.profile.name,
+                    backend=self.backend.name,
+                    size=self.size,
+                    session=self.session,
+                    name_prefix=self.settings.name_prefix,
+                    config_hash=self.config_hash,
+                    owner=self.me,
+                    network=network,
+                    created_at=now,
+                )
+            )
+        self._thread = threading.Thread(
+            target=self._run, name=f"vmpool-{self.pool_id}", daemon=True
+        )
+        self._thread.start()
+
+    def _adopt(self) -> Pool | None:
+        """Take over a kept, idle pool of the same prefix, profile and backend."""
+        for candidate in self.directory.pool_ids():
+            store = self.directory.store(candidate)
+            try:
+                seen = store.read()
+            except StateError as exc:
+                log.warning("skipping unreadable pool file: %s", exc)
+                continue
+            if seen is None or not self._adoptable(seen):
+                continue
+            with store.transaction() as pool:
+                if not self._adoptable(pool):
+                    continue
+                pool.owner = self.me
+                pool.keep = False
+                pool.closing = False
+                pool.size = self.size
+                pool.queue = []
+                pool.config_hash = self.config_hash  # stale machines are replaced by plan()
+                adopted = pool.model_copy(deep=True)
+            self.pool_id = candidate
+            self.store = store
+            self.session = adopted.session
+            self.adopted_from = candidate
+            log.info("adopted kept pool %s", candidate)
+            return adopted
+        return None
+
+    def _adoptable(self, pool: Pool) -> bool:
+        return (
+            pool.keep
+            and (pool.owner is None or not is_alive(pool.owner))
+            and pool.backend == self.backend.name
+            and pool.profile == self.profile.name
+            and pool.name_prefix == self.settings.name_prefix
+        )
+
+    def wait_until_ready(self, count: int, timeout: float) -> Pool:
+        """Block until ``count`` machines are ready (for `vmpool up` and tests)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pool = self.snapshot()
+            ready = sum(1 for m in pool.machines if m.state is MachineState.READY)
+            if ready >= count:
+                return pool
+            if leases.all_broken(pool):
+                errors = [m.error for m in pool.machines if m.error]
+                raise PoolUnavailable(
+                    f"pool {pool.id} ({pool.backend}): no machine could be made; last error: "
+                    f"{errors[-1] if errors else 'unknown'}"
+                )
+            if time.monotonic() >= deadline:
+                raise ReadyTimeout(f"pool {pool.id}: {ready}/{count} ready after {timeout:g}s")
+            self._wake.wait(0.05)
+
+    def snapshot(self) -> Pool:
+        pool = self.store.read()
+        if pool is None:
+            raise StateError(f"pool {self.pool_id} no longer exists")
+        return pool
+
+    # -- the maintainer thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self._tick()
+            except VmPoolError as exc:
+                log.error("vmpool maintainer: %s", exc)
+                self.error = exc
+                busy = False
+            self._wake.wait(_TICK if busy else _IDLE_TICK)
+            self._wake.clear()
+
+    def _tick(self) -> bool:
+        with self._inflight_lock:
+            capacity = self.settings.warmup_parallelism - self._inflight
+        with self.store.transaction() as pool:
+            now = self.clock()
+            if now - self._last_reclaim >= _RECLAIM_EVERY:
+                reclaimed = leases.reclaim(pool, self.policy, is_alive, now)
+                if reclaimed:
+                    log.warning("reclaimed machines of dead processes: %s", reclaimed)
+                self._last_reclaim = now
+            leases.serve_queue(pool, now)
+            work = leases.plan(
+                pool,
+                self.policy,
+                self.me,
+                now,
+                capacity=max(capacity, 0),
+                name_for=lambda serial: machine_name(self.pool_id, serial),
+            )
+            network = pool.network
+            slots = {m.name: m.slot for m in pool.machines}
+            busy = bool(pool.queue) or any(
+                m.state not in (MachineState.READY, MachineState.BROKEN) for m in pool.machines
+            )
+        for item in work:
+            with self._inflight_lock:
+                self._inflight += 1
+            self._executor.submit(self._do, item, slots.get(item.name, 0), network)
+        return busy or bool(work)
+
+    def _do(self, item: leases.Work, slot: int, network: str | None) -> None:
+        try:
+            if item.kind == "create":
+                self._create(item.name, slot, network)
+            elif item.kind == "reset":
+                self._reset(item.name)
+            else:
+                self._delete(item.name, replaced=item.kind == "replace")
+        except Exception:
+            log.exception("vmpool: %s of %s failed unexpectedly", item.kind, item.name)
+        finally:
+            with self._inflight_lock:
+                self._inflight -= 1
+            self._wake.set()
+
+    def _create(self, name: str, slot: int, network: str | None) -> None:
+        spec = MachineSpec(
+            name=name,
+            labels=owner_labels(self.pool_id, self.session, self.me, self.config_hash),
+            index=slot,
+            network=network,
+        )
+        try:
+            if self._cancel.is_set():
+                raise _Cancelled
+            self.backend.create(spec)
+            self._set_state(name, MachineState.STARTING)
+            self.backend.start(name)
+            self._wait_ready(name)
+            if self.backend.capabilities.reset:
+                self.backend.snapshot(name)
+            address = self.backend.address(name)
+        except _Cancelled:
+            self._discard(name)
+            return
+        except Exception as exc:  # any failure of a backend call counts against the slot
+            self._discard(name, keep_record=True)
+            self._record_failure(name, exc)
+            return
+        with self.store.transaction() as pool:
+            leases.record_ready(pool, name, address, self.clock())
+            snap = pool.model_copy(deep=True)
+        self._report(snap, f"{name} ready")
+
+    def _wait_ready(self, name: str) -> None:
+        deadline = time.monotonic() + self.settings.ready_timeout
+        while True:
+            if self._cancel.is_set():
+                raise _Cancelled
+            remaining = deadline - time.monotonic()
+            try:
+                self.backend.wait_ready(name, min(_READY_SLICE, max(remaining, 0.01)))
+                return
+            except ReadyTimeout:
+                if time.monotonic() >= deadline:
+                    raise
+
+    def _record_failure(self, name: str, exc: BaseException) -> None:
+        with self.store.transaction() as pool:
+            failure = pool.failures.get(next((m.slot for m in pool.machines if m.name == name), -1))
+            attempt = (failure.attempts if failure else 0) + 1
+            delay = leases.backoff_delay(
+                attempt, self.settings.backoff, self.settings.backoff_max, self.rng
+            )
+            broken = leases.record_create_failure(
+                pool,
+                name,
+                f"{type(exc).__name__}: {exc}",
+                retries=self.settings.retries,
+                delay=delay,
+                now=self.clock(),
+            )
+            snap = pool.model_copy(deep=True)
+        if broken:
+            log.warning("machine %s is broken after %d attempts: %s", name, attempt, exc)
+        else:
+            log.warning("creating %s failed (attempt %d), retrying in %.1fs: %s",
+                        name, attempt, delay, exc)
+        self._report(snap, f"{name} failed: {exc}")
+
+    def _discard(self, name: str, *, keep_record: bool = False) -> None:
+        try:
+            self.backend.delete(name)
+        except VmPoolError as exc:
+            log.warning("could not delete %s: %s", name, exc)
+        if not keep_record:
+            with contextlib.suppress(StateError), self.store.transaction() as pool:
+                leases.record_deleted(pool, name, replaced=False)
+
+    def _reset(self, name: str) -> None:
+        error = None
+        try:
+            self.backend.reset(name)
+        except VmPoolError as exc:
+            error = str(exc)
+        with self.store.transaction() as pool:
+            leases.finish_reset(pool, name, ok=error is None, error=error, now=self.clock())
+
+    def _delete(self, name: str, *, replaced: bool) -> None:
+        try:
+            self.backend.delete(name)
+        except VmPoolError as exc:
+            log.warning("could not delete %s (will retry at teardown): %s", name, exc)
+            return
+        with self.store.transaction() as pool:
+            leases.record_deleted(pool, name, replaced=replaced)
+
+    def _set_state(self, name: str, state: MachineState) -> None:
+        with self.store.transaction() as pool:
+            m = pool.find(name)
+            if m is not None:
+                m.state = state
+
+    def _report(self, pool: Pool, message: str) -> None:
+        if self.progress is None:
+            return
+        c = leases.counts(pool)
+        warming = c["creating"] + c["starting"]
+        try:
+            self.progress(
+                Progress(
+                    pool=pool.id,
+                    profile=pool.profile,
+                    backend=pool.backend,
+                    size=pool.size,
+                    ready=c["ready"] + c["leased"] + c["resetting"],
+                    warming=warming,
+                    broken=c["broken"],
+                    message=message,
+                )
+            )
+        except Exception:
+            log.exception("progress callback failed")
+
+    # -- teardown ------------------------------------------------------------------------------
+    def stop(self, *, keep: bool | None = None, lease_timeout: float | None = None) -> Pool | None:
+        """Wait (bounded) for leases, stop warming, then destroy the pool or keep it idle.
+
+        Returns the pool's last record (for the end-of-run summary).
+        """
+        keep = self.keep if keep is None else keep
+        wait = self.settings.teardown_timeout if lease_timeout is None else lease_timeout
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                with self.store.transaction() as pool:
+                    leases.reclaim(pool, self.policy, is_alive, self.clock())
+                    busy = [
+                        m.name
+                        for m in pool.machines
+                        if m.state is MachineState.LEASED
+                        or (m.state is MachineState.RESETTING and m.actor != self.me)
+                    ]
+            except StateError:
+                break
+            if not busy:
+                break
+            time.sleep(0.05)
+        else:
+            log.warning("teardown: machines still leased after %.0fs: %s", wait, busy)
+
+        self._cancel.set()
+        if not keep:
+            with contextlib.suppress(StateError), self.store.transaction() as pool:
+                pool.closing = True
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+        final = None
+        with contextlib.suppress(StateError):
+            final = self.store.read()
+        if keep:
+            self._keep()
+        else:
+            self._destroy(final)
+        return final
+
+    def _keep(self) -> None:
+        doomed: list[str] = []
+        with self.store.transaction() as pool:
+            for m in pool.machines:
+                if m.state is not MachineState.READY:
+                    doomed.append(m.name)
+            pool.keep = True
+            pool.owner = None
+            pool.closing = False
+            pool.queue = []
+            for m in pool.machines:
+                m.actor = None
+        for name in doomed:
+            self._discard(name)
+
+    def _destroy(self, final: Pool | None) -> None:
+        names = {m.name for m in final.machines} if final else set()
+        try:
+            for info in self.backend.list(self.pool_id + "-"):
+                if info.labels.get(LABEL_POOL) == self.pool_id:
+                    names.add(info.name)
+        except VmPoolError as exc:
+            log.warning("teardown: could not list machines: %s", exc)
+        failed = []
+        with concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(self.settings.warmup_parallelism, 1)
+        ) as ex:
+            for name, fut in [(n, ex.submit(self.backend.delete, n)) for n in sorted(names)]:
+                try:
+                    fut.result()
+                except VmPoolError as exc:
+                    failed.append(name)
+                    log.error("teardown: could not delete %s: %s", name, exc)
+        network = final.network if final else None
+        if network:
+            try:
+                self.backend.delete_network(network)
+            except VmPoolError as exc:
+                log.error("teardown: could not delete network %s: %s", network, exc)
+        if failed:
+            # keep the record (owner dead after we exit) so `vmpool gc` can finish the job
+            with contextlib.suppress(StateError), self.store.transaction() as pool:
+                pool.machines = [m for m in pool.machines if m.name in failed]
+            return
+        self.store.remove()

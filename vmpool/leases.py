@@ -1,0 +1,427 @@
+"""The lease protocol as pure decisions on a Pool record (no I/O, no clock of its own).
+
+Every function here mutates the ``Pool`` it is given and is meant to run inside
+``store.transaction()``; the caller does the slow work (backend calls) outside the lock.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from vmpool.errors import CheckoutTimeout
+from vmpool.ownership import ProcessRef
+from vmpool.state import Holder, Machine, MachineState, Pool, Request, SlotFailure
+
+Action = Literal["reuse", "reset", "replace"]
+Alive = Callable[[ProcessRef], bool]
+_ORDER: dict[str, int] = {"reuse": 0, "reset": 1, "replace": 2}
+#: states in which a machine still occupies its slot
+_OCCUPYING = {
+    MachineState.CREATING,
+    MachineState.STARTING,
+    MachineState.READY,
+    MachineState.LEASED,
+    MachineState.RESETTING,
+    MachineState.BROKEN,
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The check-in rules of one pool."""
+
+    checkin: Action = "reset"
+    failure: Action = "replace"
+    max_uses: int | None = None
+    max_age: float | None = None
+    #: the backend restores snapshots; without it a reset becomes a replace
+    can_reset: bool = True
+
+
+@dataclass(frozen=True)
+class Work:
+    """Slow work the controller must do outside the lock."""
+
+    kind: Literal["create", "reset", "replace", "retire"]
+    name: str
+
+
+def _worst(a: Action, b: Action) -> Action:
+    return a if _ORDER[a] >= _ORDER[b] else b
+
+
+# -- check-out ---------------------------------------------------------------------------------
+def enqueue(pool: Pool, request: Request, *, front: bool = False) -> None:
+    """Join the line. ``front`` is for a request re-queued after a failed pre-ping."""
+    if front:
+        pool.queue.insert(0, request)
+    else:
+        pool.queue.append(request)
+
+
+def _free(pool: Pool, fresh: bool) -> list[Machine]:
+    return [
+        m
+        for m in pool.machines
+        if m.state is MachineState.READY
+        and m.holder is None
+        and m.slot < pool.size
+        and (not fresh or m.uses_since_reset == 0)
+    ]
+
+
+def serve_queue(pool: Pool, now: float) -> None:
+    """Grant machines to waiting requests strictly in arrival order, all-or-nothing per request.
+
+    A request for N machines is granted all N in this one transaction or nothing; nobody behind
+    it is served first, so a large request is never starved by a stream of small ones.
+    """
+    for req in pool.queue:
+        if req.granted:
+            continue
+        free = _free(pool, req.fresh)
+        if len(free) < req.count:
+            return
+        # prefer machines used least since their reset, then the oldest slot: spreads wear
+        chosen = sorted(free, key=lambda m: (m.uses_since_reset, m.slot))[: req.count]
+        for m in chosen:
+            m.state = MachineState.LEASED
+            m.holder = req.holder.model_copy(update={"since": now})
+            m.uses += 1
+            m.uses_since_reset += 1
+        req.granted = [m.name for m in chosen]
+        pool.stats.checkouts += req.count
+
+
+def take_grant(pool: Pool, request_id: str) -> list[str] | None:
+    """The machines granted to ``request_id`` (and it leaves the line), or None if waiting."""
+    for i, req in enumerate(pool.queue):
+        if req.id == request_id:
+            if not req.granted:
+                return None
+            del pool.queue[i]
+            return list(req.granted)
+    raise LookupError(request_id)
+
+
+def cancel(pool: Pool, request_id: str) -> list[str]:
+    """Leave the line; returns machines that were granted meanwhile (the caller keeps them)."""
+    for i, req in enumerate(pool.queue):
+        if req.id == request_id:
+            del pool.queue[i]
+            return list(req.granted)
+    return []
+
+
+def drop_dead_waiters(pool: Pool, alive: Alive) -> int:
+    """Requests whose process died leave the line; their grants go back to the pool."""
+    dead = [r for r in pool.queue if not alive(r.holder)]
+    for req in dead:
+        pool.queue.remove(req)
+        for name in req.granted:
+            m = pool.find(name)
+            if m is not None and m.holder is not None and m.holder.request == req.id:
+                # never handed to a test: undo the grant
+                m.holder = None
+                m.state = MachineState.READY
+                m.uses -= 1
+                m.uses_since_reset -= 1
+    return len(dead)
+
+
+def timeout_error(pool: Pool, waited: float, count: int, now: float) -> CheckoutTimeout:
+    """The standard CheckoutTimeout: pool size, leased/warming/broken counts and the holders."""
+    by_state: dict[MachineState, list[Machine]] = {}
+    for m in pool.machines:
+        by_state.setdefault(m.state, []).append(m)
+    leased = by_state.get(MachineState.LEASED, [])
+    warming = sum(
+        len(by_state.get(s, []))
+        for s in (MachineState.CREATING, MachineState.STARTING, MachineState.RESETTING)
+    )
+    broken = by_state.get(MachineState.BROKEN, [])
+    holders = "; ".join(
+        f"{m.name} held by {m.holder.worker} (pid {m.holder.pid}) for "
+        f"{m.holder.test or '?'} since {now - m.holder.since:.0f}s"
+        for m in leased
+        if m.holder is not None
+    )
+    msg = (
+        f"no machine free after {waited:.1f}s (wanted {count}) in pool {pool.id} "
+        f"({pool.backend}): size {pool.size}, {len(leased)} leased, {warming} warming, "
+        f"{len(broken)} broken, {len(pool.queue)} request(s) waiting"
+    )
+    if holders:
+        msg += f"; holders: {holders}"
+    if broken:
+        msg += f"; last error: {broken[-1].error}"
+    msg += ". Raise --vm-checkout-timeout or --vm-pool-size, or look for a test that hangs."
+    return CheckoutTimeout(msg)
+
+
+# -- check-in ----------------------------------------------------------------------------------
+def decide(machine: Machine, policy: Policy, *, failed: bool, dirty: bool, now: float) -> Action:
+    """What to do with a machine coming back from a test."""
+    action: Action = policy.failure if failed else policy.checkin
+    if dirty:
+        action = _worst(action, "reset")
+    if policy.max_uses is not None and machine.uses >= policy.max_uses:
+        action = "replace"
+    if policy.max_age is not None and now - machine.created_at >= policy.max_age:
+        action = "replace"
+    if action == "reset" and not policy.can_reset:
+        action = "replace"
+    return action
+
+
+def _release(machine: Machine, action: Action, actor: ProcessRef | None) -> None:
+    machine.holder = None
+    if action == "reuse":
+        machine.state = MachineState.READY
+    elif action == "reset":
+        machine.state = MachineState.RESETTING
+        machine.actor = actor
+    else:
+        machine.state = MachineState.REPLACING
+        machine.actor = None
+
+
+def checkin(
+    pool: Pool,
+    names: list[str],
+    holder: ProcessRef,
+    policy: Policy,
+    *,
+    failed: bool,
+    dirty: set[str] | None = None,
+    now: float,
+) -> dict[str, Action]:
+    """Return leased machines. A reset is left to ``holder`` (state resetting, actor=holder);
+    a replacement is left to the controller (state replacing, no actor)."""
+    out: dict[str, Action] = {}
+    for name in names:
+        m = pool.find(name)
+        if m is None or m.state is not MachineState.LEASED or m.holder is None:
+            continue  # reclaimed meanwhile: nothing of ours to return
+        if (m.holder.pid, m.holder.pid_start, m.holder.host) != (
+            holder.pid,
+            holder.pid_start,
+            holder.host,
+        ):
+            continue
+        action = decide(m, policy, failed=failed, dirty=name in (dirty or set()), now=now)
+        _release(m, action, holder)
+        out[name] = action
+    serve_queue(pool, now)
+    return out
+
+
+def finish_reset(pool: Pool, name: str, *, ok: bool, error: str | None, now: float) -> None:
+    """Record the outcome of a reset; a failed one becomes a replacement."""
+    m = pool.find(name)
+    if m is None or m.state is not MachineState.RESETTING:
+        return
+    m.actor = None
+    if ok:
+        m.state = MachineState.READY
+        m.uses_since_reset = 0
+        m.error = None
+        pool.stats.reset += 1
+    else:
+        m.state = MachineState.REPLACING
+        m.error = error
+    serve_queue(pool, now)
+
+
+def mark_unhealthy(pool: Pool, name: str, error: str, now: float) -> None:
+    """A leased machine failed its pre-ping: it is replaced."""
+    m = pool.find(name)
+    if m is None:
+        return
+    m.holder = None
+    m.state = MachineState.REPLACING
+    m.actor = None
+    m.error = error
+    serve_queue(pool, now)
+
+
+# -- reclaim and maintenance (controller) ------------------------------------------------------
+def reclaim(pool: Pool, policy: Policy, alive: Alive, now: float) -> list[str]:
+    """Leases and transitions whose process died are taken back.
+
+    A dead holder's machine gets the failure policy (never simply reused: the test died in it);
+    a dead actor's half-done transition becomes a replacement.
+    """
+    out = []
+    drop_dead_waiters(pool, alive)
+    for m in pool.machines:
+        if m.state is MachineState.LEASED and m.holder is not None and not alive(m.holder):
+            action = decide(m, policy, failed=True, dirty=True, now=now)
+            _release(m, action, None)
+            pool.stats.reclaimed += 1
+            out.append(m.name)
+        elif (
+            m.state
+            in (MachineState.CREATING, MachineState.STARTING, MachineState.RESETTING)
+            and m.actor is not None
+            and not alive(m.actor)
+        ):
+            m.state = MachineState.REPLACING
+            m.actor = None
+            pool.stats.reclaimed += 1
+            out.append(m.name)
+    if out:
+        serve_queue(pool, now)
+    return out
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with jitter: base * 2**(attempt-1), capped, times U(0.5, 1)."""
+    return min(cap, base * (2 ** max(attempt - 1, 0))) * rng.uniform(0.5, 1.0)
+
+
+def plan(
+    pool: Pool,
+    policy: Policy,
+    me: ProcessRef,
+    now: float,
+    *,
+    capacity: int,
+    name_for: Callable[[int], str],
+) -> list[Work]:
+    """Claim up to ``capacity`` pieces of work for the controller ``me``."""
+    work: list[Work] = []
+
+    def claim(m: Machine, kind: Literal["reset", "replace", "retire"]) -> None:
+        m.actor = me
+        work.append(Work(kind, m.name))
+
+    for m in pool.machines:
+        if len(work) >= capacity:
+            return work
+        if m.actor is not None:
+            continue
+        if m.state is MachineState.REPLACING:
+            claim(m, "replace")
+        elif m.state is MachineState.RESETTING:
+            claim(m, "reset")
+        elif m.state is MachineState.READY and m.holder is None:
+            stale = m.config_hash != pool.config_hash
+            old = policy.max_age is not None and now - m.created_at >= policy.max_age
+            if m.slot >= pool.size:
+                m.state = MachineState.REPLACING
+                claim(m, "retire")
+            elif stale or old:
+                m.state = MachineState.REPLACING
+                claim(m, "replace")
+
+    # a fresh request at the head of the line: reset used machines for it
+    head = next((r for r in pool.queue if not r.granted), None)
+    if head is not None and head.fresh:
+        fresh = len(_free(pool, True))
+        for m in _free(pool, False):
+            if fresh >= head.count or len(work) >= capacity:
+                break
+            if m.uses_since_reset > 0:
+                m.state = MachineState.RESETTING if policy.can_reset else MachineState.REPLACING
+                claim(m, "reset" if policy.can_reset else "replace")
+                fresh += 1
+
+    if pool.closing:
+        return work
+    occupied = {m.slot for m in pool.machines if m.state in _OCCUPYING}
+    for slot in range(pool.size):
+        if len(work) >= capacity:
+            break
+        if slot in occupied:
+            continue
+        failure = pool.failures.get(slot)
+        if failure is not None and failure.retry_at > now:
+            continue
+        name = name_for(pool.next_serial)
+        pool.next_serial += 1
+        pool.machines.append(
+            Machine(
+                name=name,
+                slot=slot,
+                state=MachineState.CREATING,
+                config_hash=pool.config_hash,
+                created_at=now,
+                actor=me,
+            )
+        )
+        work.append(Work("create", name))
+    return work
+
+
+def record_ready(pool: Pool, name: str, address: str | None, now: float) -> None:
+    m = pool.find(name)
+    if m is None:
+        return
+    m.state = MachineState.READY
+    m.actor = None
+    m.ready_at = now
+    m.address = address
+    m.uses_since_reset = 0
+    m.error = None
+    pool.failures.pop(m.slot, None)
+    pool.stats.created += 1
+    if pool.stats.first_ready_at is None:
+        pool.stats.first_ready_at = now
+    serve_queue(pool, now)
+
+
+def record_create_failure(
+    pool: Pool, name: str, error: str, *, retries: int, delay: float, now: float
+) -> bool:
+    """A create/start/ready failed: retry the slot later, or mark it broken. True if broken."""
+    m = pool.find(name)
+    if m is None:
+        return False
+    pool.stats.create_failures += 1
+    failure = pool.failures.setdefault(m.slot, SlotFailure())
+    failure.attempts += 1
+    failure.last_error = error
+    failure.retry_at = now + delay
+    if failure.attempts > retries:
+        m.state = MachineState.BROKEN
+        m.actor = None
+        m.error = error
+        pool.stats.broken += 1
+        return True
+    pool.machines.remove(m)
+    return False
+
+
+def record_deleted(pool: Pool, name: str, *, replaced: bool) -> None:
+    m = pool.find(name)
+    if m is not None:
+        pool.machines.remove(m)
+        if replaced:
+            pool.stats.replaced += 1
+
+
+def all_broken(pool: Pool) -> bool:
+    return pool.size > 0 and sum(
+        1 for m in pool.machines if m.state is MachineState.BROKEN and m.slot < pool.size
+    ) >= pool.size
+
+
+def counts(pool: Pool) -> dict[str, int]:
+    out: dict[str, int] = {s.value: 0 for s in MachineState}
+    for m in pool.machines:
+        out[m.state.value] += 1
+    return out
+
+
+def new_request(holder: Holder, request_id: str, count: int, fresh: bool, now: float) -> Request:
+    return Request(
+        id=request_id,
+        holder=holder.model_copy(update={"request": request_id}),
+        count=count,
+        fresh=fresh,
+        since=now,
+    )

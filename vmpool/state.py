@@ -1,0 +1,321 @@
+"""The pool's record and its store: one JSON file per pool, locked read-modify-write.
+
+``StateStore`` is the small interface the lease logic needs; ``JsonStateDir`` implements it
+with a JSON file per pool under a portalocker lock on a separate lock file, written atomically
+(temp file, fsync, rename). A database-backed store can implement the same interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+import platformdirs
+import portalocker
+from pydantic import BaseModel, Field, ValidationError
+
+from vmpool.errors import StateError
+from vmpool.ownership import ProcessRef
+
+SCHEMA_VERSION = 1
+LOCK_TIMEOUT = 30.0
+
+
+class MachineState(StrEnum):
+    CREATING = "creating"
+    STARTING = "starting"
+    READY = "ready"
+    LEASED = "leased"
+    RESETTING = "resetting"
+    REPLACING = "replacing"
+    BROKEN = "broken"
+    DELETED = "deleted"
+
+
+class Holder(ProcessRef):
+    """Who leased a machine: a worker process, for a test, since when."""
+
+    worker: str = "main"
+    test: str | None = None
+    since: float = 0.0
+    request: str = ""
+
+
+class Machine(BaseModel):
+    name: str
+    slot: int
+    state: MachineState
+    config_hash: str
+    created_at: float
+    ready_at: float | None = None
+    holder: Holder | None = None
+    #: the process carrying out a transition (creating, starting, resetting, replacing)
+    actor: ProcessRef | None = None
+    uses: int = 0
+    uses_since_reset: int = 0
+    address: str | None = None
+    error: str | None = None
+    #: set by a check-in that asked for a reset/replace the actor has not done yet
+    pending: str | None = None
+
+
+class Request(BaseModel):
+    """A check-out waiting in line; ``granted`` is filled in, atomically, when served."""
+
+    id: str
+    holder: Holder
+    count: int = 1
+    fresh: bool = False
+    since: float
+    granted: list[str] = Field(default_factory=list)
+
+
+class SlotFailure(BaseModel):
+    attempts: int = 0
+    retry_at: float = 0.0
+    last_error: str = ""
+
+
+class Stats(BaseModel):
+    created: int = 0
+    reset: int = 0
+    replaced: int = 0
+    broken: int = 0
+    reclaimed: int = 0
+    checkouts: int = 0
+    create_failures: int = 0
+    first_ready_at: float | None = None
+
+
+class Pool(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    profile: str = "default"
+    backend: str
+    size: int
+    session: str
+    name_prefix: str
+    config_hash: str
+    owner: ProcessRef | None = None
+    keep: bool = False
+    closing: bool = False
+    network: str | None = None
+    created_at: float
+    next_serial: int = 0
+    machines: list[Machine] = Field(default_factory=list)
+    queue: list[Request] = Field(default_factory=list)
+    failures: dict[int, SlotFailure] = Field(default_factory=dict)
+    stats: Stats = Field(default_factory=Stats)
+
+    def machine(self, name: str) -> Machine:
+        for m in self.machines:
+            if m.name == name:
+                return m
+        raise StateError(f"pool {self.id}: no machine named {name!r}")
+
+    def find(self, name: str) -> Machine | None:
+        return next((m for m in self.machines if m.name == name), None)
+
+
+class StateStore(Protocol):
+    """Where one pool's record lives. Every read-modify-write goes through transaction()."""
+
+    pool_id: str
+
+    def transaction(self) -> contextlib.AbstractContextManager[Pool]:
+        """Lock, read, yield the record for changes, write it back if changed, unlock."""
+        ...
+
+    def read(self) -> Pool | None:
+        """A consistent snapshot without the lock, or None when the pool does not exist."""
+        ...
+
+    def create(self, pool: Pool) -> None:
+        """Write a new pool record; StateError if one with that id exists."""
+        ...
+
+    def remove(self) -> None:
+        """Delete the record (missing is fine)."""
+        ...
+
+
+def default_state_dir() -> Path:
+    return Path(platformdirs.user_state_dir("vmpool"))
+
+
+def _recovery(state_dir: Path, pool_id: str) -> str:
+    return (
+        f"recover with: vmpool down --state-dir {state_dir} --pool {pool_id} --force "
+        "(destroys that pool's machines by their owner labels and removes the file)"
+    )
+
+
+class JsonStateDir:
+    """A state directory: ``<id>.json`` per pool beside ``<id>.lock``, mode 0700/0600."""
+
+    def __init__(self, path: Path, *, create: bool = True) -> None:
+        self.path = Path(path).expanduser()
+        self._check(create)
+
+    def _check(self, create: bool) -> None:
+        p = self.path
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            if not create:
+                return
+            try:
+                p.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StateError(f"state directory {p}: cannot create: {exc.strerror}") from exc
+            st = os.lstat(p)
+        except OSError as exc:
+            raise StateError(f"state directory {p}: {exc.strerror}") from exc
+        if stat.S_ISLNK(st.st_mode):
+            raise StateError(
+                f"state directory {p} is a symlink; refusing it (another user could redirect "
+                "it): point --vm-state-dir / VMPOOL_STATE_DIR at a real directory"
+            )
+        if not stat.S_ISDIR(st.st_mode):
+            raise StateError(f"state directory {p} is not a directory")
+        if st.st_uid != os.getuid():
+            raise StateError(
+                f"state directory {p} is owned by uid {st.st_uid}, not you (uid {os.getuid()}); "
+                "use a directory of your own"
+            )
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.chmod(p, 0o700)
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise StateError(f"state directory {p} is not writable")
+
+    def pool_ids(self) -> list[str]:
+        if not self.path.is_dir():
+            return []
+        return sorted(f.stem for f in self.path.glob("*.json") if not f.name.startswith("."))
+
+    def store(self, pool_id: str) -> JsonStore:
+        return JsonStore(self, pool_id)
+
+    def pools(self) -> list[Pool]:
+        """Every readable pool; an unreadable one raises StateError (nothing is forgotten)."""
+        out = []
+        for pid in self.pool_ids():
+            pool = self.store(pid).read()
+            if pool is not None:
+                out.append(pool)
+        return out
+
+
+class JsonStore:
+    """One pool's JSON file. Implements StateStore."""
+
+    def __init__(self, directory: JsonStateDir, pool_id: str) -> None:
+        self.dir = directory
+        self.pool_id = pool_id
+        self.path = directory.path / f"{pool_id}.json"
+        self.lock_path = directory.path / f"{pool_id}.lock"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            with portalocker.Lock(
+                self.lock_path,
+                mode="a",
+                timeout=LOCK_TIMEOUT,
+                check_interval=0.0005,
+                flags=portalocker.LOCK_EX | portalocker.LOCK_NB,
+            ):
+                yield
+        except portalocker.LockException as exc:
+            raise StateError(
+                f"{self.lock_path}: could not lock within {LOCK_TIMEOUT:g}s (a process holds it)"
+            ) from exc
+
+    def _parse(self, data: bytes) -> Pool:
+        try:
+            raw = json.loads(data)
+        except ValueError as exc:
+            raise StateError(
+                f"{self.path}: corrupt state file (not JSON: {exc}); "
+                + _recovery(self.dir.path, self.pool_id)
+            ) from exc
+        version = raw.get("schema_version") if isinstance(raw, dict) else None
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise StateError(
+                f"{self.path}: written by a newer vmpool (schema {version}, this one reads "
+                f"{SCHEMA_VERSION}); upgrade vmpool, or " + _recovery(self.dir.path, self.pool_id)
+            )
+        try:
+            return Pool.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise StateError(
+                f"{self.path}: corrupt state file ({where}: {first['msg']}); "
+                + _recovery(self.dir.path, self.pool_id)
+            ) from exc
+
+    def _read_unlocked(self) -> Pool | None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return self._parse(data)
+
+    def read(self) -> Pool | None:
+        return self._read_unlocked()
+
+    def _write(self, pool: Pool) -> None:
+        data = pool.model_dump_json().encode()
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.pool_id}.", suffix=".tmp", dir=self.dir.path)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Pool]:
+        with self._locked():
+            raw = self._read_raw()
+            if raw is None:
+                raise StateError(f"pool {self.pool_id} does not exist in {self.dir.path}")
+            pool = self._parse(raw)
+            yield pool
+            new = pool.model_dump_json().encode()
+            if new != raw:
+                self._write(pool)
+
+    def _read_raw(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def create(self, pool: Pool) -> None:
+        with self._locked():
+            if self.path.exists():
+                raise StateError(f"pool {self.pool_id} already exists in {self.dir.path}")
+            self._write(pool)
+
+    def remove(self) -> None:
+        # the lock file stays: a waiter may hold its inode; `vmpool gc` removes stale ones
+        with self._locked(), contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def side_file(self, suffix: str) -> Path:
+        """A file beside the record for append-only data (e.g. check-out wait samples)."""
+        return self.dir.path / f"{self.pool_id}.{suffix}"
