@@ -363,20 +363,26 @@ def _format_errors(
     lines = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
+        known = None
         if flat_pool and loc[:1] == ("pool",):
             loc = loc[1:]  # profile tables hold pool keys directly
+            # so a misspelt key there is near a pool key or a backend table, not a Profile field
+            known = [*PoolSettings.model_fields, *_BACKEND_TABLES]
         origin = origins.get(loc) if not prefix else None
         where = origin if origin else f"{source}: {'.'.join(prefix + loc)}"
-        lines.append(f"{where}: {_describe(err, loc, model)}")
+        lines.append(f"{where}: {_describe(err, loc, model, known)}")
     return lines
 
 
-def _describe(err: Any, loc: tuple[str, ...], model: type[BaseModel]) -> str:
+def _describe(
+    err: Any, loc: tuple[str, ...], model: type[BaseModel], known: list[str] | None = None
+) -> str:
     kind = err["type"]
     ctx = err.get("ctx") or {}
     got = err.get("input")
     if kind == "extra_forbidden":
-        known = _known_keys(model, loc[:-1])
+        if known is None:
+            known = _known_keys(model, loc[:-1])
         hint = difflib.get_close_matches(loc[-1], known, n=1)
         did = f" (did you mean {hint[0]!r}?)" if hint else ""
         return f"unknown key{did}"
@@ -401,6 +407,9 @@ def _describe(err: Any, loc: tuple[str, ...], model: type[BaseModel]) -> str:
         "model_attributes_type": "must be a table",
     }
     template = messages.get(kind)
+    if kind == "value_error":
+        # our own validators say what was wrong; the input may be a whole table
+        return str(ctx.get("error", err["msg"]))
     text = template.format(**ctx) if template else str(err["msg"])
     return f"{text}, got {got!r}" if kind != "missing" else text
 

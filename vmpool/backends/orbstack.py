@@ -287,8 +287,8 @@ class OrbstackBackend:
             # dash would be taken as an orbctl flag
             raise BackendError(f"exec argv must start with a program name, not {argv[0]!r}")
         result = self._orbctl(["run", "-m", name, *self._user_args(), *argv], timeout)
-        missing = result.returncode != 0 and not result.stdout
-        if missing and is_machine_not_found(result.stderr, name):
+        orbctl_failed = result.returncode != 0 and not result.stdout
+        if orbctl_failed and is_machine_not_found(result.stderr, name):
             raise BackendError(f"orbstack machine {name!r} not found: {_quote(result.stderr)}")
         return ExecResult(result.returncode, result.stdout, result.stderr)
 

@@ -95,6 +95,10 @@ class RunOptions:
         return cls(runtime, _ulimit_items(ulimits))
 
 
+class _ContainerExited(Exception):
+    """Internal: ends probe_until early (it retries every VmPoolError); never leaves the module."""
+
+
 @dataclass
 class _Record:
     """How to recreate a machine, and the images it owns."""
@@ -152,13 +156,20 @@ class PodmanBackend:
         def probe() -> None:
             # each probe gets the time left (at least a moment), so a hung exec cannot overrun
             left = max(deadline - time.monotonic(), 0.5)
-            result = self.exec(name, ["true"], timeout=min(left, self.settings.command_timeout))
+            try:
+                result = self.exec(name, ["true"], timeout=min(left, self.settings.command_timeout))
+            except BackendError:
+                self._raise_if_exited(name)
+                raise
             if not result.ok:
                 raise BackendError(
                     f"probe `true` exited {result.returncode}: {result.stderr.strip()[-500:]}"
                 )
 
-        probe_until(probe, timeout=timeout, what=f"{self._tool} container {name}")
+        try:
+            probe_until(probe, timeout=timeout, what=f"{self._tool} container {name}")
+        except _ContainerExited as exc:
+            raise BackendError(str(exc)) from None
 
     def exec(self, name: str, argv: Sequence[str], timeout: float) -> ExecResult:
         """Run ``argv`` in the container; ExecTimeout after ``timeout`` seconds.
@@ -388,6 +399,18 @@ class PodmanBackend:
             return result.returncode == 125 and "Error: " in err
         return result.returncode != 0 and (
             err.startswith("Error response from daemon:") or err.startswith("Error: No such")
+        )
+
+    def _raise_if_exited(self, name: str) -> None:
+        """Stop waiting for a container that has already exited (it will never answer)."""
+        info = self._inspect(name)
+        state = (info or {}).get("State") or {}
+        if info is None or str(state.get("Status", "")).lower() not in ("exited", "stopped"):
+            return
+        logs = self._run("logs", "--tail", "20", name)
+        raise _ContainerExited(
+            f"{self._tool} container {name} exited with code {state.get('ExitCode')} before it "
+            f"was ready; last output:\n{(logs.stdout + logs.stderr).strip()[-2000:]}"
         )
 
     def _remove_container(self, name: str) -> None:

@@ -1,0 +1,357 @@
+"""pytest hooks and options for vmpool; the role (controller or worker) is decided once here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest_plugin.roles import (
+    ControllerRole,
+    ProfileOutcome,
+    Settings,
+    WorkerRole,
+    new_settings,
+    percentile,
+)
+from vmpool import config as vmconfig
+from vmpool.errors import ConfigError, StateError, VmPoolError
+
+PLUGIN_NAME = "vmpool-session"
+POOL_FIXTURES = ("pool_vm", "pool_vms")
+MARK_ARGS = {"fresh", "count", "profile"}
+
+#: option dest -> (pool key, option spelling, ini name, converter)
+_OPTIONS: dict[str, tuple[str, str, str]] = {
+    "vm_pool_size": ("size", "--vm-pool-size", "vm_pool_size"),
+    "vm_backend": ("backend", "--vm-backend", "vm_backend"),
+    "vm_state_dir": ("state_dir", "--vm-state-dir", "vm_state_dir"),
+    "vm_checkout_timeout": ("checkout_timeout", "--vm-checkout-timeout", "vm_checkout_timeout"),
+}
+
+call_failed_key = pytest.StashKey[bool]()
+
+pytest_plugins = ["conftest_plugin.fixtures"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("vmpool", "vmpool: a pre-warmed pool of real machines")
+    group.addoption(
+        "--vm-pool-size", dest="vm_pool_size", default=None, metavar="N",
+        help="machines to keep warm (default: xdist worker count, 1 without xdist)",
+    )
+    group.addoption(
+        "--vm-backend", dest="vm_backend", default=None, metavar="NAME",
+        help="auto, sim, podman, docker, qemu or orbstack (default: auto)",
+    )
+    group.addoption(
+        "--vm-pool-config", dest="vm_pool_config", default=None, metavar="PATH",
+        help="pool.toml (default: pool.toml in the rootdir, else [tool.vmpool])",
+    )
+    group.addoption(
+        "--vm-state-dir", dest="vm_state_dir", default=None, metavar="DIR",
+        help="where pool state lives (default: the user state directory)",
+    )
+    group.addoption(
+        "--vm-pool-keep", dest="vm_pool_keep", action="store_true", default=None,
+        help="keep the pool idle after the session for the next one to adopt",
+    )
+    group.addoption(
+        "--vm-checkout-timeout", dest="vm_checkout_timeout", default=None, metavar="SECONDS",
+        help="seconds a test waits for a free machine",
+    )
+    for dest, (_key, _flag, ini) in _OPTIONS.items():
+        parser.addini(ini, f"default for --{dest.replace('_', '-')}", default=None)
+    parser.addini("vm_pool_config", "default for --vm-pool-config", default=None)
+    parser.addini("vm_pool_keep", "default for --vm-pool-keep", type="bool", default=False)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "vm(fresh=False, count=1, profile=None): machines for pool_vm/pool_vms: fresh=True wants "
+        "machines no test used since their reset; count=N checks out N machines together; "
+        "profile=NAME picks a [profiles.NAME] pool",
+    )
+    workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+    if workerinput is not None and "vmpool" in workerinput:
+        settings = Settings.from_workerinput(workerinput["vmpool"])
+        cfg = _load(config, settings.config_path, settings.overrides)
+        worker = WorkerRole(cfg, settings, str(workerinput.get("workerid", "gw?")))
+        config.pluginmanager.register(VmPoolSession(config, cfg, settings, None, worker), PLUGIN_NAME)
+        return
+    path = _config_path(config)
+    overrides = _overrides(config)
+    cfg = _load(config, str(path) if path else None, overrides)
+    keep = bool(config.getoption("vm_pool_keep") or _ini(config, "vm_pool_keep") or
+                cfg.default.pool.keep)
+    settings = new_settings(cfg, path, overrides, _default_size(config), keep)
+    try:
+        controller = ControllerRole(cfg, settings)
+    except StateError as exc:
+        raise pytest.UsageError(f"vmpool: {exc}") from None
+    distributed = _xdist_workers(config) > 0
+    worker = None if distributed else WorkerRole(cfg, settings, "main")
+    config.pluginmanager.register(
+        VmPoolSession(config, cfg, settings, controller, worker), PLUGIN_NAME
+    )
+
+
+def _ini(config: pytest.Config, name: str) -> Any:
+    try:
+        return config.getini(name)
+    except (ValueError, KeyError):
+        return None
+
+
+def _config_path(config: pytest.Config) -> Path | None:
+    given = config.getoption("vm_pool_config") or _ini(config, "vm_pool_config") or os.environ.get(
+        "VMPOOL_CONFIG"
+    )
+    if given:
+        path = Path(given)
+        if not path.is_absolute():
+            path = Path(config.invocation_params.dir) / path
+        if not path.is_file():
+            raise pytest.UsageError(f"vmpool: --vm-pool-config: {given}: file not found")
+        return path
+    return vmconfig.find_config(Path(config.rootpath))
+
+
+def _overrides(config: pytest.Config) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dest, (key, _flag, ini) in _OPTIONS.items():
+        value = config.getoption(dest)
+        if value is None and vmconfig.ENV_PREFIX + key.upper() not in os.environ:
+            value = _ini(config, ini) or None
+        if value is not None:
+            out[key] = value
+    return out
+
+
+_OVERRIDE_NAMES = {key: flag for key, flag, _ini_name in _OPTIONS.values()}
+
+
+def _load(config: pytest.Config, path: str | None, overrides: dict[str, Any]) -> vmconfig.Config:
+    try:
+        return vmconfig.load(
+            Path(path) if path else None, overrides=overrides, override_names=_OVERRIDE_NAMES
+        )
+    except ConfigError as exc:
+        raise pytest.UsageError("vmpool: invalid configuration:\n  " + "\n  ".join(exc.problems))
+
+
+def _xdist_workers(config: pytest.Config) -> int:
+    n = getattr(config.option, "numprocesses", None)
+    if not n or getattr(config.option, "dist", "no") == "no":
+        return 0
+    try:
+        return int(n)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _default_size(config: pytest.Config) -> int:
+    return max(_xdist_workers(config), 1)
+
+
+class VmPoolSession:
+    """The per-process plugin object: hooks that need the role."""
+
+    def __init__(
+        self,
+        config: pytest.Config,
+        cfg: vmconfig.Config,
+        settings: Settings,
+        controller: ControllerRole | None,
+        worker: WorkerRole | None,
+    ) -> None:
+        self.config = config
+        self.cfg = cfg
+        self.settings = settings
+        self.controller = controller
+        self.worker = worker
+        self.outcomes: list[ProfileOutcome] = []
+        self._shown: dict[str, int] = {}
+
+    # -- controller -------------------------------------------------------------------------
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput["vmpool"] = self.settings.to_workerinput()
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if self.controller is not None:
+            self.controller.start()
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(
+        self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+    ) -> None:
+        if self.worker is None:
+            return
+        needs, problems = _needs(items, self.cfg, self.settings.default_size)
+        if problems:
+            self.worker.report_demand({}, problems)
+            if self.controller is not None:  # single process: a usage error right away
+                raise pytest.UsageError("vmpool: " + "\n  ".join(problems))
+            # an xdist worker runs nothing; the controller reports and exits with code 4
+            config.hook.pytest_deselected(items=list(items))
+            items[:] = []
+            return
+        if needs:
+            self.worker.report_demand(needs, [])
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self._show_progress()
+
+    def _show_progress(self, final: bool = False) -> None:
+        if self.controller is None:
+            return
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        events = self.controller.drain_progress()
+        if tr is None or not events or self.config.getoption("verbose") < 0:
+            return
+        latest: dict[str, Any] = {}
+        for e in events:
+            latest[e.pool] = e
+        for e in latest.values():
+            if self._shown.get(e.pool) == e.ready and not final:
+                continue
+            self._shown[e.pool] = e.ready
+            profile = "" if e.profile == "default" else f" [{e.profile}]"
+            broken = f", {e.broken} broken" if e.broken else ""
+            tr.write_line(
+                f"vmpool: {e.ready}/{e.size} ready on {e.backend}{profile}{broken} "
+                f"({_elapsed(self.controller.started_at):.1f}s)"
+            )
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if self.controller is None:
+            return
+        self._show_progress()
+        problems = self.controller.usage_errors()
+        try:
+            self.outcomes = self.controller.stop()
+        except VmPoolError as exc:
+            tr = self.config.pluginmanager.get_plugin("terminalreporter")
+            if tr is not None:
+                tr.write_line(f"vmpool: teardown error: {exc}", red=True)
+        if problems:
+            tr = self.config.pluginmanager.get_plugin("terminalreporter")
+            if tr is not None:
+                tr.write_line("ERROR: vmpool: " + "\n  ".join(problems), red=True)
+            session.exitstatus = pytest.ExitCode.USAGE_ERROR
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.controller is None:
+            return
+        tr = terminalreporter
+        quiet = self.config.getoption("verbose") < 0
+        errors = self.controller.errors
+        if not self.outcomes and not errors:
+            return
+        if not quiet:
+            tr.write_sep("=", "vmpool")
+        for name, err in errors.items():
+            tr.write_line(f"vmpool [{name}]: no pool: {err}", red=True)
+        for o in self.outcomes:
+            if o.pool is None:
+                continue
+            s = o.pool.stats
+            waits = o.waits
+            first = (
+                f"{s.first_ready_at - self.controller.started_at:.1f}s"
+                if s.first_ready_at
+                else "n/a"
+            )
+            label = o.profile if o.profile != "default" else o.pool.id
+            if quiet:
+                tr.write_line(
+                    f"vmpool {label}: {s.created} created, {s.reset} reset, "
+                    f"{s.replaced} replaced, {s.broken} broken"
+                )
+                continue
+            tr.write_line(
+                f"{label} on {o.backend}{' (adopted)' if o.adopted else ''}: "
+                f"machines created {s.created}, reset {s.reset}, replaced {s.replaced}, "
+                f"broken {s.broken}, reclaimed {s.reclaimed}; check-outs {s.checkouts}"
+            )
+            tr.write_line(
+                f"  check-out wait p50 {percentile(waits, 50):.3f}s, "
+                f"p95 {percentile(waits, 95):.3f}s, max {max(waits, default=0.0):.3f}s; "
+                f"first machine ready after {first}"
+            )
+
+
+def _elapsed(since: float) -> float:
+    import time
+
+    return time.time() - since
+
+
+def _needs(
+    items: list[pytest.Item], cfg: vmconfig.Config, default_size: int
+) -> tuple[dict[str, int], list[str]]:
+    """Profiles the collected tests need (largest count each), and usage problems."""
+    needs: dict[str, int] = {}
+    problems: list[str] = []
+    for item in items:
+        fixturenames = getattr(item, "fixturenames", ())
+        if not any(f in fixturenames for f in POOL_FIXTURES):
+            continue
+        try:
+            count, fresh, profile = mark_args(item)
+        except ValueError as exc:
+            problems.append(f"{item.nodeid}: {exc}")
+            continue
+        if profile not in cfg.profiles:
+            problems.append(
+                f"{item.nodeid}: {vmconfig.unknown_profile_message(profile, list(cfg.profiles))}"
+            )
+            continue
+        size = cfg.profiles[profile].pool.size or default_size
+        if count > size:
+            problems.append(
+                f"{item.nodeid}: asks for count={count} machines but the {profile!r} pool has "
+                f"size {size} (raise --vm-pool-size or the profile's size)"
+            )
+            continue
+        if "pool_vm" in fixturenames and count != 1:
+            problems.append(f"{item.nodeid}: pool_vm gives one machine; use pool_vms for count={count}")
+            continue
+        needs[profile] = max(needs.get(profile, 0), count)
+    return needs, problems
+
+
+def mark_args(item: pytest.Item) -> tuple[int, bool, str]:
+    """(count, fresh, profile) from the closest ``vm`` marker; ValueError on a bad argument."""
+    marker = item.get_closest_marker("vm")
+    kwargs: dict[str, Any] = dict(marker.kwargs) if marker else {}
+    if marker and marker.args:
+        raise ValueError(f"@pytest.mark.vm takes keyword arguments only, got {marker.args!r}")
+    unknown = set(kwargs) - MARK_ARGS
+    if unknown:
+        raise ValueError(
+            f"@pytest.mark.vm: unknown argument(s) {sorted(unknown)}; known: {sorted(MARK_ARGS)}"
+        )
+    count = kwargs.get("count", 1)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"@pytest.mark.vm: count must be an integer >= 1, got {count!r}")
+    fresh = kwargs.get("fresh", False)
+    if not isinstance(fresh, bool):
+        raise ValueError(f"@pytest.mark.vm: fresh must be True or False, got {fresh!r}")
+    profile = kwargs.get("profile") or vmconfig.DEFAULT_PROFILE
+    if not isinstance(profile, str):
+        raise ValueError(f"@pytest.mark.vm: profile must be a string, got {profile!r}")
+    return count, fresh, profile
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call" and report.failed:
+        item.stash[call_failed_key] = True
+    return report

@@ -1,0 +1,288 @@
+"""The two roles, decided once in plugin.py: the controller owns pools, workers lease machines."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmpool import reaper
+from vmpool.backends import make_backend
+from vmpool.backends.base import Backend
+from vmpool.client import Lease, PoolClient
+from vmpool.config import Config, Profile
+from vmpool.controller import Controller, Progress, policy_for
+from vmpool.errors import PoolUnavailable, StateError, VmPoolError
+from vmpool.ownership import new_session_id
+from vmpool.session import SessionFile
+from vmpool.state import JsonStateDir, Pool, default_state_dir
+
+log = logging.getLogger(__name__)
+_POLL = 0.02
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What both roles need to know; the controller passes it to workers via workerinput."""
+
+    config_path: str | None
+    overrides: dict[str, Any]
+    state_dir: str
+    session: str
+    default_size: int
+    keep: bool
+
+    def to_workerinput(self) -> dict[str, Any]:
+        return {
+            "config_path": self.config_path,
+            "overrides": self.overrides,
+            "state_dir": self.state_dir,
+            "session": self.session,
+            "default_size": self.default_size,
+            "keep": self.keep,
+        }
+
+    @classmethod
+    def from_workerinput(cls, data: dict[str, Any]) -> Settings:
+        return cls(**data)
+
+
+def resolve_state_dir(cfg: Config) -> Path:
+    configured = cfg.default.pool.state_dir
+    return Path(configured).expanduser() if configured else default_state_dir()
+
+
+def profile_size(profile: Profile, default_size: int) -> int:
+    return profile.pool.size or default_size
+
+
+@dataclass
+class ProfileOutcome:
+    profile: str
+    backend: str
+    pool: Pool | None
+    adopted: bool
+    waits: list[float] = field(default_factory=list)
+
+
+class ControllerRole:
+    """Runs in the xdist controller or the single pytest process."""
+
+    def __init__(self, cfg: Config, settings: Settings) -> None:
+        self.cfg = cfg
+        self.settings = settings
+        self.directory = JsonStateDir(Path(settings.state_dir))
+        self.session_file = SessionFile(self.directory.path, settings.session)
+        self.controllers: dict[str, Controller] = {}
+        self.progress: list[Progress] = []
+        self._progress_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.started_at = time.time()
+        self.reaped: list[reaper.ReapReport] = []
+        self.errors: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Watch for demand in the background; nothing is created until a test needs it."""
+        with self.session_file.update():
+            pass
+        self._thread = threading.Thread(target=self._watch, name="vmpool-demand", daemon=True)
+        self._thread.start()
+
+    def demand(self, needs: dict[str, int]) -> None:
+        """Single-process mode: the controller collected the tests itself."""
+        with self.session_file.update() as rec:
+            for name, count in needs.items():
+                rec.demand[name] = max(rec.demand.get(name, 0), count)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                rec = self.session_file.read()
+            except StateError as exc:
+                log.error("%s", exc)
+                return
+            if rec.usage_errors:
+                return
+            for name in rec.demand:
+                if name not in self.controllers and name not in self.errors:
+                    self._start_profile(name)
+            self._stop.wait(_POLL)
+
+    def _start_profile(self, name: str) -> None:
+        try:
+            profile = self.cfg.profile(name)
+            backend = make_backend(profile.pool.backend, profile, self.directory.path)
+            with contextlib.suppress(VmPoolError):
+                self.reaped.append(
+                    reaper.reap(self.directory, backend, profile.pool.name_prefix)
+                )
+            controller = Controller(
+                directory=self.directory,
+                backend=backend,
+                profile=profile,
+                size=profile_size(profile, self.settings.default_size),
+                session=self.settings.session,
+                keep=self.settings.keep,
+                progress=self._on_progress,
+            )
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                controller.start()
+                self.controllers[name] = controller
+            with self.session_file.update() as rec:
+                rec.pools[name] = controller.pool_id
+        except VmPoolError as exc:
+            self.errors[name] = str(exc)
+            with self.session_file.update() as rec:
+                rec.errors[name] = str(exc)
+
+    def _on_progress(self, event: Progress) -> None:
+        with self._progress_lock:
+            self.progress.append(event)
+
+    def drain_progress(self) -> list[Progress]:
+        with self._progress_lock:
+            out, self.progress = self.progress, []
+        return out
+
+    def usage_errors(self) -> list[str]:
+        with contextlib.suppress(StateError):
+            return self.session_file.read().usage_errors
+        return []
+
+    def stop(self) -> list[ProfileOutcome]:
+        """Tear down every pool (or keep them), then reap orphans of dead sessions."""
+        with self._lock:
+            self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        outcomes = []
+        for name, controller in self.controllers.items():
+            waits = _read_waits(controller.store.side_file("waits"))
+            pool = controller.stop()
+            outcomes.append(
+                ProfileOutcome(
+                    name, controller.backend.name, pool, controller.adopted_from is not None, waits
+                )
+            )
+            with contextlib.suppress(FileNotFoundError):
+                controller.store.side_file("waits").unlink()
+            with contextlib.suppress(VmPoolError):
+                self.reaped.append(
+                    reaper.reap(self.directory, controller.backend, controller.settings.name_prefix)
+                )
+        self.session_file.remove()
+        return outcomes
+
+
+def _read_waits(path: Path) -> list[float]:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split()
+        with contextlib.suppress(IndexError, ValueError):
+            out.append(float(parts[1]))
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+class WorkerRole:
+    """Runs in each xdist worker (or the single process): leases machines for tests."""
+
+    def __init__(self, cfg: Config, settings: Settings, worker_id: str) -> None:
+        self.cfg = cfg
+        self.settings = settings
+        self.worker_id = worker_id
+        self.directory = JsonStateDir(Path(settings.state_dir))
+        self.session_file = SessionFile(self.directory.path, settings.session)
+        self._clients: dict[str, PoolClient] = {}
+
+    def report_demand(self, needs: dict[str, int], problems: list[str]) -> None:
+        with self.session_file.update() as rec:
+            if problems:
+                for p in problems:
+                    if p not in rec.usage_errors:
+                        rec.usage_errors.append(p)
+                return
+            for name, count in needs.items():
+                rec.demand[name] = max(rec.demand.get(name, 0), count)
+
+    def client(self, profile_name: str, timeout: float) -> PoolClient:
+        if profile_name in self._clients:
+            return self._clients[profile_name]
+        deadline = time.monotonic() + timeout
+        while True:
+            rec = self.session_file.read()
+            if profile_name in rec.errors:
+                raise PoolUnavailable(
+                    f"vmpool: no pool for profile {profile_name!r}: {rec.errors[profile_name]}"
+                )
+            if profile_name in rec.pools:
+                break
+            if time.monotonic() >= deadline:
+                raise PoolUnavailable(
+                    f"vmpool: the controller did not create the {profile_name!r} pool within "
+                    f"{timeout:g}s (session {self.settings.session})"
+                )
+            time.sleep(_POLL)
+        store = self.directory.store(rec.pools[profile_name])
+        pool = store.read()
+        if pool is None:
+            raise PoolUnavailable(f"vmpool: pool {rec.pools[profile_name]} vanished")
+        profile = self.cfg.profile(profile_name)
+        backend: Backend = make_backend(pool.backend, profile, self.directory.path)
+        client = PoolClient(
+            store,
+            backend,
+            policy_for(profile, backend),
+            worker=self.worker_id,
+            pre_ping=profile.pool.pre_ping,
+            wait_log=store.side_file("waits"),
+        )
+        self._clients[profile_name] = client
+        return client
+
+    def checkout(
+        self, profile_name: str, count: int, fresh: bool, test: str
+    ) -> tuple[PoolClient, Lease]:
+        profile = self.cfg.profile(profile_name)
+        timeout = profile.pool.checkout_timeout
+        started = time.monotonic()
+        client = self.client(profile_name, timeout)
+        remaining = max(timeout - (time.monotonic() - started), 0.001)
+        return client, client.checkout(count, fresh=fresh, test=test, timeout=remaining)
+
+
+def new_settings(
+    cfg: Config,
+    config_path: Path | None,
+    overrides: dict[str, Any],
+    default_size: int,
+    keep: bool,
+) -> Settings:
+    return Settings(
+        config_path=str(config_path) if config_path else None,
+        overrides=overrides,
+        state_dir=str(resolve_state_dir(cfg)),
+        session=new_session_id(),
+        default_size=default_size,
+        keep=keep,
+    )

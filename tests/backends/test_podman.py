@@ -1,0 +1,299 @@
+"""The podman backend against the real tool: containers, exec, snapshot/reset, networks."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from vmpool import _proc
+from vmpool.backends.base import Backend, MachineSpec, probe_until
+from vmpool.backends.podman import (
+    DEFAULT_IMAGE,
+    PodmanBackend,
+    RunOptions,
+    build_image,
+    warm_image_name,
+)
+from vmpool.config import PodmanSettings
+from vmpool.errors import BackendError, BackendUnavailable, ExecTimeout
+
+pytestmark = pytest.mark.podman
+
+SESSION_LABELS = {"vmpool.session": "podmantest", "vmpool.pool": "default"}
+
+
+def unique(kind: str = "m") -> str:
+    return f"vmpooltest-{uuid.uuid4().hex[:8]}-{kind}"
+
+
+def podman(*args: str) -> _proc.ProcResult:
+    return _proc.run(["podman", *args], timeout=60)
+
+
+@pytest.fixture(scope="session")
+def image() -> str:
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed")
+    return build_image(PodmanSettings())
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # shared, so the runtime verdict is probed once per test session
+    return tmp_path_factory.mktemp("podman-state")
+
+
+@pytest.fixture
+def backend(image: str, state_dir: Path) -> PodmanBackend:
+    return PodmanBackend(PodmanSettings(image=image), state_dir)
+
+
+@pytest.fixture
+def make_machine(backend: PodmanBackend) -> Iterator[Callable[..., str]]:
+    """Create, start and wait for machines; delete them all afterwards."""
+    made: list[str] = []
+
+    def make(network: str | None = None, labels: dict[str, str] | None = None) -> str:
+        name = unique(str(len(made)))
+        made.append(name)
+        backend.create(MachineSpec(name, labels or SESSION_LABELS, network=network))
+        backend.start(name)
+        backend.wait_ready(name, timeout=30)
+        return name
+
+    yield make
+    for name in made:
+        backend.delete(name)
+
+
+@pytest.fixture
+def machine(make_machine: Callable[..., str]) -> str:
+    return make_machine()
+
+
+@pytest.fixture
+def network(backend: PodmanBackend) -> Iterator[str]:
+    name = unique("net")
+    backend.create_network(name, SESSION_LABELS)
+    yield name
+    backend.delete_network(name)
+
+
+# -- checks and detection ---------------------------------------------------------------------
+def test_backend_satisfies_the_protocol(backend: PodmanBackend) -> None:
+    assert isinstance(backend, Backend)
+    assert backend.name == "podman"
+    assert backend.capabilities.reset and backend.capabilities.labels
+    assert backend.capabilities.network
+
+
+def test_check_passes_with_tool_and_image(backend: PodmanBackend) -> None:
+    backend.check()
+
+
+def test_build_image_keeps_an_existing_image(image: str) -> None:
+    messages: list[str] = []
+    assert build_image(PodmanSettings(), progress=messages.append) == DEFAULT_IMAGE
+    assert any("already exists" in m for m in messages)
+
+
+def test_missing_tool_is_backend_unavailable_saying_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    backend = PodmanBackend(PodmanSettings(), tmp_path)
+    with pytest.raises(BackendUnavailable, match=r"podman: command not found \(apt-get install"):
+        backend.check()
+
+
+def test_missing_image_is_backend_unavailable_naming_image_and_build_command(
+    image: str, tmp_path: Path
+) -> None:
+    missing = f"localhost/{unique('img')}:latest"
+    backend = PodmanBackend(PodmanSettings(image=missing), tmp_path)
+    with pytest.raises(BackendUnavailable) as excinfo:
+        backend.check()
+    assert missing in str(excinfo.value)
+    assert "vmpool image build --backend podman" in str(excinfo.value)
+
+
+def test_runtime_verdict_is_cached_for_the_next_process(
+    image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = PodmanBackend(PodmanSettings(image=image), tmp_path).run_options()
+    assert (tmp_path / "podman" / "runtime.json").is_file()
+    calls: list[tuple[str, ...]] = []
+    real_run = _proc.run
+
+    def spy(argv: list[str], **kwargs: object) -> _proc.ProcResult:
+        calls.append(tuple(argv))
+        return real_run(argv, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_proc, "run", spy)
+    second = PodmanBackend(PodmanSettings(image=image), tmp_path).run_options()
+    assert second == first
+    assert not [c for c in calls if c[1:2] == ("run",)], calls
+
+
+def test_settings_override_runtime_detection(tmp_path: Path) -> None:
+    settings = PodmanSettings(runtime="runc", ulimits={"nofile": "512:512"})
+    options = PodmanBackend(settings, tmp_path).run_options()
+    assert options == RunOptions("runc", (("nofile", "512:512"),))
+    assert options.argv() == ["--runtime", "runc", "--ulimit", "nofile=512:512"]
+
+
+def test_invalid_names_are_rejected(backend: PodmanBackend) -> None:
+    with pytest.raises(ValueError, match="invalid machine name"):
+        backend.create(MachineSpec("Bad_Name", {}))
+    with pytest.raises(ValueError, match="invalid machine name"):
+        backend.delete("../etc")
+
+
+# -- machines ---------------------------------------------------------------------------------
+def test_created_machine_starts_and_becomes_ready(backend: PodmanBackend, machine: str) -> None:
+    [info] = backend.list(machine)
+    assert info.running
+    assert backend.exec(machine, ["hostname"], timeout=10).stdout.strip() == machine
+
+
+def test_exec_returns_stdout_stderr_and_returncode(backend: PodmanBackend, machine: str) -> None:
+    result = backend.exec(machine, ["sh", "-c", "echo out; echo err >&2"], timeout=10)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "out\n", "err\n")
+    assert result.ok
+
+
+def test_exec_nonzero_exit_is_a_result_not_an_error(backend: PodmanBackend, machine: str) -> None:
+    result = backend.exec(machine, ["sh", "-c", "echo failing >&2; exit 3"], timeout=10)
+    assert result.returncode == 3
+    assert result.stderr == "failing\n"
+    assert not result.ok
+
+
+def test_exec_timeout_raises_exec_timeout(backend: PodmanBackend, machine: str) -> None:
+    with pytest.raises(ExecTimeout):
+        backend.exec(machine, ["sleep", "30"], timeout=1)
+    assert backend.exec(machine, ["true"], timeout=10).ok
+
+
+def test_exec_in_a_missing_machine_raises_backend_error(backend: PodmanBackend) -> None:
+    with pytest.raises(BackendError, match="exec in"):
+        backend.exec(unique(), ["true"], timeout=10)
+
+
+def test_wait_ready_fails_fast_when_the_container_exits(image: str, state_dir: Path) -> None:
+    settings = PodmanSettings(image=image, command=["sh", "-c", "echo boom; exit 3"])
+    backend = PodmanBackend(settings, state_dir)
+    name = unique()
+    try:
+        backend.create(MachineSpec(name, SESSION_LABELS))
+        backend.start(name)
+        with pytest.raises(BackendError, match=r"exited with code 3[\s\S]*boom"):
+            backend.wait_ready(name, timeout=60)
+    finally:
+        backend.delete(name)
+
+
+def test_reset_returns_to_the_snapshot(backend: PodmanBackend, machine: str) -> None:
+    backend.exec(machine, ["sh", "-c", "echo kept > /root/ready"], timeout=10)
+    backend.snapshot(machine)
+    assert backend.exec(machine, ["sh", "-c", "echo dirty > /tmp/x"], timeout=10).ok
+
+    backend.reset(machine)
+
+    assert backend.exec(machine, ["test", "-e", "/tmp/x"], timeout=10).returncode == 1
+    assert backend.exec(machine, ["cat", "/root/ready"], timeout=10).stdout == "kept\n"
+    [info] = backend.list(machine)
+    assert info.running and info.labels["vmpool.session"] == "podmantest"
+    assert backend.exec(machine, ["echo", "alive"], timeout=10).stdout == "alive\n"
+
+
+def test_reset_twice_with_a_new_snapshot_leaves_one_warm_image(
+    backend: PodmanBackend, machine: str
+) -> None:
+    backend.snapshot(machine)
+    backend.reset(machine)
+    first = podman("image", "inspect", "--format", "{{.Id}}", warm_image_name(machine))
+    backend.exec(machine, ["touch", "/root/second"], timeout=10)
+    backend.snapshot(machine)
+    backend.reset(machine)
+    assert backend.exec(machine, ["test", "-e", "/root/second"], timeout=10).ok
+    # the first warm image was in use until the second reset, and removed by it
+    assert podman("image", "exists", first.check().stdout.strip()).returncode == 1
+
+
+def test_reset_without_snapshot_is_an_error(backend: PodmanBackend, machine: str) -> None:
+    with pytest.raises(BackendError, match="no snapshot"):
+        backend.reset(machine)
+
+
+def test_delete_is_idempotent_and_removes_the_warm_image(
+    backend: PodmanBackend, make_machine: Callable[..., str]
+) -> None:
+    name = make_machine()
+    backend.snapshot(name)
+    backend.delete(name)
+    backend.delete(name)
+    assert backend.list(name) == []
+    assert podman("image", "exists", warm_image_name(name)).returncode == 1
+
+
+def test_delete_of_a_never_created_machine_succeeds(backend: PodmanBackend) -> None:
+    backend.delete(unique())
+
+
+def test_list_finds_machines_by_prefix_with_labels(
+    backend: PodmanBackend, make_machine: Callable[..., str]
+) -> None:
+    labels = {**SESSION_LABELS, "vmpool.pid": "1234"}
+    name = make_machine(labels=labels)
+    prefix = name.rsplit("-", 1)[0]
+    found = backend.list(prefix)
+    assert [m.name for m in found] == [name]
+    assert dict(found[0].labels) == labels
+    assert found[0].running
+    assert backend.list(prefix + "x") == []
+
+
+# -- networks ---------------------------------------------------------------------------------
+def test_machines_on_one_network_reach_each_other(
+    backend: PodmanBackend, make_machine: Callable[..., str], network: str
+) -> None:
+    server = make_machine(network=network)
+    client = make_machine(network=network)
+    serve = "mkdir -p /www && echo hello-from-a > /www/f && httpd -p 8080 -h /www"
+    assert backend.exec(server, ["sh", "-c", serve], timeout=10).ok
+    address = backend.address(server)
+    assert address is not None
+    fetched: list[str] = []
+
+    def fetch() -> None:
+        url = f"http://{address}:8080/f"
+        # busybox-static's `wget -T` segfaults; bound it with `timeout` instead
+        result = backend.exec(client, ["timeout", "10", "wget", "-q", "-O", "-", url], timeout=15)
+        if not result.ok:
+            raise BackendError(f"wget exited {result.returncode}: {result.stderr}")
+        fetched.append(result.stdout)
+
+    probe_until(fetch, timeout=20, what="httpd on the server")
+    assert fetched[-1] == "hello-from-a\n"
+
+
+def test_networks_are_listed_with_labels_and_deleted_idempotently(
+    backend: PodmanBackend,
+) -> None:
+    name = unique("net")
+    backend.create_network(name, SESSION_LABELS)
+    try:
+        backend.create_network(name, SESSION_LABELS)  # an existing network is success
+        [info] = backend.list_networks(name)
+        assert info.name == name
+        assert dict(info.labels) == SESSION_LABELS
+    finally:
+        backend.delete_network(name)
+    backend.delete_network(name)
+    assert backend.list_networks(name) == []
+    assert podman("network", "exists", name).returncode == 1

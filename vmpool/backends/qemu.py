@@ -1,0 +1,871 @@
+"""The QEMU backend: one daemonized qemu-system process per machine, QMP plus the guest agent.
+
+Each machine is a run directory ``<state_dir>/qemu/<name>`` (labels, a qcow2 overlay of the
+image's base disk, pidfile, console log, sockets). QMP (``qemu.qmp``) does ``savevm``/``loadvm``
+and ``quit``; commands run through qemu-ga over a virtio-serial chardev socket. Machines of one
+pool share a network through a loopback-only multicast hub (``-netdev socket,mcast=…``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import builtins
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+import portalocker
+import psutil
+from qemu.qmp import QMPClient, QMPError
+
+from vmpool import _proc
+from vmpool.backends.base import (
+    Capabilities,
+    ExecResult,
+    MachineInfo,
+    MachineSpec,
+    probe_until,
+    validate_name,
+)
+from vmpool.backends.qemu_image import ImagePaths, build_image, find_image
+from vmpool.config import QemuSettings
+from vmpool.errors import BackendError, ExecTimeout, ReadyTimeout, VmPoolError
+
+__all__ = ["QemuBackend", "build_image", "find_image"]
+
+log = logging.getLogger(__name__)
+
+Accel = Literal["kvm", "tcg"]
+T = TypeVar("T")
+
+INSTALL_HINT = "apt-get install qemu-system-x86"
+IMG_INSTALL_HINT = "apt-get install qemu-utils"
+SNAPSHOT_TAG = "vmpool-ready"
+NETWORKS_DIR = "networks"
+
+#: sun_path holds 108 bytes including the terminating NUL.
+_MAX_SOCKET_PATH = 107
+_LAUNCH_TIMEOUT = 60.0
+_IMG_TIMEOUT = 60.0
+_QMP_TIMEOUT = 10.0
+_SNAPSHOT_TIMEOUT = 120.0
+_RESYNC_TIMEOUT = 15.0
+_STOP_TIMEOUT = 5.0
+_PROBE_STEP_TIMEOUT = 5.0
+_KILL_GRACE = 1.0
+_FIRST_HOST = 10
+
+_LABELS = "labels.json"
+_RECORD = "machine.json"
+_OVERLAY = "overlay.qcow2"
+_PIDFILE = "qemu.pid"
+_CONSOLE = "console.log"
+_QMP_SOCK = "qmp.sock"
+_QGA_SOCK = "qga.sock"
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What create() decided about a machine; start() and friends read it back."""
+
+    name: str
+    index: int
+    sock_dir: str
+    kernel: str
+    initrd: str
+    network: str | None = None
+    ip: str | None = None
+    prefix: int | None = None
+    mac: str | None = None
+    mcast: str | None = None
+    accel: str | None = None
+
+
+@dataclass(frozen=True)
+class _Network:
+    name: str
+    labels: dict[str, str]
+    group: str
+    port: int
+    subnet: str
+    prefix: int
+
+    def host(self, index: int) -> str:
+        host = _FIRST_HOST + index
+        if host > 254:
+            raise BackendError(
+                f"network {self.name}: slot {index} does not fit in /{self.prefix} "
+                f"(at most {255 - _FIRST_HOST} machines)"
+            )
+        return self.subnet.rsplit(".", 1)[0] + f".{host}"
+
+
+class _Died(Exception):  # private control flow: never escapes this module
+    """The qemu process is gone; stop probing."""
+
+
+class QemuBackend:
+    """Machines are qemu-system-x86_64 processes booting the vmpool guest image."""
+
+    name = "qemu"
+    capabilities = Capabilities(reset=True, labels=True, network=True)
+
+    def __init__(self, settings: QemuSettings, state_dir: Path) -> None:
+        self.settings = settings
+        self.state_dir = Path(state_dir)
+        self.root = self.state_dir / "qemu"
+        self._accel: Accel | None = None
+        self._accel_lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    # --- checks and image -------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise BackendUnavailable when qemu, qemu-img or the guest image is missing."""
+        _proc.run(
+            [self.settings.binary, "--version"], timeout=30, install_hint=INSTALL_HINT
+        ).check("qemu --version")
+        _proc.run(["qemu-img", "--version"], timeout=30, install_hint=IMG_INSTALL_HINT).check(
+            "qemu-img --version"
+        )
+        find_image(self.settings)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def create(self, spec: MachineSpec) -> None:
+        """Write the run directory (labels first), allocate the address, make the overlay."""
+        name = validate_name(spec.name)
+        if name == NETWORKS_DIR:
+            raise BackendError(f"machine name {name!r} is reserved by the qemu backend")
+        image = find_image(self.settings)
+        run_dir = self._run_dir(name)
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir()
+        except FileExistsError as exc:
+            raise BackendError(f"qemu machine {name} already exists ({run_dir})") from exc
+        try:
+            _write_json(run_dir / _LABELS, dict(spec.labels))
+            net: _Network | None = None
+            if spec.network is not None:
+                net = self._read_network(spec.network)
+                if net is None:
+                    raise BackendError(
+                        f"network {spec.network} does not exist (create_network() first)"
+                    )
+            sock_dir = _socket_dir(run_dir)
+            sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            record = _Record(
+                name=name,
+                index=spec.index,
+                sock_dir=str(sock_dir),
+                kernel=str(image.kernel),
+                initrd=str(image.initrd),
+                network=net.name if net else None,
+                ip=net.host(spec.index) if net else None,
+                prefix=net.prefix if net else None,
+                mac=_mac(net.name, spec.index) if net else None,
+                mcast=f"{net.group}:{net.port}" if net else None,
+            )
+            _make_overlay(image, run_dir / _OVERLAY)
+            _write_json(run_dir / _RECORD, asdict(record))
+        except BaseException:
+            self._remove_files(run_dir)
+            raise
+        log.debug("created qemu machine %s in %s", name, run_dir)
+
+    def start(self, name: str) -> None:
+        """Launch qemu daemonized; returns once its sockets exist (the guest is still booting)."""
+        run_dir = self._existing(name)
+        if self._process(run_dir) is not None:
+            log.debug("qemu machine %s already running", name)
+            return
+        record = self._record(run_dir)
+        accel = self.resolve_accel()
+        record = _Record(**{**asdict(record), "accel": accel})
+        _write_json(run_dir / _RECORD, asdict(record))
+        self._launch(run_dir, record, accel)
+
+    def wait_ready(self, name: str, timeout: float) -> None:
+        """Probe the guest agent (guest-sync, then `true`) until it answers."""
+        run_dir = self._existing(name)
+        record = self._record(run_dir)
+        self._wait_agent(run_dir, record, timeout, what=f"qemu machine {name}")
+
+    def exec(self, name: str, argv: Sequence[str], timeout: float) -> ExecResult:
+        """Run ``argv`` through qemu-ga's guest-exec; ExecTimeout (and a kill) after ``timeout``."""
+        if not argv:
+            raise ValueError("exec needs a command")
+        run_dir = self._existing(name)
+        record = self._record(run_dir)
+        deadline = time.monotonic() + timeout
+        with self._lock(name):
+            try:
+                with _Agent.open(_qga_sock(record), deadline) as agent:
+                    agent.sync(deadline)
+                    return _guest_exec(agent, name, list(argv), timeout, deadline)
+            except OSError as exc:
+                raise BackendError(
+                    f"qemu machine {name}: guest agent unreachable: {exc}"
+                    f"{self._died_hint(run_dir)}"
+                ) from exc
+
+    def snapshot(self, name: str) -> None:
+        """``savevm`` the running machine under the tag reset() loads."""
+        run_dir = self._existing(name)
+        self._hmp(run_dir, f"savevm {SNAPSHOT_TAG}", _SNAPSHOT_TIMEOUT)
+
+    def reset(self, name: str) -> None:
+        """``loadvm`` the ready snapshot, then resynchronise the guest agent."""
+        run_dir = self._existing(name)
+        record = self._record(run_dir)
+        with self._lock(name):
+            self._hmp(run_dir, f"loadvm {SNAPSHOT_TAG}", _SNAPSHOT_TIMEOUT)
+            self._wait_agent(
+                run_dir, record, _RESYNC_TIMEOUT, what=f"qemu machine {name} after reset",
+                run_true=False,
+            )
+
+    def delete(self, name: str) -> None:
+        """Quit (or kill) qemu and remove the run directory; a missing machine is success."""
+        validate_name(name)
+        run_dir = self._run_dir(name)
+        if not run_dir.exists():
+            self._remove_files(run_dir)
+            return
+        proc = self._process(run_dir)
+        if proc is not None:
+            self._stop(run_dir, proc)
+        self._remove_files(run_dir)
+        log.debug("deleted qemu machine %s", name)
+
+    def list(self, prefix: str) -> list[MachineInfo]:
+        """Run directories whose name starts with ``prefix``, labels from labels.json."""
+        out: list[MachineInfo] = []
+        if not self.root.is_dir():
+            return out
+        for run_dir in sorted(self.root.iterdir()):
+            name = run_dir.name
+            if name == NETWORKS_DIR or not name.startswith(prefix) or not run_dir.is_dir():
+                continue
+            try:
+                validate_name(name)
+            except ValueError:
+                continue  # probe dirs, build leftovers
+            labels = _read_labels(run_dir / _LABELS)
+            out.append(MachineInfo(name, labels, self._process(run_dir) is not None))
+        return out
+
+    def address(self, name: str) -> str | None:
+        """The machine's address on its pool network, or None without one."""
+        return self._record(self._existing(name)).ip
+
+    # --- networks -----------------------------------------------------------------------
+
+    def create_network(self, name: str, labels: Mapping[str, str]) -> None:
+        """Record a loopback multicast hub and a /24 for ``name`` (derived from its hash)."""
+        validate_name(name)
+        digest = hashlib.sha256(name.encode()).digest()
+        net = _Network(
+            name=name,
+            labels=dict(labels),
+            group=f"239.{digest[0]}.{digest[1]}.{max(digest[2], 1)}",
+            port=20000 + int.from_bytes(digest[3:5], "big") % 40001,
+            subnet=f"10.{digest[5]}.{digest[6]}.0",
+            prefix=24,
+        )
+        path = self._network_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, asdict(net))
+
+    def delete_network(self, name: str) -> None:
+        """Remove the network record; a missing network is success."""
+        validate_name(name)
+        with contextlib.suppress(FileNotFoundError):
+            self._network_path(name).unlink()
+
+    def list_networks(self, prefix: str) -> builtins.list[MachineInfo]:
+        """Network records whose name starts with ``prefix`` (a recorded network is usable)."""
+        out: list[MachineInfo] = []
+        folder = self.root / NETWORKS_DIR
+        if not folder.is_dir():
+            return out
+        for path in sorted(folder.glob("*.json")):
+            name = path.stem
+            if not name.startswith(prefix):
+                continue
+            net = self._read_network(name)
+            if net is not None:
+                out.append(MachineInfo(name, net.labels, True))
+        return out
+
+    # --- acceleration -------------------------------------------------------------------
+
+    def resolve_accel(self) -> Accel:
+        """The accelerator machines use: as configured, or for ``auto`` a cached KVM verdict.
+
+        ``auto`` boots the image once per host under KVM with a deadline
+        (``kvm_probe_timeout``); KVM counts only if the guest agent answers in time.
+        """
+        with self._accel_lock:
+            if self._accel is None:
+                self._accel = self._decide_accel()
+            return self._accel
+
+    def _decide_accel(self) -> Accel:
+        if self.settings.accel != "auto":
+            return self.settings.accel
+        if not _kvm_device_usable():
+            log.info("qemu: /dev/kvm missing or not accessible, using tcg")
+            return "tcg"
+        image = find_image(self.settings)
+        key = self._accel_key(image)
+        cache = self.root / "accel.json"
+        lock = self.root / ".accel.lock"
+        self.root.mkdir(parents=True, exist_ok=True)
+        wait = self.settings.kvm_probe_timeout * 2 + _LAUNCH_TIMEOUT
+        try:
+            with portalocker.Lock(str(lock), mode="a", timeout=wait):
+                verdicts = _read_json(cache)
+                cached = verdicts.get(key)
+                if isinstance(cached, dict) and cached.get("accel") in ("kvm", "tcg"):
+                    return cast(Accel, cached["accel"])
+                accel, reason = self._probe_kvm(image)
+                verdicts[key] = {
+                    "accel": accel,
+                    "reason": reason,
+                    "binary": self.settings.binary,
+                    "host_kernel": os.uname().release,
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+                _write_json(cache, verdicts)
+                return accel
+        except portalocker.exceptions.LockException as exc:
+            raise BackendError(f"timed out waiting for another KVM probe ({lock})") from exc
+
+    def _accel_key(self, image: ImagePaths) -> str:
+        binary = shutil.which(self.settings.binary) or self.settings.binary
+        parts: list[str] = [os.path.realpath(binary), os.uname().release]
+        for path in (Path(binary), image.kernel):
+            try:
+                st = path.stat()
+                parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+            except OSError:
+                parts.append("?")
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+    def _probe_kvm(self, image: ImagePaths) -> tuple[Accel, str]:
+        timeout = self.settings.kvm_probe_timeout
+        run_dir = Path(tempfile.mkdtemp(prefix=".kvm-probe-", dir=self.root))
+        started = time.monotonic()
+        log.info("qemu: probing KVM by booting the image (deadline %gs)", timeout)
+        try:
+            sock_dir = _socket_dir(run_dir)
+            sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            record = _Record(
+                name="kvm-probe",
+                index=0,
+                sock_dir=str(sock_dir),
+                kernel=str(image.kernel),
+                initrd=str(image.initrd),
+                accel="kvm",
+            )
+            _make_overlay(image, run_dir / _OVERLAY)
+            try:
+                self._launch(run_dir, record, "kvm")
+                self._wait_agent(run_dir, record, timeout, what="KVM probe guest")
+            except VmPoolError as exc:
+                reason = f"KVM guest did not answer: {exc}"
+                log.warning("qemu: %s; using tcg", reason)
+                return "tcg", reason
+            reason = f"KVM guest answered in {time.monotonic() - started:.1f}s"
+            log.info("qemu: %s; using kvm", reason)
+            return "kvm", reason
+        finally:
+            proc = self._process(run_dir)
+            if proc is not None:
+                _kill(proc)
+            self._remove_files(run_dir)
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _run_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def _network_path(self, name: str) -> Path:
+        return self.root / NETWORKS_DIR / f"{name}.json"
+
+    def _read_network(self, name: str) -> _Network | None:
+        data = _read_json(self._network_path(name))
+        if not data:
+            return None
+        try:
+            return _Network(**data)
+        except TypeError as exc:
+            raise BackendError(f"network record {name} is unreadable: {exc}") from exc
+
+    def _existing(self, name: str) -> Path:
+        validate_name(name)
+        run_dir = self._run_dir(name)
+        if not (run_dir / _RECORD).is_file():
+            raise BackendError(f"qemu machine {name} does not exist (no {run_dir / _RECORD})")
+        return run_dir
+
+    def _record(self, run_dir: Path) -> _Record:
+        data = _read_json(run_dir / _RECORD)
+        try:
+            return _Record(**data)
+        except TypeError as exc:
+            raise BackendError(f"{run_dir / _RECORD} is unreadable: {exc}") from exc
+
+    def _lock(self, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(name, threading.Lock())
+
+    def _argv(self, run_dir: Path, record: _Record, accel: Accel) -> builtins.list[str]:
+        s = self.settings
+        cmdline = ["console=ttyS0", "quiet", "panic=1", f"vmpool.hostname={record.name}"]
+        if record.ip is not None:
+            cmdline.append(f"vmpool.ip={record.ip}/{record.prefix}")
+        if s.append:
+            cmdline.append(s.append)
+        argv = [
+            s.binary,
+            "-daemonize",
+            "-nodefaults",
+            "-no-reboot",
+            "-display", "none",
+            "-name", f"guest={record.name},process={record.name}",
+            "-M", s.machine,
+            "-accel", accel,
+            "-m", str(s.memory),
+            "-smp", str(s.cpus),
+            "-serial", f"file:{run_dir / _CONSOLE}",
+            "-kernel", record.kernel,
+            "-initrd", record.initrd,
+            "-append", " ".join(cmdline),
+            "-drive", f"file={run_dir / _OVERLAY},if=virtio,format=qcow2",
+            "-device", "virtio-serial",
+            "-chardev", f"socket,path={_qga_sock(record)},server=on,wait=off,id=qga0",
+            "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            "-qmp", f"unix:{_qmp_sock(record)},server=on,wait=off",
+            "-pidfile", str(run_dir / _PIDFILE),
+        ]
+        if record.mcast is not None:
+            # localaddr=127.0.0.1 keeps the hub on loopback: without it QEMU joins the group on
+            # the default-route interface and guest frames leave the host.
+            argv += [
+                "-netdev", f"socket,id=n0,mcast={record.mcast},localaddr=127.0.0.1",
+                "-device", f"virtio-net-pci,netdev=n0,mac={record.mac}",
+            ]
+        return argv
+
+    def _launch(self, run_dir: Path, record: _Record, accel: Accel) -> None:
+        for stale in (run_dir / _PIDFILE, _qmp_sock(record), _qga_sock(record)):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        argv = self._argv(run_dir, record, accel)
+        result = _proc.run(argv, timeout=_LAUNCH_TIMEOUT, install_hint=INSTALL_HINT)
+        if result.returncode != 0:
+            raise BackendError(
+                f"qemu for {record.name} failed to start (exit {result.returncode}): "
+                f"{result.stderr.strip()[-2000:]}{self._died_hint(run_dir)}"
+            )
+        log.debug("started qemu for %s (%s) in %.2fs", record.name, accel, result.duration)
+
+    def _wait_agent(
+        self, run_dir: Path, record: _Record, timeout: float, *, what: str, run_true: bool = True
+    ) -> None:
+        sock = _qga_sock(record)
+
+        def probe() -> None:
+            if self._process(run_dir) is None:
+                raise _Died
+            deadline = time.monotonic() + _PROBE_STEP_TIMEOUT
+            with _Agent.open(sock, deadline) as agent:
+                agent.sync(deadline)
+                if run_true:
+                    result = _guest_exec(agent, what, ["true"], _PROBE_STEP_TIMEOUT, deadline)
+                    if not result.ok:
+                        raise BackendError(f"`true` exited {result.returncode}: {result.stderr}")
+
+        try:
+            probe_until(probe, timeout=timeout, what=what, first_interval=0.05, max_interval=0.5)
+        except _Died:
+            raise BackendError(f"{what}: qemu exited{self._died_hint(run_dir)}") from None
+        except ReadyTimeout as exc:
+            raise ReadyTimeout(f"{exc}{self._died_hint(run_dir)}") from None
+
+    def _hmp(self, run_dir: Path, command: str, timeout: float) -> str:
+        """Run a human-monitor command through QMP; any output from savevm/loadvm is an error."""
+        record = self._record(run_dir)
+        reply = self._qmp(
+            record, "human-monitor-command", {"command-line": command}, timeout
+        )
+        output = reply if isinstance(reply, str) else ""
+        if output.strip():
+            raise BackendError(f"qemu machine {record.name}: `{command}` failed: {output.strip()}")
+        return output
+
+    def _qmp(
+        self, record: _Record, command: str, arguments: Mapping[str, object] | None, timeout: float
+    ) -> object:
+        sock = _qmp_sock(record)
+
+        async def go() -> object:
+            client = QMPClient(f"vmpool-{record.name}")
+            await client.connect(str(sock))
+            try:
+                return await client.execute(command, arguments)
+            finally:
+                await client.disconnect()
+
+        try:
+            return _run_async(asyncio.wait_for(go(), timeout))
+        except TimeoutError as exc:
+            raise BackendError(
+                f"qemu machine {record.name}: QMP {command} timed out after {timeout:g}s"
+            ) from exc
+        except (QMPError, OSError) as exc:
+            raise BackendError(
+                f"qemu machine {record.name}: QMP {command} failed: {exc or type(exc).__name__}"
+            ) from exc
+
+    def _process(self, run_dir: Path) -> psutil.Process | None:
+        """The live qemu process of ``run_dir``: its pidfile's pid, checked by command line."""
+        try:
+            pid = int((run_dir / _PIDFILE).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            cmdline = proc.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return None
+        pidfile = str(run_dir / _PIDFILE)
+        ours = "-pidfile" in cmdline and pidfile in cmdline and "-name" in cmdline
+        return proc if ours else None
+
+    def _stop(self, run_dir: Path, proc: psutil.Process) -> None:
+        try:
+            self._qmp(self._record(run_dir), "quit", None, _QMP_TIMEOUT)
+        except BackendError as exc:
+            log.debug("QMP quit failed (%s); signalling pid %s", exc, proc.pid)
+        if _wait_gone(proc, _STOP_TIMEOUT):
+            return
+        _kill(proc)
+
+    def _remove_files(self, run_dir: Path) -> None:
+        recorded = _read_json_quiet(run_dir / _RECORD).get("sock_dir")
+        sock_dir = Path(recorded) if isinstance(recorded, str) else _socket_dir(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if sock_dir != run_dir:
+            shutil.rmtree(sock_dir, ignore_errors=True)
+
+    def _died_hint(self, run_dir: Path) -> str:
+        if self._process(run_dir) is not None:
+            return ""
+        tail = _tail(run_dir / _CONSOLE)
+        if not tail:
+            return " (qemu is not running)"
+        return f" (qemu is not running; console tail:\n{tail})"
+
+
+# --- the guest agent ----------------------------------------------------------------------
+
+
+class _Agent:
+    """One connection to qemu-ga's chardev socket: JSON lines, synced before use."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buf = b""
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, path: Path, deadline: float) -> Iterator[_Agent]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            sock.connect(str(path))
+            yield cls(sock)
+        finally:
+            sock.close()
+
+    def send(self, command: str, arguments: Mapping[str, object] | None = None) -> None:
+        message: dict[str, object] = {"execute": command}
+        if arguments is not None:
+            message["arguments"] = dict(arguments)
+        self._sock.sendall(json.dumps(message).encode() + b"\n")
+
+    def sync(self, deadline: float) -> None:
+        """Flush the agent's parser (0xFF) and discard stale lines until our guest-sync id."""
+        ident = random.randrange(1, 2**31)
+        self._sock.sendall(b"\xff")
+        self.send("guest-sync", {"id": ident})
+        while True:
+            reply = self._read(deadline, "guest-sync")
+            if reply.get("return") == ident:
+                return
+
+    def call(
+        self, command: str, arguments: Mapping[str, object] | None, deadline: float
+    ) -> Any:
+        """Send one command and return its ``return`` (BackendError for an agent error)."""
+        self.send(command, arguments)
+        reply = self._read(deadline, command)
+        if "error" in reply:
+            error = reply["error"]
+            desc = error.get("desc", error) if isinstance(error, dict) else error
+            raise _AgentError(f"guest agent {command}: {desc}")
+        return reply.get("return")
+
+    def _read(self, deadline: float, what: str) -> dict[str, Any]:
+        while True:
+            line, sep, rest = self._buf.partition(b"\n")
+            if sep:
+                self._buf = rest
+                text = line.strip(b"\xff \r\t")
+                if not text:
+                    continue
+                try:
+                    reply = json.loads(text)
+                except ValueError:
+                    log.debug("discarding non-JSON agent line %r", text[:200])
+                    continue
+                if isinstance(reply, dict):
+                    return reply
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _AgentTimeout(f"guest agent did not answer {what} in time")
+            self._sock.settimeout(remaining)
+            try:
+                chunk = self._sock.recv(1 << 16)
+            except TimeoutError:
+                raise _AgentTimeout(f"guest agent did not answer {what} in time") from None
+            if not chunk:
+                raise BackendError(f"guest agent connection closed during {what}")
+            self._buf += chunk
+
+
+class _AgentError(BackendError):
+    """qemu-ga answered with an error."""
+
+
+class _AgentTimeout(ExecTimeout):
+    """qemu-ga did not answer before the deadline."""
+
+
+def _guest_exec(
+    agent: _Agent, name: str, argv: list[str], timeout: float, deadline: float
+) -> ExecResult:
+    try:
+        started = agent.call(
+            "guest-exec",
+            {"path": argv[0], "arg": argv[1:], "capture-output": True},
+            deadline,
+        )
+    except _AgentError as exc:
+        # qemu-ga could not spawn it (e.g. no such file): report like a shell would
+        return ExecResult(127, "", f"{exc}\n")
+    pid = int(started["pid"])
+    interval = 0.005
+    while True:
+        # the agent answers a status query at once, so give it a moment past our own deadline
+        status = agent.call(
+            "guest-exec-status", {"pid": pid}, max(deadline, time.monotonic() + _KILL_GRACE)
+        )
+        if status.get("exited"):
+            return _exec_result(status)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            _kill_guest_process(agent, pid)
+            raise ExecTimeout(
+                f"{argv!r} in qemu machine {name} did not finish within {timeout:g}s"
+            )
+        time.sleep(min(interval, remaining))
+        interval = min(interval * 1.5, 0.1)
+
+
+def _exec_result(status: Mapping[str, Any]) -> ExecResult:
+    if "exitcode" in status:
+        code = int(status["exitcode"])
+    elif "signal" in status:
+        code = 128 + int(status["signal"])  # the shell's convention, like container backends
+    else:
+        code = -1
+    return ExecResult(
+        code,
+        _decode(status.get("out-data")),
+        _decode(status.get("err-data")),
+    )
+
+
+def _decode(data: object) -> str:
+    if not isinstance(data, str):
+        return ""
+    return base64.b64decode(data).decode(errors="replace")
+
+
+def _kill_guest_process(agent: _Agent, pid: int) -> None:
+    """Best effort: SIGKILL a timed-out guest process and its children, collect its status."""
+    script = f"for c in $(pgrep -P {pid} 2>/dev/null); do kill -9 $c; done; kill -9 {pid}"
+    deadline = time.monotonic() + _KILL_GRACE
+    try:
+        killer = agent.call(
+            "guest-exec", {"path": "sh", "arg": ["-c", script], "capture-output": True}, deadline
+        )
+        for reap in (pid, int(killer["pid"])):
+            interval = 0.01
+            while time.monotonic() < deadline:
+                if agent.call("guest-exec-status", {"pid": reap}, deadline).get("exited"):
+                    break
+                time.sleep(interval)
+                interval = min(interval * 2, 0.1)
+    except (VmPoolError, OSError, KeyError, ValueError) as exc:
+        log.debug("could not kill guest pid %s: %s", pid, exc)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _socket_dir(run_dir: Path) -> Path:
+    """``run_dir`` when its socket paths fit in sun_path, else a short per-user directory."""
+    longest = run_dir / _QMP_SOCK
+    if len(os.fsencode(str(longest))) <= _MAX_SOCKET_PATH:
+        return run_dir
+    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    base = Path(tempfile.gettempdir()) / f"vmpool-{os.getuid()}"
+    base.mkdir(mode=0o700, exist_ok=True)
+    if base.stat().st_uid != os.getuid():
+        raise BackendError(f"{base} belongs to another user; cannot put sockets there")
+    return base / digest
+
+
+def _qmp_sock(record: _Record) -> Path:
+    return Path(record.sock_dir) / _QMP_SOCK
+
+
+def _qga_sock(record: _Record) -> Path:
+    return Path(record.sock_dir) / _QGA_SOCK
+
+
+def _mac(network: str, index: int) -> str:
+    digest = hashlib.sha256(network.encode()).digest()
+    return f"52:54:00:{digest[0]:02x}:{(index >> 8) & 0xFF:02x}:{index & 0xFF:02x}"
+
+
+def _make_overlay(image: ImagePaths, overlay: Path) -> None:
+    _proc.run(
+        [
+            "qemu-img", "create", "-q", "-f", "qcow2",
+            "-b", str(image.disk.resolve()), "-F", image.disk_format, str(overlay),
+        ],
+        timeout=_IMG_TIMEOUT,
+        install_hint=IMG_INSTALL_HINT,
+    ).check("create overlay")
+
+
+def _kvm_device_usable() -> bool:
+    return os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def _wait_gone(proc: psutil.Process, timeout: float) -> bool:
+    def probe() -> None:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                raise BackendError(f"pid {proc.pid} still running")
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            return
+
+    try:
+        probe_until(probe, timeout=timeout, what=f"exit of pid {proc.pid}", first_interval=0.02,
+                    max_interval=0.2)
+    except ReadyTimeout:
+        return False
+    return True
+
+
+def _kill(proc: psutil.Process) -> None:
+    """SIGTERM, then SIGKILL: only ever called on a process _process() identified as ours."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            proc.send_signal(sig)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            return
+        if _wait_gone(proc, _STOP_TIMEOUT):
+            return
+    log.warning("qemu pid %s survived SIGKILL", proc.pid)
+
+
+def _run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, or in a helper thread when the caller already runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _write_json(path: Path, data: object) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"{path} is unreadable: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BackendError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _read_json_quiet(path: Path) -> dict[str, Any]:
+    try:
+        return _read_json(path)
+    except BackendError:
+        return {}
+
+
+def _read_labels(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+

@@ -1,0 +1,69 @@
+"""The session record: how the controller and its workers find each other's pools.
+
+Workers write the profiles their collected tests need (``demand``); the controller warms
+only those, and publishes each profile's pool id (or the error that prevented it).
+Stored as ``<state_dir>/<session>.session`` beside the pool files, locked like them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import portalocker
+from pydantic import BaseModel, Field, ValidationError
+
+from vmpool.errors import StateError
+
+
+class SessionRecord(BaseModel):
+    session: str
+    #: profile -> the largest number of machines one test asks for
+    demand: dict[str, int] = Field(default_factory=dict)
+    #: profile -> pool id (set by the controller once the pool record exists)
+    pools: dict[str, str] = Field(default_factory=dict)
+    #: profile -> why no pool could be made
+    errors: dict[str, str] = Field(default_factory=dict)
+    #: problems found while collecting (count too large, unknown profile): a usage error
+    usage_errors: list[str] = Field(default_factory=list)
+
+
+class SessionFile:
+    def __init__(self, state_dir: Path, session: str) -> None:
+        self.session = session
+        self.path = Path(state_dir) / f"{session}.session"
+        self.lock_path = Path(state_dir) / f"{session}.session.lock"
+
+    def read(self) -> SessionRecord:
+        try:
+            return SessionRecord.model_validate_json(self.path.read_bytes())
+        except FileNotFoundError:
+            return SessionRecord(session=self.session)
+        except ValidationError as exc:
+            raise StateError(f"{self.path}: corrupt session file: {exc}") from exc
+
+    @contextlib.contextmanager
+    def update(self) -> Iterator[SessionRecord]:
+        with portalocker.Lock(
+            self.lock_path,
+            mode="a",
+            timeout=30,
+            check_interval=0.001,
+            flags=portalocker.LOCK_EX | portalocker.LOCK_NB,
+        ):
+            record = self.read()
+            yield record
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".session.", suffix=".tmp")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(record.model_dump_json())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        for p in (self.path, self.lock_path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
