@@ -393,7 +393,7 @@ class Controller:
         keep = self.keep if keep is None else keep
         wait = self.settings.teardown_timeout if lease_timeout is None else lease_timeout
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
+        while True:
             try:
                 with self.store.transaction() as pool:
                     leases.reclaim(pool, self.policy, is_alive, self.clock())
@@ -407,9 +407,10 @@ class Controller:
                 break
             if not busy:
                 break
-            time.sleep(0.05)
-        else:
-            log.warning("teardown: machines still leased after %.0fs: %s", wait, busy)
+            if time.monotonic() >= deadline:
+                log.warning("teardown: machines still leased after %.0fs: %s", wait, busy)
+                break
+            self._wake.wait(0.05)
 
         self._cancel.set()
         if not keep:

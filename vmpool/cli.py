@@ -1,0 +1,344 @@
+"""`vmpool …`: parses, calls the library, prints. No pool logic of its own.
+
+Exit codes: 0 success; 1 an operation failed (backend error, pool unavailable, some
+machine could not be removed); 2 usage or configuration error; 3 unreadable state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vmpool import config as vmconfig
+from vmpool import reaper
+from vmpool.backends import NAMES, make_backend
+from vmpool.backends.base import LABEL_POOL
+from vmpool.controller import Controller, Progress
+from vmpool.errors import ConfigError, StateError, VmPoolError
+from vmpool.ownership import is_alive, new_session_id
+from vmpool.state import JsonStateDir, MachineState, Pool, default_state_dir
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STATE = 0, 1, 2, 3
+log = logging.getLogger("vmpool")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vmpool",
+        description="A pre-warmed pool of real machines for pytest.",
+        epilog="exit codes: 0 ok, 1 operation failed, 2 usage/config error, 3 unreadable state",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, backend: bool = False) -> None:
+        sp.add_argument("--state-dir", type=Path, help="state directory (default: config, "
+                        "VMPOOL_STATE_DIR, then the user state dir)")
+        sp.add_argument("--config", type=Path, help="pool.toml (default: ./pool.toml or "
+                        "[tool.vmpool] in ./pyproject.toml)")
+        if backend:
+            sp.add_argument("--backend", choices=["auto", *NAMES], help="backend to use")
+        sp.add_argument("--profile", default="default", help="profile from the config")
+
+    st = sub.add_parser("status", help="show pools and their machines")
+    common(st)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+
+    up = sub.add_parser("up", help="warm a pool outside pytest and keep it for sessions to adopt")
+    common(up, backend=True)
+    up.add_argument("--size", type=int, help="machines to warm (default: config, else 1)")
+    up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for ready")
+
+    down = sub.add_parser("down", help="destroy pools (kept or orphaned; --force for live ones)")
+    common(down, backend=True)
+    down.add_argument("--pool", help="only this pool id")
+    down.add_argument("--force", action="store_true",
+                      help="also destroy pools of live sessions and unreadable pool files")
+
+    gc = sub.add_parser("gc", help="reap machines and pools of dead sessions")
+    common(gc, backend=True)
+    gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+
+    cfg = sub.add_parser("config", help="configuration helpers")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    check = cfg_sub.add_parser("check", help="validate a config file")
+    check.add_argument("path", nargs="?", type=Path)
+    cfg_sub.add_parser("schema", help="print the JSON schema of pool.toml")
+
+    img = sub.add_parser("image", help="guest images")
+    img_sub = img.add_subparsers(dest="image_command", required=True)
+    build = img_sub.add_parser("build", help="build the default image for a backend")
+    common(build)
+    build.add_argument("--backend", choices=["qemu", "podman", "docker"], default="qemu")
+    build.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="vmpool: %(levelname)s: %(message)s",
+    )
+    try:
+        return int(_dispatch(args))
+    except ConfigError as exc:
+        print("vmpool: invalid configuration:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
+        return EXIT_USAGE
+    except StateError as exc:
+        print(f"vmpool: {exc}", file=sys.stderr)
+        return EXIT_STATE
+    except VmPoolError as exc:
+        print(f"vmpool: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "config":
+        return _config_cmd(args)
+    if args.command == "image":
+        return _image(args)
+    return {"status": _status, "up": _up, "down": _down, "gc": _gc}[args.command](args)
+
+
+def _load(args: argparse.Namespace) -> vmconfig.Config:
+    path = getattr(args, "config", None) or vmconfig.find_config(Path.cwd())
+    overrides: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    for key, attr in (("state_dir", "state_dir"), ("backend", "backend"), ("size", "size")):
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides[key] = value
+            names[key] = "--" + attr.replace("_", "-")
+    return vmconfig.load(path, overrides=overrides, override_names=names)
+
+
+def _state_dir(cfg: vmconfig.Config) -> JsonStateDir:
+    configured = cfg.default.pool.state_dir
+    return JsonStateDir(Path(configured) if configured else default_state_dir())
+
+
+def _config_cmd(args: argparse.Namespace) -> int:
+    if args.config_command == "schema":
+        print(json.dumps(vmconfig.json_schema(), indent=2, sort_keys=True))
+        return EXIT_OK
+    path = args.path or vmconfig.find_config(Path.cwd())
+    if path is None:
+        print("vmpool: no pool.toml or [tool.vmpool] here; defaults apply", file=sys.stderr)
+        return EXIT_OK
+    cfg = vmconfig.load(path)
+    print(f"{path}: ok ({len(cfg.profiles)} profile(s): {', '.join(cfg.profiles)})")
+    return EXIT_OK
+
+
+def _image(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    profile = cfg.profile(args.profile)
+
+    def progress(msg: str) -> None:
+        print(f"vmpool: {msg}", file=sys.stderr)
+
+    if args.backend == "qemu":
+        from vmpool.backends.qemu_image import build_image
+
+        print(build_image(profile.qemu, force=args.force, progress=progress))
+    else:
+        from vmpool.backends.podman import build_image as build_podman
+
+        settings = profile.podman.model_copy(update={"tool": args.backend})
+        print(build_podman(settings, force=args.force, progress=progress))
+    return EXIT_OK
+
+
+# -- status --------------------------------------------------------------------------------------
+def _status_doc(directory: JsonStateDir) -> dict[str, Any]:
+    pools = []
+    for pool in directory.pools():
+        now = time.time()
+        pools.append(
+            {
+                "id": pool.id,
+                "profile": pool.profile,
+                "backend": pool.backend,
+                "size": pool.size,
+                "session": pool.session,
+                "kept": pool.keep,
+                "owner_alive": bool(pool.owner and is_alive(pool.owner)),
+                "network": pool.network,
+                "stats": pool.stats.model_dump(),
+                "machines": [
+                    {
+                        "name": m.name,
+                        "state": m.state.value,
+                        "holder": (
+                            None
+                            if m.holder is None
+                            else {
+                                "worker": m.holder.worker,
+                                "pid": m.holder.pid,
+                                "host": m.holder.host,
+                                "test": m.holder.test,
+                                "since": m.holder.since,
+                            }
+                        ),
+                        "test": m.holder.test if m.holder else None,
+                        "uses": m.uses,
+                        "age": round(now - m.created_at, 3),
+                        "address": m.address,
+                        "error": m.error,
+                    }
+                    for m in sorted(pool.machines, key=lambda m: m.slot)
+                ],
+            }
+        )
+    return {"pools": pools}
+
+
+def _status(args: argparse.Namespace) -> int:
+    directory = _state_dir(_load(args))
+    while True:
+        doc = _status_doc(directory)
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            if args.watch:
+                print("\033[2J\033[H", end="")
+            _print_status(doc, directory.path)
+        if not args.watch:
+            return EXIT_OK
+        time.sleep(1.0)
+
+
+def _print_status(doc: dict[str, Any], path: Path) -> None:
+    if not doc["pools"]:
+        print(f"no pools in {path}")
+        return
+    for p in doc["pools"]:
+        owner = "kept" if p["kept"] else ("live" if p["owner_alive"] else "orphaned")
+        print(f"pool {p['id']} [{p['profile']}] on {p['backend']}: size {p['size']}, {owner}")
+        print(f"  {'MACHINE':<28} {'STATE':<10} {'HOLDER':<10} {'USES':>4} {'AGE':>7}  TEST")
+        for m in p["machines"]:
+            holder = m["holder"]["worker"] if m["holder"] else "-"
+            print(
+                f"  {m['name']:<28} {m['state']:<10} {holder:<10} {m['uses']:>4} "
+                f"{m['age']:>6.0f}s  {m['test'] or ''}"
+            )
+
+
+# -- up / down / gc ---------------------------------------------------------------------------
+def _up(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    profile = cfg.profile(args.profile)
+    directory = _state_dir(cfg)
+    backend = make_backend(profile.pool.backend, profile, directory.path)
+    size = profile.pool.size or 1
+
+    def progress(e: Progress) -> None:
+        print(f"vmpool: {e.ready}/{e.size} ready on {e.backend} ({e.message})", file=sys.stderr)
+
+    controller = Controller(
+        directory=directory,
+        backend=backend,
+        profile=profile,
+        size=size,
+        session=new_session_id(),
+        keep=True,
+        progress=progress,
+    )
+    controller.start()
+    try:
+        controller.wait_until_ready(size, args.timeout)
+    except BaseException:
+        controller.stop(keep=False, lease_timeout=0)
+        raise
+    controller.stop(keep=True, lease_timeout=0)
+    print(f"pool {controller.pool_id}: {size} machine(s) ready on {backend.name}, kept")
+    return EXIT_OK
+
+
+def _down(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    directory = _state_dir(cfg)
+    status = EXIT_OK
+    ids = [args.pool] if args.pool else directory.pool_ids()
+    for pid in ids:
+        store = directory.store(pid)
+        pool: Pool | None
+        try:
+            pool = store.read()
+        except StateError as exc:
+            if not args.force:
+                raise
+            print(f"vmpool: {exc}; --force: destroying by labels", file=sys.stderr)
+            pool = None
+        if pool is not None and pool.owner and is_alive(pool.owner) and not pool.keep:
+            if not args.force:
+                print(f"vmpool: pool {pid} belongs to a live session (pid {pool.owner.pid}); "
+                      "skipped (use --force)", file=sys.stderr)
+                status = EXIT_FAILED
+                continue
+        backend_name = pool.backend if pool else (args.backend or cfg.default.pool.backend)
+        profile = cfg.profiles.get(pool.profile if pool else "default", cfg.default)
+        backend = make_backend(backend_name, profile, directory.path)
+        names = {m.name for m in pool.machines} if pool else set()
+        for info in backend.list(pid + "-"):
+            if info.labels.get(LABEL_POOL) == pid:
+                names.add(info.name)
+        failed = False
+        for name in sorted(names):
+            try:
+                backend.delete(name)
+                print(f"deleted {name}")
+            except VmPoolError as exc:
+                print(f"vmpool: could not delete {name}: {exc}", file=sys.stderr)
+                failed = True
+        network = pool.network if pool else None
+        if network:
+            with contextlib.suppress(VmPoolError):
+                backend.delete_network(network)
+        if failed:
+            status = EXIT_FAILED
+            continue
+        if pool is None:
+            with contextlib.suppress(FileNotFoundError):
+                store.path.unlink()
+        else:
+            store.remove()
+        print(f"pool {pid} destroyed")
+    return status
+
+
+def _gc(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    profile = cfg.profile(args.profile)
+    directory = _state_dir(cfg)
+    backend = make_backend(profile.pool.backend, profile, directory.path)
+    report = reaper.reap(directory, backend, profile.pool.name_prefix, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for name in report.machines_deleted:
+        print(f"{verb} machine {name}")
+    for name in report.networks_deleted:
+        print(f"{verb} network {name}")
+    for pid in report.pools_removed:
+        print(f"{verb} pool record {pid}")
+    for name in report.spared:
+        print(f"spared {name} (its session is alive or kept)")
+    for name in report.unknown:
+        print(f"left {name} alone (no owner information)")
+    for err in report.errors:
+        print(f"vmpool: {err}", file=sys.stderr)
+    return EXIT_FAILED if report.errors else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
