@@ -39,27 +39,45 @@ pytest_plugins = ["conftest_plugin.fixtures"]
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("vmpool", "vmpool: a pre-warmed pool of real machines")
     group.addoption(
-        "--vm-pool-size", dest="vm_pool_size", default=None, metavar="N",
+        "--vm-pool-size",
+        dest="vm_pool_size",
+        default=None,
+        metavar="N",
         help="machines to keep warm (default: xdist worker count, 1 without xdist)",
     )
     group.addoption(
-        "--vm-backend", dest="vm_backend", default=None, metavar="NAME",
+        "--vm-backend",
+        dest="vm_backend",
+        default=None,
+        metavar="NAME",
         help="auto, sim, podman, docker, qemu or orbstack (default: auto)",
     )
     group.addoption(
-        "--vm-pool-config", dest="vm_pool_config", default=None, metavar="PATH",
+        "--vm-pool-config",
+        dest="vm_pool_config",
+        default=None,
+        metavar="PATH",
         help="pool.toml (default: pool.toml in the rootdir, else [tool.vmpool])",
     )
     group.addoption(
-        "--vm-state-dir", dest="vm_state_dir", default=None, metavar="DIR",
+        "--vm-state-dir",
+        dest="vm_state_dir",
+        default=None,
+        metavar="DIR",
         help="where pool state lives (default: the user state directory)",
     )
     group.addoption(
-        "--vm-pool-keep", dest="vm_pool_keep", action="store_true", default=None,
+        "--vm-pool-keep",
+        dest="vm_pool_keep",
+        action="store_true",
+        default=None,
         help="keep the pool idle after the session for the next one to adopt",
     )
     group.addoption(
-        "--vm-checkout-timeout", dest="vm_checkout_timeout", default=None, metavar="SECONDS",
+        "--vm-checkout-timeout",
+        dest="vm_checkout_timeout",
+        default=None,
+        metavar="SECONDS",
         help="seconds a test waits for a free machine",
     )
     for dest, (_key, _flag, ini) in _OPTIONS.items():
@@ -79,21 +97,24 @@ def pytest_configure(config: pytest.Config) -> None:
     if workerinput is not None and "vmpool" in workerinput:
         settings = Settings.from_workerinput(workerinput["vmpool"])
         cfg = _load(config, settings.config_path, settings.overrides)
-        worker = WorkerRole(cfg, settings, str(workerinput.get("workerid", "gw?")))
-        config.pluginmanager.register(VmPoolSession(config, cfg, settings, None, worker), PLUGIN_NAME)
+        role = WorkerRole(cfg, settings, str(workerinput.get("workerid", "gw?")))
+        config.pluginmanager.register(
+            VmPoolSession(config, cfg, settings, None, role), PLUGIN_NAME
+        )
         return
     path = _config_path(config)
     overrides = _overrides(config)
     cfg = _load(config, str(path) if path else None, overrides)
-    keep = bool(config.getoption("vm_pool_keep") or _ini(config, "vm_pool_keep") or
-                cfg.default.pool.keep)
+    keep = bool(
+        config.getoption("vm_pool_keep") or _ini(config, "vm_pool_keep") or cfg.default.pool.keep
+    )
     settings = new_settings(cfg, path, overrides, _default_size(config), keep)
     try:
         controller = ControllerRole(cfg, settings)
     except StateError as exc:
         raise pytest.UsageError(f"vmpool: {exc}") from None
     distributed = _xdist_workers(config) > 0
-    worker = None if distributed else WorkerRole(cfg, settings, "main")
+    worker: WorkerRole | None = None if distributed else WorkerRole(cfg, settings, "main")
     config.pluginmanager.register(
         VmPoolSession(config, cfg, settings, controller, worker), PLUGIN_NAME
     )
@@ -107,8 +128,10 @@ def _ini(config: pytest.Config, name: str) -> Any:
 
 
 def _config_path(config: pytest.Config) -> Path | None:
-    given = config.getoption("vm_pool_config") or _ini(config, "vm_pool_config") or os.environ.get(
-        "VMPOOL_CONFIG"
+    given = (
+        config.getoption("vm_pool_config")
+        or _ini(config, "vm_pool_config")
+        or os.environ.get("VMPOOL_CONFIG")
     )
     if given:
         path = Path(given)
@@ -140,7 +163,9 @@ def _load(config: pytest.Config, path: str | None, overrides: dict[str, Any]) ->
             Path(path) if path else None, overrides=overrides, override_names=_OVERRIDE_NAMES
         )
     except ConfigError as exc:
-        raise pytest.UsageError("vmpool: invalid configuration:\n  " + "\n  ".join(exc.problems))
+        raise pytest.UsageError(
+            "vmpool: invalid configuration:\n  " + "\n  ".join(exc.problems)
+        ) from None
 
 
 def _xdist_workers(config: pytest.Config) -> int:
@@ -303,7 +328,7 @@ def _needs(
         if not any(f in fixturenames for f in POOL_FIXTURES):
             continue
         try:
-            count, fresh, profile = mark_args(item)
+            count, _fresh, profile = mark_args(item)
         except ValueError as exc:
             problems.append(f"{item.nodeid}: {exc}")
             continue
@@ -320,7 +345,9 @@ def _needs(
             )
             continue
         if "pool_vm" in fixturenames and count != 1:
-            problems.append(f"{item.nodeid}: pool_vm gives one machine; use pool_vms for count={count}")
+            problems.append(
+                f"{item.nodeid}: pool_vm gives one machine; use pool_vms for count={count}"
+            )
             continue
         needs[profile] = max(needs.get(profile, 0), count)
     return needs, problems

@@ -120,9 +120,7 @@ class ControllerRole:
             profile = self.cfg.profile(name)
             backend = make_backend(profile.pool.backend, profile, self.directory.path)
             with contextlib.suppress(VmPoolError):
-                self.reaped.append(
-                    reaper.reap(self.directory, backend, profile.pool.name_prefix)
-                )
+                self.reaped.append(reaper.reap(self.directory, backend, profile.pool.name_prefix))
             controller = Controller(
                 directory=self.directory,
                 backend=backend,

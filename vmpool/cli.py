@@ -23,7 +23,7 @@ from vmpool.backends.base import LABEL_POOL
 from vmpool.controller import Controller, Progress
 from vmpool.errors import ConfigError, StateError, VmPoolError
 from vmpool.ownership import is_alive, new_session_id
-from vmpool.state import JsonStateDir, MachineState, Pool, default_state_dir
+from vmpool.state import JsonStateDir, Pool, default_state_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STATE = 0, 1, 2, 3
 log = logging.getLogger("vmpool")
@@ -39,10 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser, backend: bool = False) -> None:
-        sp.add_argument("--state-dir", type=Path, help="state directory (default: config, "
-                        "VMPOOL_STATE_DIR, then the user state dir)")
-        sp.add_argument("--config", type=Path, help="pool.toml (default: ./pool.toml or "
-                        "[tool.vmpool] in ./pyproject.toml)")
+        sp.add_argument(
+            "--state-dir",
+            type=Path,
+            help="state directory (default: config, VMPOOL_STATE_DIR, then the user state dir)",
+        )
+        sp.add_argument(
+            "--config",
+            type=Path,
+            help="pool.toml (default: ./pool.toml or [tool.vmpool] in ./pyproject.toml)",
+        )
         if backend:
             sp.add_argument("--backend", choices=["auto", *NAMES], help="backend to use")
         sp.add_argument("--profile", default="default", help="profile from the config")
@@ -60,8 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="destroy pools (kept or orphaned; --force for live ones)")
     common(down, backend=True)
     down.add_argument("--pool", help="only this pool id")
-    down.add_argument("--force", action="store_true",
-                      help="also destroy pools of live sessions and unreadable pool files")
+    down.add_argument(
+        "--force",
+        action="store_true",
+        help="also destroy pools of live sessions and unreadable pool files",
+    )
 
     gc = sub.add_parser("gc", help="reap machines and pools of dead sessions")
     common(gc, backend=True)
@@ -281,12 +290,14 @@ def _down(args: argparse.Namespace) -> int:
                 raise
             print(f"vmpool: {exc}; --force: destroying by labels", file=sys.stderr)
             pool = None
-        if pool is not None and pool.owner and is_alive(pool.owner) and not pool.keep:
-            if not args.force:
-                print(f"vmpool: pool {pid} belongs to a live session (pid {pool.owner.pid}); "
-                      "skipped (use --force)", file=sys.stderr)
-                status = EXIT_FAILED
-                continue
+        live = pool is not None and pool.owner and is_alive(pool.owner) and not pool.keep
+        if live and not args.force:
+            print(
+                f"vmpool: pool {pid} belongs to a live session; skipped (use --force)",
+                file=sys.stderr,
+            )
+            status = EXIT_FAILED
+            continue
         backend_name = pool.backend if pool else (args.backend or cfg.default.pool.backend)
         profile = cfg.profiles.get(pool.profile if pool else "default", cfg.default)
         backend = make_backend(backend_name, profile, directory.path)

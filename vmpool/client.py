@@ -129,9 +129,7 @@ class PoolClient:
                     if name in bad:
                         leases.mark_unhealthy(pool, name, bad[name], now)
                     else:
-                        leases.checkin(
-                            pool, [name], holder, self.policy, failed=False, now=now
-                        )
+                        leases.checkin(pool, [name], holder, self.policy, failed=False, now=now)
             log.warning("pre-ping failed for %s; replacing and asking again", sorted(bad))
             front = True
 
@@ -232,9 +230,7 @@ class PoolClient:
                 log.warning("reset of %s failed, it will be replaced: %s", name, exc)
             try:
                 with self.store.transaction() as pool:
-                    leases.finish_reset(
-                        pool, name, ok=error is None, error=error, now=self.clock()
-                    )
+                    leases.finish_reset(pool, name, ok=error is None, error=error, now=self.clock())
             except StateError:
                 log.warning("pool gone while resetting %s", name)
         return actions
@@ -245,4 +241,3 @@ def _address(pool: Pool | None, name: str) -> str | None:
         return None
     m = pool.find(name)
     return m.address if m else None
-

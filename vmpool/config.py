@@ -33,14 +33,17 @@ class PoolSettings(_Strict):
     """Keys of the ``[pool]`` table (and of each ``[profiles.NAME]`` table)."""
 
     size: int | None = Field(
-        None, ge=1, le=256,
+        None,
+        ge=1,
+        le=256,
         description="Machines to keep warm. Default: the xdist worker count, 1 without xdist.",
     )
     backend: BackendName = Field(
         "auto", description="auto tries orbstack, podman, docker, then qemu; first usable wins."
     )
     name_prefix: str = Field(
-        "vmpool", pattern=NAME_PART,
+        "vmpool",
+        pattern=NAME_PART,
         description="Machines are named <prefix>-<session>-[<profile>-]<n>.",
     )
     state_dir: Path | None = Field(
@@ -59,10 +62,10 @@ class PoolSettings(_Strict):
     max_age: float | None = Field(
         None, gt=0, description="Replace a machine older than this many seconds (unset: no limit)."
     )
-    pre_ping: bool = Field(True, description="Probe a machine at check-out; replace it if unhealthy.")
-    warmup_parallelism: int = Field(
-        4, ge=1, le=64, description="Machines created/started at once."
+    pre_ping: bool = Field(
+        True, description="Probe a machine at check-out; replace it if unhealthy."
     )
+    warmup_parallelism: int = Field(4, ge=1, le=64, description="Machines created/started at once.")
     retries: int = Field(2, ge=0, le=20, description="Extra attempts for a machine that fails.")
     backoff: float = Field(
         0.5, ge=0, description="First retry delay in seconds; doubles each time, with jitter."
@@ -85,7 +88,9 @@ class PoolSettings(_Strict):
 class SimSettings(_Strict):
     """``[sim]``: the simulated backend (test double and benchmark baseline)."""
 
-    root: Path | None = Field(None, description="Where sim machines live. Default: <state_dir>/sim.")
+    root: Path | None = Field(
+        None, description="Where sim machines live. Default: <state_dir>/sim."
+    )
     create_latency: float = Field(0.0, ge=0, description="Seconds a create takes.")
     start_latency: float = Field(0.0, ge=0, description="Seconds a start takes.")
     ready_latency: float = Field(0.0, ge=0, description="Seconds from start until ready.")
@@ -93,7 +98,8 @@ class SimSettings(_Strict):
     delete_latency: float = Field(0.0, ge=0, description="Seconds a delete takes.")
     exec_latency: float = Field(0.0, ge=0, description="Seconds an exec takes.")
     fail_create: list[int] = Field(
-        default_factory=list, description="Fail the k-th create (1-based, counted across processes)."
+        default_factory=list,
+        description="Fail the k-th create (1-based, counted across processes).",
     )
     fail_every_create: bool = Field(False, description="Every create fails.")
     hang_on_start: bool = Field(False, description="start() never becomes ready.")
@@ -133,7 +139,9 @@ class QemuSettings(_Strict):
         None, description="Where `vmpool image build` puts the guest image (default: user cache)."
     )
     kernel: Path | None = Field(None, description="Your own kernel (default: the built image's).")
-    initrd: Path | None = Field(None, description="Your own initramfs (default: the built image's).")
+    initrd: Path | None = Field(
+        None, description="Your own initramfs (default: the built image's)."
+    )
     disk: Path | None = Field(
         None, description="Base disk (qcow2/raw); each machine boots a qcow2 overlay of it."
     )

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmpool import leases
-from vmpool.backends.base import Backend, MachineSpec
+from vmpool.backends.base import LABEL_POOL, Backend, MachineSpec
 from vmpool.config import Profile
 from vmpool.errors import PoolUnavailable, ReadyTimeout, StateError, VmPoolError
 from vmpool.ownership import (
@@ -30,7 +30,6 @@ from vmpool.ownership import (
     pool_id,
 )
 from vmpool.state import JsonStateDir, MachineState, Pool
-from vmpool.backends.base import LABEL_POOL
 
 log = logging.getLogger(__name__)
 
@@ -326,8 +325,9 @@ class Controller:
         if broken:
             log.warning("machine %s is broken after %d attempts: %s", name, attempt, exc)
         else:
-            log.warning("creating %s failed (attempt %d), retrying in %.1fs: %s",
-                        name, attempt, delay, exc)
+            log.warning(
+                "creating %s failed (attempt %d), retrying in %.1fs: %s", name, attempt, delay, exc
+            )
         self._report(snap, f"{name} failed: {exc}")
 
     def _discard(self, name: str, *, keep_record: bool = False) -> None:

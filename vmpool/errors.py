@@ -31,7 +31,7 @@ class BackendUnavailable(BackendError):
 
 
 class ReadyTimeout(BackendError):
-    """A machine did not become ready before its deadline; the message holds the last probe error."""
+    """A machine was not ready by its deadline; the message holds the last probe error."""
 
 
 class ExecTimeout(BackendError):

@@ -264,8 +264,7 @@ def reclaim(pool: Pool, policy: Policy, alive: Alive, now: float) -> list[str]:
             pool.stats.reclaimed += 1
             out.append(m.name)
         elif (
-            m.state
-            in (MachineState.CREATING, MachineState.STARTING, MachineState.RESETTING)
+            m.state in (MachineState.CREATING, MachineState.STARTING, MachineState.RESETTING)
             and m.actor is not None
             and not alive(m.actor)
         ):
@@ -280,7 +279,8 @@ def reclaim(pool: Pool, policy: Policy, alive: Alive, now: float) -> list[str]:
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     """Exponential backoff with jitter: base * 2**(attempt-1), capped, times U(0.5, 1)."""
-    return min(cap, base * (2 ** max(attempt - 1, 0))) * rng.uniform(0.5, 1.0)
+    delay: float = min(cap, base * (2 ** max(attempt - 1, 0))) * rng.uniform(0.5, 1.0)
+    return delay
 
 
 def plan(
@@ -405,9 +405,11 @@ def record_deleted(pool: Pool, name: str, *, replaced: bool) -> None:
 
 
 def all_broken(pool: Pool) -> bool:
-    return pool.size > 0 and sum(
-        1 for m in pool.machines if m.state is MachineState.BROKEN and m.slot < pool.size
-    ) >= pool.size
+    return (
+        pool.size > 0
+        and sum(1 for m in pool.machines if m.state is MachineState.BROKEN and m.slot < pool.size)
+        >= pool.size
+    )
 
 
 def counts(pool: Pool) -> dict[str, int]:

@@ -260,8 +260,9 @@ def test_list_finds_machines_by_prefix_with_labels(
 
 # -- networks ---------------------------------------------------------------------------------
 def test_machines_on_one_network_reach_each_other(
-    backend: PodmanBackend, make_machine: Callable[..., str], network: str
+    backend: PodmanBackend, network: str, make_machine: Callable[..., str]
 ) -> None:
+    # `network` before `make_machine`: fixtures tear down in reverse, machines first
     server = make_machine(network=network)
     client = make_machine(network=network)
     serve = "mkdir -p /www && echo hello-from-a > /www/f && httpd -p 8080 -h /www"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -109,7 +110,7 @@ class Backend(Protocol):
     def delete(self, name: str) -> None:
         """Destroy the machine and everything it owns; a missing machine is success."""
 
-    def list(self, prefix: str) -> list[MachineInfo]:
+    def list(self, prefix: str) -> builtins.list[MachineInfo]:
         """Machines whose name starts with ``prefix`` (with their labels where supported)."""
 
     def address(self, name: str) -> str | None:
@@ -121,7 +122,7 @@ class Backend(Protocol):
     def delete_network(self, name: str) -> None:
         """Remove the network; a missing network is success."""
 
-    def list_networks(self, prefix: str) -> list[MachineInfo]:
+    def list_networks(self, prefix: str) -> builtins.list[MachineInfo]:
         """Networks whose name starts with ``prefix``, with labels where supported."""
 
 

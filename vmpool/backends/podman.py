@@ -181,7 +181,7 @@ class PodmanBackend:
         if not argv:
             raise ValueError("exec needs a command")
         result = self._run("exec", name, *argv, timeout=timeout)
-        if self._is_tool_error(result):
+        if self._is_tool_error(name, result):
             raise BackendError(
                 f"{self._tool} exec in {name} failed: {result.stderr.strip()[-2000:]}"
             )
@@ -392,14 +392,20 @@ class PodmanBackend:
             options += ["--cpus", f"{s.cpus:g}"]
         return options + list(s.extra_args)
 
-    def _is_tool_error(self, result: _proc.ProcResult) -> bool:
-        """Did the tool fail (rather than the command in the container)?"""
-        err = result.stderr.lstrip()
+    def _is_tool_error(self, name: str, result: _proc.ProcResult) -> bool:
+        """Did the tool fail (no such container, not running) rather than the command in it?"""
+        lines = result.stderr.strip().splitlines()
+        last = lines[-1] if lines else ""
         if self._tool == "podman":
-            return result.returncode == 125 and "Error: " in err
-        return result.returncode != 0 and (
-            err.startswith("Error response from daemon:") or err.startswith("Error: No such")
-        )
+            # podman 4.3 exits 125 or 255 on its own errors; a command may exit so too, so ask
+            if result.returncode not in (125, 255) or not last.startswith("Error: "):
+                return False
+        elif result.returncode == 0 or not (
+            last.startswith("Error response from daemon:") or last.startswith("Error: No such")
+        ):
+            return False
+        info = self._inspect(name)
+        return info is None or not ((info.get("State") or {}).get("Running"))
 
     def _raise_if_exited(self, name: str) -> None:
         """Stop waiting for a container that has already exited (it will never answer)."""

@@ -215,7 +215,7 @@ class QemuBackend:
         run_dir = self._existing(name)
         record = self._record(run_dir)
         deadline = time.monotonic() + timeout
-        with self._lock(name):
+        with self._exclusive(name, deadline):
             try:
                 with _Agent.open(_qga_sock(record), deadline) as agent:
                     agent.sync(deadline)
@@ -229,13 +229,14 @@ class QemuBackend:
     def snapshot(self, name: str) -> None:
         """``savevm`` the running machine under the tag reset() loads."""
         run_dir = self._existing(name)
-        self._hmp(run_dir, f"savevm {SNAPSHOT_TAG}", _SNAPSHOT_TIMEOUT)
+        with self._exclusive(name, time.monotonic() + _SNAPSHOT_TIMEOUT):
+            self._hmp(run_dir, f"savevm {SNAPSHOT_TAG}", _SNAPSHOT_TIMEOUT)
 
     def reset(self, name: str) -> None:
         """``loadvm`` the ready snapshot, then resynchronise the guest agent."""
         run_dir = self._existing(name)
         record = self._record(run_dir)
-        with self._lock(name):
+        with self._exclusive(name, time.monotonic() + _SNAPSHOT_TIMEOUT):
             self._hmp(run_dir, f"loadvm {SNAPSHOT_TAG}", _SNAPSHOT_TIMEOUT)
             self._wait_agent(
                 run_dir, record, _RESYNC_TIMEOUT, what=f"qemu machine {name} after reset",
@@ -434,9 +435,17 @@ class QemuBackend:
         except TypeError as exc:
             raise BackendError(f"{run_dir / _RECORD} is unreadable: {exc}") from exc
 
-    def _lock(self, name: str) -> threading.Lock:
+    @contextlib.contextmanager
+    def _exclusive(self, name: str, deadline: float) -> Iterator[None]:
+        """One agent/monitor conversation per machine at a time within this process."""
         with self._locks_guard:
-            return self._locks.setdefault(name, threading.Lock())
+            lock = self._locks.setdefault(name, threading.Lock())
+        if not lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            raise ExecTimeout(f"qemu machine {name} stayed busy with another command")
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _argv(self, run_dir: Path, record: _Record, accel: Accel) -> builtins.list[str]:
         s = self.settings

@@ -7,6 +7,7 @@ faults are configurable; the k-th create is counted across processes under a loc
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import json
@@ -161,7 +162,7 @@ class SimBackend:
             return
         shutil.rmtree(tomb, ignore_errors=True)
 
-    def list(self, prefix: str) -> list[MachineInfo]:
+    def list(self, prefix: str) -> builtins.list[MachineInfo]:
         out = []
         base = self.root / "machines"
         if not base.is_dir():
@@ -195,7 +196,7 @@ class SimBackend:
         with contextlib.suppress(FileNotFoundError):
             (self.root / "networks" / f"{validate_name(name)}.json").unlink()
 
-    def list_networks(self, prefix: str) -> list[MachineInfo]:
+    def list_networks(self, prefix: str) -> builtins.list[MachineInfo]:
         d = self.root / "networks"
         if not d.is_dir():
             return []
