@@ -223,14 +223,23 @@ class PoolClient:
             if action != "reset":
                 continue
             error = None
+            address = None
             try:
                 self.backend.reset(name)
+                address = self.backend.address(name)
             except VmPoolError as exc:
                 error = str(exc)
                 log.warning("reset of %s failed, it will be replaced: %s", name, exc)
             try:
                 with self.store.transaction() as pool:
-                    leases.finish_reset(pool, name, ok=error is None, error=error, now=self.clock())
+                    leases.finish_reset(
+                        pool,
+                        name,
+                        ok=error is None,
+                        error=error,
+                        now=self.clock(),
+                        address=address,
+                    )
             except StateError:
                 log.warning("pool gone while resetting %s", name)
         return actions

@@ -341,12 +341,16 @@ class Controller:
 
     def _reset(self, name: str) -> None:
         error = None
+        address = None
         try:
             self.backend.reset(name)
+            address = self.backend.address(name)
         except VmPoolError as exc:
             error = str(exc)
         with self.store.transaction() as pool:
-            leases.finish_reset(pool, name, ok=error is None, error=error, now=self.clock())
+            leases.finish_reset(
+                pool, name, ok=error is None, error=error, now=self.clock(), address=address
+            )
 
     def _delete(self, name: str, *, replaced: bool) -> None:
         try:

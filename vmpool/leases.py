@@ -116,6 +116,15 @@ def cancel(pool: Pool, request_id: str) -> list[str]:
     return []
 
 
+def _ungrant(pool: Pool, m: Machine) -> None:
+    """Undo a grant that was never used by a test: the machine is as it was before."""
+    m.holder = None
+    m.state = MachineState.READY
+    m.uses -= 1
+    m.uses_since_reset -= 1
+    pool.stats.checkouts -= 1
+
+
 def drop_dead_waiters(pool: Pool, alive: Alive) -> int:
     """Requests whose process died leave the line; their grants go back to the pool."""
     dead = [r for r in pool.queue if not alive(r.holder)]
@@ -124,12 +133,23 @@ def drop_dead_waiters(pool: Pool, alive: Alive) -> int:
         for name in req.granted:
             m = pool.find(name)
             if m is not None and m.holder is not None and m.holder.request == req.id:
-                # never handed to a test: undo the grant
-                m.holder = None
-                m.state = MachineState.READY
-                m.uses -= 1
-                m.uses_since_reset -= 1
+                _ungrant(pool, m)
     return len(dead)
+
+
+def return_unused(pool: Pool, names: list[str], holder: ProcessRef) -> None:
+    """Give back machines granted to ``holder`` that no test has used (e.g. the healthy part
+    of a check-out whose pre-ping failed): they are ready again, not reset or replaced."""
+    for name in names:
+        m = pool.find(name)
+        if (
+            m is not None
+            and m.state is MachineState.LEASED
+            and m.holder is not None
+            and (m.holder.pid, m.holder.pid_start, m.holder.host)
+            == (holder.pid, holder.pid_start, holder.host)
+        ):
+            _ungrant(pool, m)
 
 
 def timeout_error(pool: Pool, waited: float, count: int, now: float) -> CheckoutTimeout:
@@ -219,8 +239,17 @@ def checkin(
     return out
 
 
-def finish_reset(pool: Pool, name: str, *, ok: bool, error: str | None, now: float) -> None:
-    """Record the outcome of a reset; a failed one becomes a replacement."""
+def finish_reset(
+    pool: Pool,
+    name: str,
+    *,
+    ok: bool,
+    error: str | None,
+    now: float,
+    address: str | None = None,
+) -> None:
+    """Record the outcome of a reset (and the address, which a reset may change); a failed
+    one becomes a replacement."""
     m = pool.find(name)
     if m is None or m.state is not MachineState.RESETTING:
         return
@@ -229,6 +258,8 @@ def finish_reset(pool: Pool, name: str, *, ok: bool, error: str | None, now: flo
         m.state = MachineState.READY
         m.uses_since_reset = 0
         m.error = None
+        if address is not None:
+            m.address = address
         pool.stats.reset += 1
     else:
         m.state = MachineState.REPLACING

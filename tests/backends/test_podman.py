@@ -175,8 +175,10 @@ def test_exec_nonzero_exit_is_a_result_not_an_error(backend: PodmanBackend, mach
 
 def test_exec_timeout_raises_exec_timeout(backend: PodmanBackend, machine: str) -> None:
     with pytest.raises(ExecTimeout):
-        backend.exec(machine, ["sleep", "30"], timeout=1)
-    assert backend.exec(machine, ["true"], timeout=10).ok
+        backend.exec(machine, ["sleep", "31"], timeout=1)
+    processes = backend.exec(machine, ["ps", "-o", "args"], timeout=10)
+    assert processes.ok
+    assert "sleep 31" not in processes.stdout  # the command was stopped, not left running
 
 
 def test_exec_in_a_missing_machine_raises_backend_error(backend: PodmanBackend) -> None:

@@ -252,6 +252,17 @@ def test_reset_discards_files_written_after_snapshot(backend: QemuBackend, pair:
 
 @qemu
 @needs_qemu
+def test_reset_without_snapshot_fails_and_leaves_the_machine_running(
+    backend: QemuBackend, pair: Pair
+) -> None:
+    # no test in this module snapshots machine a
+    with pytest.raises(BackendError, match="does not exist"):
+        backend.reset(pair.a)
+    assert backend.exec(pair.a, ["true"], 30).ok
+
+
+@qemu
+@needs_qemu
 def test_list_finds_machines_with_their_labels(backend: QemuBackend, pair: Pair) -> None:
     prefix = pair.a.rsplit("-", 1)[0]
     listed = {m.name: m for m in backend.list(prefix)}

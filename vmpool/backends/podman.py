@@ -21,6 +21,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from vmpool.backends.base import (
     validate_name,
 )
 from vmpool.config import PodmanSettings
-from vmpool.errors import BackendError, BackendUnavailable, VmPoolError
+from vmpool.errors import BackendError, BackendUnavailable, ExecTimeout, VmPoolError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ _ESSENTIAL_APPLETS = (
 )
 _PREFIX_RE = re.compile(r"^[a-z0-9-]*$")
 _CACHE_FILE = "runtime.json"
+#: Set on every exec so the processes of a timed-out one can be found and killed.
+_EXEC_ENV = "VMPOOL_EXEC_ID"
 # aliases: inside PodmanBackend the name `list` is the protocol's method, not the builtin
 _MachineInfos = list[MachineInfo]
 _Argv = list[str]
@@ -180,7 +183,14 @@ class PodmanBackend:
         validate_name(name)
         if not argv:
             raise ValueError("exec needs a command")
-        result = self._run("exec", name, *argv, timeout=timeout)
+        token = uuid.uuid4().hex
+        try:
+            result = self._run("exec", "--env", f"{_EXEC_ENV}={token}", name, *argv,
+                               timeout=timeout)
+        except ExecTimeout:
+            # killing the client leaves the command running in the container; end it too
+            self._kill_exec(name, token)
+            raise
         if self._is_tool_error(name, result):
             raise BackendError(
                 f"{self._tool} exec in {name} failed: {result.stderr.strip()[-2000:]}"
@@ -206,6 +216,10 @@ class PodmanBackend:
         """Replace the container by a fresh one from its warm image (same name and options)."""
         validate_name(name)
         record = self._load_record(name)
+        if record is None and _image_exists(self.settings, warm_image_name(name), what="reset"):
+            # the record is lost but the warm image is there: rebuild the recipe from the tool
+            record = self._record_from_inspect(name)
+            record.warm_image = warm_image_name(name)
         if record is None or not record.warm_image:
             raise BackendError(f"reset {name}: no snapshot recorded; snapshot() it first")
         self._remove_container(name)
@@ -406,6 +420,21 @@ class PodmanBackend:
             return False
         info = self._inspect(name)
         return info is None or not ((info.get("State") or {}).get("Running"))
+
+    def _kill_exec(self, name: str, token: str) -> None:
+        """Best effort: SIGKILL the processes of a timed-out exec (found by its env token)."""
+        script = (
+            "for d in /proc/[0-9]*; do "
+            f'grep -qs "{_EXEC_ENV}={token}" "$d/environ" && kill -9 "${{d#/proc/}}"; '
+            "done; true"
+        )
+        try:
+            result = self._run("exec", name, "sh", "-c", script, timeout=10)
+        except VmPoolError as exc:
+            log.warning("could not stop timed-out command in %s: %s", name, exc)
+            return
+        if result.returncode != 0:
+            log.warning("could not stop timed-out command in %s: %s", name, result.stderr.strip())
 
     def _raise_if_exited(self, name: str) -> None:
         """Stop waiting for a container that has already exited (it will never answer)."""

@@ -1,0 +1,413 @@
+"""The controller on the sim backend: warm-up, retries, teardown, adoption, reclaim, check-out."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmpool.backends.base import MachineSpec
+from vmpool.backends.sim import SimBackend
+from vmpool.client import PoolClient
+from vmpool.config import Profile, SimSettings
+from vmpool.controller import Controller, policy_for
+from vmpool.errors import CheckoutTimeout, PoolUnavailable
+from vmpool.state import JsonStateDir, MachineState, Pool
+
+
+class RecordingSim(SimBackend):
+    """The sim backend, counting how many creates run at once and when each began."""
+
+    def __init__(self, settings: SimSettings, state_dir: Path) -> None:
+        super().__init__(settings, state_dir)
+        self._lock = threading.Lock()
+        self.active = 0
+        self.max_active = 0
+        self.create_times: list[float] = []
+
+    def create(self, spec: MachineSpec) -> None:
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self.create_times.append(time.monotonic())
+        try:
+            super().create(spec)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+class FixedJitter:
+    """An rng whose jitter is always 1.0, so a backoff delay is exactly base * 2**(n-1)."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+Factory = Callable[..., tuple[Controller, RecordingSim]]
+
+
+@pytest.fixture
+def start_pool(state_dir: JsonStateDir, make_profile: Callable[..., Profile]) -> Iterator[Factory]:
+    """``start_pool(size, sim={...}, **pool_keys)``: a started controller and its backend."""
+    made: list[Controller] = []
+
+    def start(
+        size: int, *, sim: dict[str, Any] | None = None, session: str = "s1",
+        rng: Any = None, **pool: Any
+    ) -> tuple[Controller, RecordingSim]:
+        pool.setdefault("backoff", 0.0)
+        profile = make_profile(sim=sim, **pool)
+        backend = RecordingSim(profile.sim, state_dir.path)
+        controller = Controller(
+            directory=state_dir, backend=backend, profile=profile, size=size, session=session,
+            rng=rng,
+        )
+        controller.start()
+        made.append(controller)
+        return controller, backend
+
+    yield start
+    for controller in made:
+        if not controller._stop.is_set():
+            controller.stop(lease_timeout=0)
+
+
+def client_for(controller: Controller, **kw: Any) -> PoolClient:
+    return PoolClient(
+        controller.store,
+        controller.backend,
+        policy_for(controller.profile, controller.backend),
+        **kw,
+    )
+
+
+def creates(backend: SimBackend) -> int:
+    """Creates so far, counted by the sim across processes."""
+    counter = backend.root / "creates"
+    return int(counter.read_text()) if counter.exists() else 0
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.01)
+
+
+def ready_names(pool: Pool) -> list[str]:
+    return sorted(m.name for m in pool.machines if m.state is MachineState.READY)
+
+
+# -- warm-up ----------------------------------------------------------------------------------
+def test_warmup_runs_creates_in_parallel_up_to_warmup_parallelism(start_pool: Factory) -> None:
+    controller, backend = start_pool(6, warmup_parallelism=3, sim={"create_latency": 0.15})
+    started = time.monotonic()
+    pool = controller.wait_until_ready(6, 10)
+    elapsed = time.monotonic() - started
+    assert backend.max_active == 3
+    assert elapsed < 6 * 0.15  # not one at a time
+    assert len(ready_names(pool)) == 6
+    assert len(backend.list("vmpool-")) == 6
+
+
+def test_ready_machines_get_an_address_on_the_pools_network(start_pool: Factory) -> None:
+    controller, backend = start_pool(2)
+    pool = controller.wait_until_ready(2, 10)
+    assert pool.network == f"{pool.id}-net"
+    assert [n.name for n in backend.list_networks("vmpool-")] == [pool.network]
+    assert all(m.address and m.address.startswith("10.99.") for m in pool.machines)
+
+
+def test_failed_create_is_retried_after_a_backoff_then_succeeds(start_pool: Factory) -> None:
+    controller, backend = start_pool(1, sim={"fail_create": [1]}, backoff=0.2, rng=FixedJitter())
+    pool = controller.wait_until_ready(1, 10)
+    first, second = backend.create_times
+    assert second - first >= 0.2
+    assert (pool.stats.create_failures, pool.stats.created, pool.stats.broken) == (1, 1, 0)
+    assert pool.failures == {}
+
+
+def test_machine_that_keeps_failing_is_broken_and_the_pool_degraded(start_pool: Factory) -> None:
+    controller, backend = start_pool(
+        2, warmup_parallelism=1, retries=2, sim={"fail_create": [1, 2, 3]}
+    )
+    pool = wait_for(lambda: (p := controller.snapshot()) and len(ready_names(p)) == 1
+                    and p.stats.broken == 1 and p)
+    broken = [m for m in pool.machines if m.state is MachineState.BROKEN]
+    assert [m.slot for m in broken] == [0]
+    assert "injected failure of create #3" in (broken[0].error or "")
+    assert pool.failures[0].attempts == 3
+    client = client_for(controller)
+    lease = client.checkout(1, timeout=5)
+    assert lease.names == ready_names(pool)
+    client.checkin(lease)
+
+
+def test_degraded_pool_times_out_a_request_it_cannot_serve(start_pool: Factory) -> None:
+    controller, _ = start_pool(2, warmup_parallelism=1, retries=0, sim={"fail_create": [1]})
+    wait_for(lambda: controller.snapshot().stats.broken == 1 and controller.snapshot())
+    controller.wait_until_ready(1, 10)
+    with pytest.raises(CheckoutTimeout, match="1 broken") as info:
+        client_for(controller).checkout(2, timeout=0.3)
+    assert "injected failure of create #1" in str(info.value)
+
+
+def test_pool_where_every_create_fails_is_unavailable_with_the_last_error(
+    start_pool: Factory,
+) -> None:
+    controller, _ = start_pool(2, retries=1, sim={"fail_every_create": True})
+    with pytest.raises(PoolUnavailable, match="no machine could be made") as info:
+        controller.wait_until_ready(2, 10)
+    assert "BackendError: sim: injected failure of create #" in str(info.value)
+    with pytest.raises(PoolUnavailable, match="injected failure of create #"):
+        client_for(controller).checkout(1, timeout=5)
+    assert controller.snapshot().stats.create_failures == 4
+
+
+def test_machine_that_never_becomes_ready_times_out_and_is_retried_then_broken(
+    start_pool: Factory,
+) -> None:
+    controller, backend = start_pool(
+        1, retries=1, ready_timeout=0.2, sim={"hang_on_start": True}
+    )
+    with pytest.raises(PoolUnavailable) as info:
+        controller.wait_until_ready(1, 10)
+    assert "ReadyTimeout" in str(info.value)
+    assert "hangs on start" in str(info.value)
+    assert creates(backend) == 2
+    # the failed attempts' machines were deleted, not left running
+    wait_for(lambda: backend.list("vmpool-") == [])
+
+
+# -- teardown ---------------------------------------------------------------------------------
+def test_teardown_destroys_every_machine_network_and_the_pool_file(
+    start_pool: Factory, state_dir: JsonStateDir
+) -> None:
+    controller, backend = start_pool(3)
+    controller.wait_until_ready(3, 10)
+    final = controller.stop()
+    assert final is not None and len(final.machines) == 3
+    assert backend.list("") == []
+    assert backend.list_networks("") == []
+    assert state_dir.pool_ids() == []
+
+
+def test_teardown_during_warmup_leaves_no_machine(
+    start_pool: Factory, state_dir: JsonStateDir
+) -> None:
+    controller, backend = start_pool(4, sim={"create_latency": 0.1, "start_latency": 0.1})
+    wait_for(lambda: backend.active)
+    controller.stop()
+    assert backend.list("") == []
+    assert state_dir.pool_ids() == []
+
+
+def test_teardown_waits_for_a_lease_then_proceeds(start_pool: Factory) -> None:
+    controller, backend = start_pool(1)
+    controller.wait_until_ready(1, 10)
+    client = client_for(controller)
+    lease = client.checkout(1, timeout=5)
+    timer = threading.Timer(0.2, client.checkin, args=(lease,))
+    timer.start()
+    started = time.monotonic()
+    controller.stop(lease_timeout=5)
+    timer.join()
+    assert 0.15 <= time.monotonic() - started < 5
+    assert backend.list("") == []
+
+
+# -- keep and adopt -----------------------------------------------------------------------------
+def test_kept_pool_is_left_ready_without_an_owner(
+    start_pool: Factory, state_dir: JsonStateDir
+) -> None:
+    controller, backend = start_pool(2)
+    controller.wait_until_ready(2, 10)
+    controller.stop(keep=True)
+    [pool] = state_dir.pools()
+    assert (pool.keep, pool.owner, pool.closing) == (True, None, False)
+    assert len(ready_names(pool)) == 2
+    assert sorted(i.name for i in backend.list("vmpool-") if i.running) == ready_names(pool)
+
+
+def test_next_session_adopts_a_kept_pool_without_creating(start_pool: Factory) -> None:
+    first, backend = start_pool(2)
+    first.wait_until_ready(2, 10)
+    machines = ready_names(first.snapshot())
+    first.stop(keep=True)
+    before = creates(backend)
+
+    second, _ = start_pool(2, session="s2")
+    assert second.adopted_from == first.pool_id
+    pool = second.wait_until_ready(2, 10)
+    assert ready_names(pool) == machines
+    assert pool.owner == second.me and not pool.keep
+    time.sleep(0.3)  # a maintainer tick or two: still nothing to create
+    assert creates(backend) == before
+
+
+def test_adopting_with_changed_machine_config_replaces_the_stale_machines(
+    start_pool: Factory,
+) -> None:
+    first, backend = start_pool(2)
+    first.wait_until_ready(2, 10)
+    old = set(ready_names(first.snapshot()))
+    first.stop(keep=True)
+    before = creates(backend)
+
+    second, _ = start_pool(2, session="s2", sim={"create_latency": 0.01})
+    assert second.adopted_from == first.pool_id
+    assert second.config_hash != first.config_hash
+
+    def renewed() -> Pool | None:
+        pool = second.snapshot()
+        fresh = [m for m in pool.machines if m.config_hash == second.config_hash]
+        done = len(pool.machines) == 2 and len(ready_names(pool)) == 2 and len(fresh) == 2
+        return pool if done else None
+
+    pool = wait_for(renewed)
+    assert old.isdisjoint(ready_names(pool))
+    assert creates(backend) == before + 2
+    assert old.isdisjoint(i.name for i in backend.list("vmpool-"))
+
+
+def test_a_live_sessions_pool_is_not_adopted(start_pool: Factory) -> None:
+    first, _ = start_pool(1)
+    first.wait_until_ready(1, 10)
+    second, _ = start_pool(1, session="s2")
+    assert second.adopted_from is None
+    assert second.pool_id != first.pool_id
+
+
+# -- reclaim ----------------------------------------------------------------------------------
+_WORKER = """
+import sys
+from pathlib import Path
+from vmpool import leases
+from vmpool.backends.sim import SimBackend
+from vmpool.client import PoolClient
+from vmpool.config import SimSettings
+from vmpool.state import JsonStateDir
+
+state, pool_id, root = sys.argv[1:]
+backend = SimBackend(SimSettings(root=Path(root)), Path(state))
+client = PoolClient(JsonStateDir(Path(state)).store(pool_id), backend, leases.Policy(),
+                    worker="gw0", pre_ping=False)
+lease = client.checkout(1, test="test_crashes", timeout=10)
+print(lease.names[0], flush=True)
+"""
+
+
+def test_dead_workers_lease_is_reclaimed_by_the_maintainer(
+    start_pool: Factory, state_dir: JsonStateDir
+) -> None:
+    controller, backend = start_pool(1)
+    controller.wait_until_ready(1, 10)
+    worker = subprocess.run(
+        [sys.executable, "-c", _WORKER, str(state_dir.path), controller.pool_id,
+         str(backend.root)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    leased = worker.stdout.strip()  # the worker exited without checking it in
+    held = controller.snapshot().machine(leased)
+    assert held.state is MachineState.LEASED and held.holder is not None
+
+    def replaced() -> Pool | None:
+        pool = controller.snapshot()
+        return pool if pool.find(leased) is None and len(ready_names(pool)) == 1 else None
+
+    pool = wait_for(replaced)
+    assert pool.stats.reclaimed == 1
+    assert leased not in {i.name for i in backend.list("vmpool-")}
+    lease = client_for(controller).checkout(1, timeout=5)
+    assert lease.names != [leased]
+
+
+# -- check-out and check-in -------------------------------------------------------------------
+def test_checkout_times_out_when_every_machine_is_held(start_pool: Factory) -> None:
+    controller, _ = start_pool(1)
+    controller.wait_until_ready(1, 10)
+    client = client_for(controller, worker="gw3")
+    lease = client.checkout(1, test="test_holds_it", timeout=5)
+    started = time.monotonic()
+    with pytest.raises(CheckoutTimeout) as info:
+        client.checkout(1, test="test_waits", timeout=0.3)
+    assert 0.3 <= time.monotonic() - started < 2
+    text = str(info.value)
+    assert "size 1, 1 leased" in text
+    assert f"{lease.names[0]} held by gw3" in text and "test_holds_it" in text
+    assert controller.snapshot().queue == []  # the timed-out request left the line
+
+
+def test_request_larger_than_the_pool_is_unavailable(start_pool: Factory) -> None:
+    controller, _ = start_pool(1)
+    with pytest.raises(PoolUnavailable, match="asked for 2 machines but pool .* has only 1"):
+        client_for(controller).checkout(2, timeout=1)
+
+
+def test_checkin_with_reset_restores_the_snapshot(start_pool: Factory) -> None:
+    controller, _ = start_pool(1, checkin_policy="reset")
+    controller.wait_until_ready(1, 10)
+    client = client_for(controller)
+    lease = client.checkout(1, timeout=5)
+    lease.vms[0].exec("echo x > leftover", check=True)
+    assert client.checkin(lease) == {lease.names[0]: "reset"}
+    again = client.checkout(1, timeout=5)
+    assert again.names == lease.names
+    assert again.vms[0].exec("ls").stdout == ""
+    client.checkin(again)
+
+
+def test_checkin_after_failure_replaces_machine(start_pool: Factory) -> None:
+    controller, backend = start_pool(1)
+    controller.wait_until_ready(1, 10)
+    client = client_for(controller)
+    lease = client.checkout(1, timeout=5)
+    assert client.checkin(lease, failed=True) == {lease.names[0]: "replace"}
+    again = client.checkout(1, timeout=5)
+    assert again.names != lease.names
+    wait_for(lambda: [i.name for i in backend.list("vmpool-")] == again.names)
+    assert controller.snapshot().stats.replaced == 1
+
+
+def test_pre_ping_failure_replaces_the_machine_and_checkout_still_succeeds(
+    start_pool: Factory,
+) -> None:
+    controller, backend = start_pool(2)
+    controller.wait_until_ready(2, 10)
+    first = ready_names(controller.snapshot())[0]  # the one a check-out is offered first
+    backend.kill(first)
+    lease = client_for(controller).checkout(1, timeout=5)
+    assert lease.names != [first]
+    wait_for(lambda: controller.snapshot().find(first) is None)
+    wait_for(lambda: len(ready_names(controller.snapshot())) == 1)  # the replacement
+
+
+def test_pre_ping_failure_in_a_multi_machine_checkout_still_succeeds(
+    start_pool: Factory,
+) -> None:
+    controller, backend = start_pool(2)
+    controller.wait_until_ready(2, 10)
+    names = ready_names(controller.snapshot())
+    backend.kill(names[0])
+    lease = client_for(controller).checkout(2, timeout=5)
+    assert len(lease.names) == 2 and names[0] not in lease.names and names[1] in lease.names
+    m = controller.snapshot().machine(names[1])
+    assert m.uses == 1  # the healthy machine went back unused, then was granted once
+
+
+def test_wait_until_ready_returns_the_pool_snapshot(start_pool: Factory) -> None:
+    controller, _ = start_pool(2)
+    pool = controller.wait_until_ready(2, 10)
+    assert pool.id == controller.pool_id
+    assert pool.stats.created == 2 and pool.stats.first_ready_at is not None
