@@ -125,11 +125,11 @@ class PoolClient:
                 return lease
             with self.store.transaction() as pool:
                 now = self.clock()
-                for name in names:
-                    if name in bad:
-                        leases.mark_unhealthy(pool, name, bad[name], now)
-                    else:
-                        leases.checkin(pool, [name], holder, self.policy, failed=False, now=now)
+                for name in bad:
+                    leases.mark_unhealthy(pool, name, bad[name], now)
+                # the healthy ones were never used: back as they were (a check-in would leave
+                # them resetting with us as actor, a reset nobody here performs)
+                leases.return_unused(pool, [n for n in names if n not in bad], holder)
             log.warning("pre-ping failed for %s; replacing and asking again", sorted(bad))
             front = True
 
@@ -140,40 +140,61 @@ class PoolClient:
         holder = self._holder(test)
         request = leases.new_request(holder, request_id, count, fresh, self.clock())
         holder = request.holder
+        # Errors are raised after a transaction, never inside it: an exception inside one
+        # discards its changes, and a cancel that is not written leaves a ghost request at the
+        # head of the line that is granted machines nobody takes.
         with self.store.transaction() as pool:
-            self._check_serviceable(pool, count)
-            leases.enqueue(pool, request, front=front)
-            leases.serve_queue(pool, self.clock())
-            granted = leases.take_grant(pool, request_id)
+            problem = self._problem(pool, count)
+            if problem is None:
+                leases.enqueue(pool, request, front=front)
+                leases.serve_queue(pool, self.clock())
+                granted = leases.take_grant(pool, request_id)
+        if problem is not None:
+            raise PoolUnavailable(problem)
         interval = _FIRST_POLL
         last_reclaim = self.clock()
-        while granted is None:
-            now = self.clock()
-            if now >= deadline:
+        try:
+            while granted is None:
+                now = self.clock()
+                if now >= deadline:
+                    late = None
+                    with self.store.transaction() as pool:
+                        granted = leases.cancel(pool, request_id) or None
+                        if granted is None:
+                            late = leases.timeout_error(pool, now - request.since, count, now)
+                    if late is not None:
+                        raise late
+                    break
+                time.sleep(min(interval, max(deadline - now, 0)))
+                interval = min(interval * 2, _MAX_POLL)
                 with self.store.transaction() as pool:
-                    granted = leases.cancel(pool, request_id) or None
-                    if granted is None:
-                        raise leases.timeout_error(pool, now - request.since, count, now)
-                break
-            time.sleep(min(interval, max(deadline - now, 0)))
-            interval = min(interval * 2, _MAX_POLL)
-            with self.store.transaction() as pool:
-                if self.clock() - last_reclaim >= _RECLAIM_EVERY:
-                    leases.reclaim(pool, self.policy, is_alive, self.clock())
-                    last_reclaim = self.clock()
-                self._check_serviceable(pool, count, request_id)
-                leases.serve_queue(pool, self.clock())
-                try:
-                    granted = leases.take_grant(pool, request_id)
-                except LookupError:
-                    raise PoolUnavailable(
-                        f"pool {pool.id}: check-out request {request_id} vanished "
-                        "(the controller dropped it: is the pool shutting down?)"
-                    ) from None
+                    if self.clock() - last_reclaim >= _RECLAIM_EVERY:
+                        leases.reclaim(pool, self.policy, is_alive, self.clock())
+                        last_reclaim = self.clock()
+                    problem = self._problem(pool, count)
+                    if problem is None:
+                        leases.serve_queue(pool, self.clock())
+                        try:
+                            granted = leases.take_grant(pool, request_id)
+                        except LookupError:
+                            problem = (
+                                f"pool {pool.id}: check-out request {request_id} vanished "
+                                "(the controller dropped it: is the pool shutting down?)"
+                            )
+                if problem is not None:
+                    raise PoolUnavailable(problem)
+        except BaseException:
+            # timeout, unusable pool, or an interrupt while waiting: leave the line, and give
+            # back anything granted meanwhile
+            with contextlib.suppress(StateError), self.store.transaction() as pool:
+                leases.return_unused(pool, leases.cancel(pool, request_id), holder)
+            raise
+        assert granted is not None  # the loop only ends with a grant
         return granted, request_id, holder
 
     @staticmethod
-    def _check_serviceable(pool: Pool, count: int, request_id: str | None = None) -> None:
+    def _problem(pool: Pool, count: int) -> str | None:
+        """Why ``pool`` cannot serve ``count`` machines at all, or None."""
         problem = None
         if pool.closing:
             problem = f"pool {pool.id} is shutting down"
@@ -185,10 +206,7 @@ class PoolClient:
                 f"pool {pool.id} ({pool.backend}): no machine could be made; "
                 f"last error: {errors[-1] if errors else 'unknown'}"
             )
-        if problem:
-            if request_id is not None:
-                leases.cancel(pool, request_id)
-            raise PoolUnavailable(problem)
+        return problem
 
     def _ping(self, names: list[str]) -> dict[str, str]:
         bad = {}

@@ -52,12 +52,15 @@ def is_alive(ref: ProcessRef) -> bool:
     if ref.host != hostname():
         return True
     try:
-        started = psutil.Process(ref.pid).create_time()
+        proc = psutil.Process(ref.pid)
+        if abs(proc.create_time() - ref.pid_start) >= _START_TOLERANCE:
+            return False
+        # a zombie has exited, its parent just has not reaped it yet
+        return proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
     except psutil.AccessDenied:
         return True
-    return abs(started - ref.pid_start) < _START_TOLERANCE
 
 
 def new_session_id() -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,6 +122,13 @@ def test_missing_image_is_backend_unavailable_naming_image_and_build_command(
     assert "vmpool image build --backend podman" in str(excinfo.value)
 
 
+def test_create_with_a_missing_image_is_backend_unavailable(image: str, tmp_path: Path) -> None:
+    missing = f"localhost/{unique('img')}:latest"
+    backend = PodmanBackend(PodmanSettings(image=missing), tmp_path)
+    with pytest.raises(BackendUnavailable, match="vmpool image build"):
+        backend.create(MachineSpec(unique(), SESSION_LABELS))
+
+
 def test_runtime_verdict_is_cached_for_the_next_process(
     image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -129,9 +137,9 @@ def test_runtime_verdict_is_cached_for_the_next_process(
     calls: list[tuple[str, ...]] = []
     real_run = _proc.run
 
-    def spy(argv: list[str], **kwargs: object) -> _proc.ProcResult:
+    def spy(argv: Sequence[str], **kwargs: Any) -> _proc.ProcResult:
         calls.append(tuple(argv))
-        return real_run(argv, **kwargs)  # type: ignore[arg-type]
+        return real_run(argv, **kwargs)
 
     monkeypatch.setattr(_proc, "run", spy)
     second = PodmanBackend(PodmanSettings(image=image), tmp_path).run_options()
@@ -225,6 +233,18 @@ def test_reset_twice_with_a_new_snapshot_leaves_one_warm_image(
     assert backend.exec(machine, ["test", "-e", "/root/second"], timeout=10).ok
     # the first warm image was in use until the second reset, and removed by it
     assert podman("image", "exists", first.check().stdout.strip()).returncode == 1
+
+
+def test_reset_works_from_the_warm_image_when_the_record_is_lost(
+    backend: PodmanBackend, machine: str, state_dir: Path
+) -> None:
+    backend.snapshot(machine)
+    (state_dir / "podman" / f"{machine}.json").unlink()
+    backend.exec(machine, ["touch", "/tmp/x"], timeout=10)
+    backend.reset(machine)
+    assert backend.exec(machine, ["test", "-e", "/tmp/x"], timeout=10).returncode == 1
+    [info] = backend.list(machine)
+    assert info.labels["vmpool.session"] == "podmantest"
 
 
 def test_reset_without_snapshot_is_an_error(backend: PodmanBackend, machine: str) -> None:

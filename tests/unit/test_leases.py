@@ -379,7 +379,7 @@ def test_unhealthy_machine_is_replaced() -> None:
 def test_unused_grant_is_returned_as_it_was() -> None:
     pool = make_pool(size=2)
     names = checkout(pool, pid=10, count=2)
-    leases.return_unused(pool, [names[1]], ref(10), NOW)
+    leases.return_unused(pool, [names[1]], ref(10))
     m = pool.machine(names[1])
     assert (m.state, m.holder, m.uses, m.uses_since_reset) == (MachineState.READY, None, 0, 0)
     assert pool.stats.checkouts == 1

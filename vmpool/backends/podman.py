@@ -342,6 +342,9 @@ class PodmanBackend:
     def _probe_options(self) -> RunOptions:
         """Run ``IMAGE true`` with candidate options until one works; BackendUnavailable if none."""
         s = self.settings
+        if not _image_exists(s, s.image, what="runtime probe"):
+            # else `run` would try a registry and fail with a misleading pull error
+            raise BackendUnavailable(_missing_image_message(self._tool, s.image))
         runtimes: list[str | None] = [s.runtime] if s.runtime is not None else [None]
         if s.runtime is None and _have_runc():
             runtimes.append("runc")
@@ -359,8 +362,6 @@ class PodmanBackend:
                     return candidate
                 error = result.stderr.strip()[-500:]
                 failures.append(f"{' '.join(candidate.argv()) or 'defaults'}: {error}")
-                if "image not known" in error or "No such image" in error:
-                    raise BackendUnavailable(_missing_image_message(self._tool, s.image))
                 # without limits a failure that is not about rlimits will not be cured by them
                 if not ulimits and "rlimit" not in error.lower():
                     break

@@ -550,7 +550,9 @@ class QemuBackend:
             try:
                 return await client.execute(command, arguments)
             finally:
-                await client.disconnect()
+                # disconnect() re-raises whatever ended the connection (EOF after `quit`)
+                with contextlib.suppress(QMPError, OSError, EOFError):
+                    await client.disconnect()
 
         try:
             return _run_async(asyncio.wait_for(go(), timeout))
@@ -558,7 +560,7 @@ class QemuBackend:
             raise BackendError(
                 f"qemu machine {record.name}: QMP {command} timed out after {timeout:g}s"
             ) from exc
-        except (QMPError, OSError) as exc:
+        except (QMPError, OSError, EOFError) as exc:
             raise BackendError(
                 f"qemu machine {record.name}: QMP {command} failed: {exc or type(exc).__name__}"
             ) from exc
