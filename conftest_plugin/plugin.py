@@ -252,7 +252,10 @@ class VmPoolSession:
                 f"({_elapsed(self.controller.started_at):.1f}s)"
             )
 
-    @pytest.hookimpl(tryfirst=True)
+    # trylast: after pytest's own sessionfinish has torn down fixtures still set up (an
+    # interrupted session checks its machines in only then) and xdist has stopped its workers;
+    # stopping the pool before that waits out teardown_timeout for our own leases.
+    @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self.controller is None:
             return

@@ -349,6 +349,38 @@ def test_checkout_times_out_when_every_machine_is_held(start_pool: Factory) -> N
     assert controller.snapshot().queue == []  # the timed-out request left the line
 
 
+def test_machine_freed_after_a_timeout_goes_to_the_next_request(start_pool: Factory) -> None:
+    controller, _ = start_pool(1, checkin_policy="reuse")
+    controller.wait_until_ready(1, 10)
+    client = client_for(controller)
+    lease = client.checkout(1, timeout=5)
+    with pytest.raises(CheckoutTimeout):
+        client.checkout(1, timeout=0.05)
+    client.checkin(lease)
+    again = client.checkout(1, timeout=2)
+    assert again.names == lease.names
+
+
+def test_interrupted_checkout_leaves_the_line(
+    start_pool: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    controller, _ = start_pool(1, checkin_policy="reuse")
+    controller.wait_until_ready(1, 10)
+    client = client_for(controller)
+    lease = client.checkout(1, timeout=5)
+
+    def interrupted(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("vmpool.client.time.sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        client.checkout(1, timeout=5)
+    monkeypatch.undo()
+    assert controller.snapshot().queue == []
+    client.checkin(lease)
+    assert client.checkout(1, timeout=2).names == lease.names
+
+
 def test_request_larger_than_the_pool_is_unavailable(start_pool: Factory) -> None:
     controller, _ = start_pool(1)
     with pytest.raises(PoolUnavailable, match="asked for 2 machines but pool .* has only 1"):

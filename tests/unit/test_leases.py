@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
+from conftest import process_ref
 
 from vmpool import leases
 from vmpool.ownership import ProcessRef, is_alive
@@ -429,6 +434,19 @@ def test_reused_pid_is_not_mistaken_for_the_holder(live_process: ProcessRef) -> 
     impostor = live_process.model_copy(update={"pid_start": live_process.pid_start - 3600})
     assert is_alive(live_process)
     assert not is_alive(impostor)
+
+
+def test_exited_but_unreaped_process_is_dead() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        zombie = process_ref(proc.pid)
+        deadline = time.monotonic() + 10
+        while psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not is_alive(zombie)
+    finally:
+        proc.wait()
 
 
 def test_process_on_another_host_is_assumed_alive() -> None:
