@@ -115,7 +115,10 @@ def test_unknown_backend_lists_the_choices(tmp_path: Path) -> None:
         ("[pool]\nsize = 'three'\n", "pool.size: must be an integer, got 'three'"),
         ("[pool]\nsize = 2.5\n", "pool.size: must be a whole number, got 2.5"),
         ("[pool]\npre_ping = 'maybe'\n", "pool.pre_ping: must be true or false, got 'maybe'"),
-        ("[pool]\ncheckout_timeout = 'soon'\n", "pool.checkout_timeout: must be a number, got 'soon'"),
+        (
+            "[pool]\ncheckout_timeout = 'soon'\n",
+            "pool.checkout_timeout: must be a number, got 'soon'",
+        ),
         ("[pool]\nname_prefix = 7\n", "pool.name_prefix: must be a string, got 7"),
         ("[sim]\nfail_create = 3\n", "sim.fail_create: must be a list, got 3"),
         ("pool = 3\n", "pool: must be a table, got 3"),
@@ -147,9 +150,7 @@ def test_env_var_range_error_names_the_variable(tmp_path: Path) -> None:
 
 def test_cli_override_error_names_the_option(tmp_path: Path) -> None:
     path = write(tmp_path, "[pool]\nsize = 2\n")
-    line = only_problem(
-        path, overrides={"size": 0}, override_names={"size": "--vm-pool-size"}
-    )
+    line = only_problem(path, overrides={"size": 0}, override_names={"size": "--vm-pool-size"})
     assert line == "--vm-pool-size: must be >= 1, got 0"
 
 
@@ -210,8 +211,11 @@ def test_env_var_sets_boolean_and_float_keys() -> None:
 
 # -- pyproject.toml -------------------------------------------------------------------------------
 def test_tool_vmpool_table_in_pyproject_is_loaded(tmp_path: Path) -> None:
-    path = write(tmp_path, "[tool.vmpool.pool]\nsize = 3\n[tool.vmpool.sim]\n"
-                 "create_latency = 0.5\n", name="pyproject.toml")
+    path = write(
+        tmp_path,
+        "[tool.vmpool.pool]\nsize = 3\n[tool.vmpool.sim]\ncreate_latency = 0.5\n",
+        name="pyproject.toml",
+    )
     loaded = config.load(path, environ={})
     assert loaded.default.pool.size == 3
     assert loaded.default.sim.create_latency == 0.5

@@ -59,14 +59,22 @@ def start_pool(state_dir: JsonStateDir, make_profile: Callable[..., Profile]) ->
     made: list[Controller] = []
 
     def start(
-        size: int, *, sim: dict[str, Any] | None = None, session: str = "s1",
-        rng: Any = None, **pool: Any
+        size: int,
+        *,
+        sim: dict[str, Any] | None = None,
+        session: str = "s1",
+        rng: Any = None,
+        **pool: Any,
     ) -> tuple[Controller, RecordingSim]:
         pool.setdefault("backoff", 0.0)
         profile = make_profile(sim=sim, **pool)
         backend = RecordingSim(profile.sim, state_dir.path)
         controller = Controller(
-            directory=state_dir, backend=backend, profile=profile, size=size, session=session,
+            directory=state_dir,
+            backend=backend,
+            profile=profile,
+            size=size,
+            session=session,
             rng=rng,
         )
         controller.start()
@@ -139,11 +147,12 @@ def test_failed_create_is_retried_after_a_backoff_then_succeeds(start_pool: Fact
 
 
 def test_machine_that_keeps_failing_is_broken_and_the_pool_degraded(start_pool: Factory) -> None:
-    controller, backend = start_pool(
-        2, warmup_parallelism=1, retries=2, sim={"fail_create": [1, 2, 3]}
+    controller, _ = start_pool(2, warmup_parallelism=1, retries=2, sim={"fail_create": [1, 2, 3]})
+    pool = wait_for(
+        lambda: (
+            (p := controller.snapshot()) and len(ready_names(p)) == 1 and p.stats.broken == 1 and p
+        )
     )
-    pool = wait_for(lambda: (p := controller.snapshot()) and len(ready_names(p)) == 1
-                    and p.stats.broken == 1 and p)
     broken = [m for m in pool.machines if m.state is MachineState.BROKEN]
     assert [m.slot for m in broken] == [0]
     assert "injected failure of create #3" in (broken[0].error or "")
@@ -178,9 +187,7 @@ def test_pool_where_every_create_fails_is_unavailable_with_the_last_error(
 def test_machine_that_never_becomes_ready_times_out_and_is_retried_then_broken(
     start_pool: Factory,
 ) -> None:
-    controller, backend = start_pool(
-        1, retries=1, ready_timeout=0.2, sim={"hang_on_start": True}
-    )
+    controller, backend = start_pool(1, retries=1, ready_timeout=0.2, sim={"hang_on_start": True})
     with pytest.raises(PoolUnavailable) as info:
         controller.wait_until_ready(1, 10)
     assert "ReadyTimeout" in str(info.value)
@@ -314,9 +321,11 @@ def test_dead_workers_lease_is_reclaimed_by_the_maintainer(
     controller, backend = start_pool(1)
     controller.wait_until_ready(1, 10)
     worker = subprocess.run(
-        [sys.executable, "-c", _WORKER, str(state_dir.path), controller.pool_id,
-         str(backend.root)],
-        capture_output=True, text=True, timeout=60, check=True,
+        [sys.executable, "-c", _WORKER, str(state_dir.path), controller.pool_id, str(backend.root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     leased = worker.stdout.strip()  # the worker exited without checking it in
     held = controller.snapshot().machine(leased)
@@ -383,7 +392,7 @@ def test_interrupted_checkout_leaves_the_line(
 
 def test_request_larger_than_the_pool_is_unavailable(start_pool: Factory) -> None:
     controller, _ = start_pool(1)
-    with pytest.raises(PoolUnavailable, match="asked for 2 machines but pool .* has only 1"):
+    with pytest.raises(PoolUnavailable, match=r"asked for 2 machines but pool .* has only 1"):
         client_for(controller).checkout(2, timeout=1)
 
 

@@ -58,9 +58,7 @@ def make_pool(size: int = 2, ready_machines: int | None = None) -> Pool:
 _ids = iter(range(10**9))
 
 
-def request(
-    pool: Pool, pid: int, count: int = 1, *, fresh: bool = False, now: float = NOW
-) -> str:
+def request(pool: Pool, pid: int, count: int = 1, *, fresh: bool = False, now: float = NOW) -> str:
     """Join the line and run the queue; returns the request id."""
     rid = f"r{next(_ids)}"
     leases.enqueue(pool, leases.new_request(holder(pid), rid, count, fresh, now))
@@ -94,10 +92,15 @@ def state_of(pool: Pool, name: str) -> MachineState:
     return pool.machine(name).state
 
 
-def plan(pool: Pool, policy: leases.Policy | None = None, capacity: int = 10,
-         now: float = NOW) -> list[leases.Work]:
+def plan(
+    pool: Pool, policy: leases.Policy | None = None, capacity: int = 10, now: float = NOW
+) -> list[leases.Work]:
     return leases.plan(
-        pool, policy or leases.Policy(), CONTROLLER, now, capacity=capacity,
+        pool,
+        policy or leases.Policy(),
+        CONTROLLER,
+        now,
+        capacity=capacity,
         name_for=lambda serial: f"m{serial}",
     )
 
@@ -297,8 +300,7 @@ def test_replacement_is_created_while_the_old_machine_is_deleted() -> None:
 def test_dirty_machine_is_at_least_reset() -> None:
     pool = make_pool(size=2)
     names = checkout(pool, pid=10, count=2)
-    actions = checkin(pool, names, pid=10, policy=leases.Policy(checkin="reuse"),
-                      dirty={names[0]})
+    actions = checkin(pool, names, pid=10, policy=leases.Policy(checkin="reuse"), dirty={names[0]})
     assert actions == {names[0]: "reset", names[1]: "reuse"}
 
 
@@ -335,9 +337,7 @@ def test_idle_machine_past_max_age_is_replaced_by_plan() -> None:
 def test_reset_without_reset_capability_becomes_replace() -> None:
     pool = make_pool(size=1)
     [name] = checkout(pool, pid=10)
-    assert checkin(pool, [name], pid=10, policy=leases.Policy(can_reset=False)) == {
-        name: "replace"
-    }
+    assert checkin(pool, [name], pid=10, policy=leases.Policy(can_reset=False)) == {name: "replace"}
 
 
 def test_checkin_by_another_process_is_ignored() -> None:
@@ -487,8 +487,15 @@ def test_reclaim_serves_the_queue() -> None:
     pool = make_pool(size=1)
     checkout(pool, pid=10)
     rid = request(pool, pid=11)
-    leases.reclaim(pool, leases.Policy(checkin="reuse", failure="reuse",), lambda p: p.pid != 10,
-                   NOW)
+    leases.reclaim(
+        pool,
+        leases.Policy(
+            checkin="reuse",
+            failure="reuse",
+        ),
+        lambda p: p.pid != 10,
+        NOW,
+    )
     plan(pool)
     leases.finish_reset(pool, "m0", ok=True, error=None, now=NOW)
     assert leases.take_grant(pool, rid) == ["m0"]

@@ -159,9 +159,7 @@ def test_pool_ids_ignore_temp_files(state_dir: JsonStateDir, store: JsonStore) -
 def _assert_recovery_message(exc: StateError, store: JsonStore) -> None:
     text = str(exc)
     assert str(store.path) in text
-    assert (
-        f"vmpool down --state-dir {store.dir.path} --pool {store.pool_id} --force" in text
-    ), text
+    assert f"vmpool down --state-dir {store.dir.path} --pool {store.pool_id} --force" in text, text
 
 
 @pytest.mark.parametrize("use_transaction", [False, True], ids=["read", "transaction"])
@@ -237,9 +235,7 @@ def test_concurrent_transactions_from_processes_lose_no_update(
     assert pool.next_serial == procs * times
 
 
-def test_lock_timeout_is_a_state_error(
-    store: JsonStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_lock_timeout_is_a_state_error(store: JsonStore, monkeypatch: pytest.MonkeyPatch) -> None:
     import vmpool.state
 
     monkeypatch.setattr(vmpool.state, "LOCK_TIMEOUT", 0.05)
@@ -255,7 +251,7 @@ def test_lock_timeout_is_a_state_error(
     holder.start()
     try:
         assert locked.wait(10)
-        with pytest.raises(StateError, match="could not lock within 0.05s"), store.transaction():
+        with pytest.raises(StateError, match=r"could not lock within 0\.05s"), store.transaction():
             pass
     finally:
         release.set()

@@ -354,6 +354,7 @@ class QemuBackend:
                 cached = verdicts.get(key)
                 if isinstance(cached, dict) and cached.get("accel") in ("kvm", "tcg"):
                     return cast(Accel, cached["accel"])
+                self._remove_stale_probes()
                 accel, reason = self._probe_kvm(image)
                 verdicts[key] = {
                     "accel": accel,
@@ -377,6 +378,14 @@ class QemuBackend:
             except OSError:
                 parts.append("?")
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+    def _remove_stale_probes(self) -> None:
+        """Probe guests left by an interrupted run (we hold the probe lock, so none is live)."""
+        for run_dir in self.root.glob(".kvm-probe-*"):
+            proc = self._process(run_dir)
+            if proc is not None:
+                _kill(proc)
+            self._remove_files(run_dir)
 
     def _probe_kvm(self, image: ImagePaths) -> tuple[Accel, str]:
         timeout = self.settings.kvm_probe_timeout
@@ -509,11 +518,14 @@ class QemuBackend:
         self, run_dir: Path, record: _Record, timeout: float, *, what: str, run_true: bool = True
     ) -> None:
         sock = _qga_sock(record)
+        overall = time.monotonic() + timeout
 
         def probe() -> None:
             if self._process(run_dir) is None:
                 raise _Died
-            deadline = time.monotonic() + _PROBE_STEP_TIMEOUT
+            now = time.monotonic()
+            # one probe waits for the agent up to a few seconds, never much past the deadline
+            deadline = min(now + _PROBE_STEP_TIMEOUT, max(overall, now + 0.2))
             with _Agent.open(sock, deadline) as agent:
                 agent.sync(deadline)
                 if run_true:

@@ -1,0 +1,62 @@
+"""The example suite through the pool on each real backend, as README's demo runs it.
+
+Afterwards the backend must hold no machine and no network of ours, and no pool record remains.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vmpool.backends import make_backend
+from vmpool.config import load
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("podman", marks=[pytest.mark.podman, pytest.mark.xdist_group("ex-podman")]),
+        pytest.param("qemu", marks=[pytest.mark.qemu, pytest.mark.xdist_group("ex-qemu")]),
+    ],
+)
+def test_examples_pass_through_the_pool_and_leave_nothing(tmp_path: Path, backend: str) -> None:
+    state = tmp_path / "state"
+    (tmp_path / "pool.toml").write_text('[pool]\nname_prefix = "vmex"\n')
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-n",
+            "2",
+            "--vm-pool-size",
+            "2",
+            "--vm-backend",
+            backend,
+            "--vm-state-dir",
+            str(state),
+            "--vm-pool-config",
+            str(tmp_path / "pool.toml"),
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(EXAMPLES),
+            str(EXAMPLES),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "14 passed" in proc.stdout
+    assert "machines created 2" in proc.stdout, proc.stdout[-2000:]
+    profile = load(None, environ={}).default
+    b = make_backend(backend, profile, state)
+    assert b.list("vmex-") == []
+    assert b.list_networks("vmex-") == []
+    assert not list(state.glob("*.json")), "pool record left behind"
