@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -303,6 +304,31 @@ def test_machines_on_one_network_reach_each_other(
 
     probe_until(fetch, timeout=20, what="httpd on the server")
     assert fetched[-1] == "hello-from-a\n"
+
+
+def test_reset_keeps_the_address_on_the_network(
+    backend: PodmanBackend, network: str, make_machine: Callable[..., str]
+) -> None:
+    name = make_machine(network=network)
+    before = backend.address(name)
+    backend.snapshot(name)
+    make_machine(network=network)  # a neighbour, so a fresh lease would differ
+    backend.reset(name)
+    assert backend.address(name) == before
+
+
+def test_reset_falls_back_to_a_new_address_when_the_old_one_is_unusable(
+    backend: PodmanBackend, network: str, make_machine: Callable[..., str], state_dir: Path
+) -> None:
+    name = make_machine(network=network)
+    backend.snapshot(name)
+    record_path = state_dir / "podman" / f"{name}.json"
+    record = json.loads(record_path.read_text())
+    record["ip"] = "192.0.2.7"  # TEST-NET-1: outside the network's subnet
+    record_path.write_text(json.dumps(record))
+    backend.reset(name)
+    assert backend.address(name) not in (None, "192.0.2.7")
+    assert backend.exec(name, ["true"], timeout=10).ok
 
 
 def test_networks_are_listed_with_labels_and_deleted_idempotently(

@@ -4,7 +4,9 @@ One module drives either CLI (``[podman] tool``). The OCI runtime and the ``--ul
 container needs are detected once per tool version, by running a throwaway container, and cached
 in ``<state_dir>/<tool>/runtime.json``. Reset is "commit when ready, recreate from the commit":
 each machine's recipe (options and command) is kept in ``<state_dir>/<tool>/<name>.json`` so any
-process sharing the state directory can recreate it exactly.
+process sharing the state directory can recreate it exactly. A snapshot holds the filesystem, not
+processes (a daemon started before it is not running after reset), and a reset container may get
+a new address on its network (its name, which is also its hostname, stays).
 """
 
 from __future__ import annotations
@@ -115,6 +117,8 @@ class _Record:
     warm_image_id: str | None = None
     #: earlier warm images, removed once no container uses them
     stale_images: list[str] = field(default_factory=list)
+    #: address on ``network`` when snapshotted; reset asks for it again so it stays stable
+    ip: str | None = None
 
 
 class PodmanBackend:
@@ -209,6 +213,7 @@ class PodmanBackend:
             # the container may still run from the old image; it is removed after the next reset
             record.stale_images.append(record.warm_image_id)
         record.warm_image, record.warm_image_id = warm, image_id
+        record.ip = self.address(name) if record.network else None
         self._write_record(record)
         log.debug("snapshot %s -> %s (%s) in %.3fs", name, warm, image_id, result.duration)
 
@@ -223,9 +228,17 @@ class PodmanBackend:
         if record is None or not record.warm_image:
             raise BackendError(f"reset {name}: no snapshot recorded; snapshot() it first")
         self._remove_container(name)
-        self._run("run", "-d", *record.options, record.warm_image, *record.command).check(
-            f"reset {name}"
-        )
+        run = ["run", "-d", *record.options]
+        result = None
+        if record.ip:
+            result = self._run(*run, "--ip", record.ip, record.warm_image, *record.command)
+            if result.returncode != 0:
+                # the address was taken meanwhile (or the network has no fixed subnet)
+                log.info("reset %s: cannot keep address %s: %s", name, record.ip,
+                         result.stderr.strip()[-300:])
+                self._remove_container(name)
+        if result is None or result.returncode != 0:
+            self._run(*run, record.warm_image, *record.command).check(f"reset {name}")
         self._drop_stale_images(record)
         self.wait_ready(name, self.settings.command_timeout)
 
