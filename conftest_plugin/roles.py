@@ -253,6 +253,7 @@ class WorkerRole:
             policy_for(profile, backend),
             worker=self.worker_id,
             pre_ping=profile.pool.pre_ping,
+            pre_ping_after=profile.pool.pre_ping_after,
             wait_log=store.side_file("waits"),
         )
         self._clients[profile_name] = client

@@ -80,6 +80,7 @@ class PoolClient:
         *,
         worker: str = "main",
         pre_ping: bool = True,
+        pre_ping_after: float = 0.0,
         ping_timeout: float = 15.0,
         clock: Callable[[], float] = time.time,
         wait_log: os.PathLike[str] | str | None = None,
@@ -89,6 +90,7 @@ class PoolClient:
         self.policy = policy
         self.worker = worker
         self.pre_ping = pre_ping
+        self.pre_ping_after = pre_ping_after
         self.ping_timeout = ping_timeout
         self.clock = clock
         self.wait_log = wait_log
@@ -116,7 +118,7 @@ class PoolClient:
             names, request_id, holder = self._wait_for_grant(count, fresh, test, deadline, front)
             pool = self.store.read()
             addresses = {n: _address(pool, n) for n in names}
-            bad = self._ping(names) if self.pre_ping else {}
+            bad = self._ping(self._needs_ping(pool, names)) if self.pre_ping else {}
             if not bad:
                 waited = self.clock() - started
                 lease = Lease(request_id, names, addresses, holder, waited)
@@ -207,6 +209,18 @@ class PoolClient:
                 f"last error: {errors[-1] if errors else 'unknown'}"
             )
         return problem
+
+    def _needs_ping(self, pool: Pool | None, names: list[str]) -> list[str]:
+        """Machines not known healthy within ``pre_ping_after`` seconds."""
+        if pool is None or self.pre_ping_after <= 0:
+            return names
+        now = self.clock()
+        out = []
+        for name in names:
+            m = pool.find(name)
+            if m is None or m.checked_at is None or now - m.checked_at > self.pre_ping_after:
+                out.append(name)
+        return out
 
     def _ping(self, names: list[str]) -> dict[str, str]:
         bad = {}

@@ -65,6 +65,12 @@ class PoolSettings(_Strict):
     pre_ping: bool = Field(
         True, description="Probe a machine at check-out; replace it if unhealthy."
     )
+    pre_ping_after: float = Field(
+        5.0,
+        ge=0,
+        description="Skip the pre-ping when the machine was known healthy this recently "
+        "(seconds; a reset or readiness probe, or a passing test). 0: always ping.",
+    )
     warmup_parallelism: int = Field(4, ge=1, le=64, description="Machines created/started at once.")
     retries: int = Field(2, ge=0, le=20, description="Extra attempts for a machine that fails.")
     backoff: float = Field(

@@ -63,12 +63,15 @@ def enqueue(pool: Pool, request: Request, *, front: bool = False) -> None:
 
 
 def _free(pool: Pool, fresh: bool) -> list[Machine]:
+    # a stale machine (made under another config, e.g. in an adopted pool) waits for plan()
+    # to replace it: no test may run on it meanwhile
     return [
         m
         for m in pool.machines
         if m.state is MachineState.READY
         and m.holder is None
         and m.slot < pool.size
+        and m.config_hash == pool.config_hash
         and (not fresh or m.uses_since_reset == 0)
     ]
 
@@ -234,6 +237,8 @@ def checkin(
             continue
         action = decide(m, policy, failed=failed, dirty=name in (dirty or set()), now=now)
         _release(m, action, holder)
+        if action == "reuse" and not failed:
+            m.checked_at = now
         out[name] = action
     serve_queue(pool, now)
     return out
@@ -258,6 +263,7 @@ def finish_reset(
         m.state = MachineState.READY
         m.uses_since_reset = 0
         m.error = None
+        m.checked_at = now
         if address is not None:
             m.address = address
         pool.stats.reset += 1
@@ -395,6 +401,7 @@ def record_ready(pool: Pool, name: str, address: str | None, now: float) -> None
     m.state = MachineState.READY
     m.actor = None
     m.ready_at = now
+    m.checked_at = now
     m.address = address
     m.uses_since_reset = 0
     m.error = None

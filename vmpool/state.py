@@ -60,6 +60,8 @@ class Machine(BaseModel):
     actor: ProcessRef | None = None
     uses: int = 0
     uses_since_reset: int = 0
+    #: when the machine was last known healthy (ready, reset, or back from a passing test)
+    checked_at: float | None = None
     address: str | None = None
     error: str | None = None
     #: set by a check-in that asked for a reset/replace the actor has not done yet
