@@ -153,7 +153,9 @@ class QemuSettings(_Strict):
     )
     append: str = Field("", description="Extra kernel command line.")
     machine: str = Field("pc", description="QEMU -M value.")
-    kvm_probe_timeout: float = Field(20.0, gt=0, description="Deadline of the KVM boot probe.")
+    kvm_probe_timeout: float = Field(
+        10.0, gt=0, description="Deadline of the KVM boot probe (its verdict is cached per host)."
+    )
 
 
 class OrbstackSettings(_Strict):

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
+import platformdirs
 import portalocker
 import psutil
 from qemu.qmp import QMPClient, QMPError
@@ -237,14 +238,27 @@ class QemuBackend:
         run_dir = self._existing(name)
         record = self._record(run_dir)
         with self._exclusive(name, time.monotonic() + _SNAPSHOT_TIMEOUT):
-            try:
-                self._hmp(run_dir, f"loadvm {SNAPSHOT_TAG}", _SNAPSHOT_TIMEOUT)
-            except BackendError as exc:
-                # loadvm stops the guest first and leaves it stopped when it fails; a missing
-                # snapshot changed nothing, so let the machine run on as it was.
-                if "does not exist" in str(exc):
+            # one QMP session: loadvm, then whether the guest runs (loadvm resumes only a guest
+            # that ran before, and leaves it stopped when it fails)
+            output, status = self._qmp_all(
+                record,
+                [
+                    ("human-monitor-command", {"command-line": f"loadvm {SNAPSHOT_TAG}"}),
+                    ("query-status", None),
+                ],
+                _SNAPSHOT_TIMEOUT,
+            )
+            running = isinstance(status, dict) and status.get("status") == "running"
+            failure = output.strip() if isinstance(output, str) else ""
+            if failure:
+                # a missing snapshot changed nothing: let the machine run on as it was
+                if "does not exist" in failure and not running:
                     self._qmp(record, "cont", None, _QMP_TIMEOUT)
-                raise
+                raise BackendError(
+                    f"qemu machine {name}: `loadvm {SNAPSHOT_TAG}` failed: {failure}"
+                )
+            if not running:
+                self._qmp(record, "cont", None, _QMP_TIMEOUT)
             self._wait_agent(
                 run_dir, record, _RESYNC_TIMEOUT, what=f"qemu machine {name} after reset",
                 run_true=False,
@@ -344,8 +358,12 @@ class QemuBackend:
             return "tcg"
         image = find_image(self.settings)
         key = self._accel_key(image)
-        cache = self.root / "accel.json"
-        lock = self.root / ".accel.lock"
+        # the verdict belongs to the host, not to one state directory: every new state dir
+        # (each CI job, each pytester run) would otherwise pay a full probe deadline again
+        cache_dir = Path(platformdirs.user_cache_dir("vmpool"))
+        cache = cache_dir / "accel.json"
+        lock = cache_dir / ".accel.lock"
+        cache_dir.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
         wait = self.settings.kvm_probe_timeout * 2 + _LAUNCH_TIMEOUT
         try:
@@ -554,13 +572,23 @@ class QemuBackend:
     def _qmp(
         self, record: _Record, command: str, arguments: Mapping[str, object] | None, timeout: float
     ) -> object:
-        sock = _qmp_sock(record)
+        return self._qmp_all(record, [(command, arguments)], timeout)[0]
 
-        async def go() -> object:
+    def _qmp_all(
+        self,
+        record: _Record,
+        commands: Sequence[tuple[str, Mapping[str, object] | None]],
+        timeout: float,
+    ) -> builtins.list[object]:
+        """Run QMP commands in order over one connection, all within ``timeout``."""
+        sock = _qmp_sock(record)
+        what = ", ".join(command for command, _ in commands)
+
+        async def go() -> builtins.list[object]:
             client = QMPClient(f"vmpool-{record.name}")
             await client.connect(str(sock))
             try:
-                return await client.execute(command, arguments)
+                return [await client.execute(command, args) for command, args in commands]
             finally:
                 # disconnect() re-raises whatever ended the connection (EOF after `quit`)
                 with contextlib.suppress(QMPError, OSError, EOFError):
@@ -570,11 +598,11 @@ class QemuBackend:
             return _run_async(asyncio.wait_for(go(), timeout))
         except TimeoutError as exc:
             raise BackendError(
-                f"qemu machine {record.name}: QMP {command} timed out after {timeout:g}s"
+                f"qemu machine {record.name}: QMP {what} timed out after {timeout:g}s"
             ) from exc
         except (QMPError, OSError, EOFError) as exc:
             raise BackendError(
-                f"qemu machine {record.name}: QMP {command} failed: {exc or type(exc).__name__}"
+                f"qemu machine {record.name}: QMP {what} failed: {exc or type(exc).__name__}"
             ) from exc
 
     def _process(self, run_dir: Path) -> psutil.Process | None:
