@@ -179,7 +179,7 @@ class JsonStateDir:
                 raise StateError(f"state directory {p}: cannot create: {exc.strerror}") from exc
             st = os.lstat(p)
         except OSError as exc:
-            raise StateError(f"state directory {p}: {exc.strerror}") from exc
+            raise StateError(f"state directory {p}: cannot use it: {exc.strerror}") from exc
         if stat.S_ISLNK(st.st_mode):
             raise StateError(
                 f"state directory {p} is a symlink; refusing it (another user could redirect "
