@@ -29,7 +29,7 @@ from vmpool.ownership import (
     owner_labels,
     pool_id,
 )
-from vmpool.state import JsonStateDir, MachineState, Pool
+from vmpool.state import JsonStateDir, MachineState, Pool, Stats
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,12 @@ class Controller:
                 pool.size = self.size
                 pool.queue = []
                 pool.config_hash = self.config_hash  # stale machines are replaced by plan()
+                # the stats are this session's (the end-of-run summary), not the pool's history
+                usable = any(
+                    m.state is MachineState.READY and m.config_hash == self.config_hash
+                    for m in pool.machines
+                )
+                pool.stats = Stats(first_ready_at=self.clock() if usable else None)
                 adopted = pool.model_copy(deep=True)
             self.pool_id = candidate
             self.store = store
@@ -416,8 +422,11 @@ class Controller:
                 break
             self._wake.wait(0.05)
 
-        self._cancel.set()
         if not keep:
+            # only a pool about to be destroyed interrupts the machines warming (they would be
+            # made just to be deleted); a kept one lets them finish (within ready_timeout) so
+            # the next session adopts it whole
+            self._cancel.set()
             with contextlib.suppress(StateError), self.store.transaction() as pool:
                 pool.closing = True
         self._stop.set()
