@@ -252,29 +252,34 @@ class PoolClient:
                 now=self.clock(),
             )
         for name, action in actions.items():
-            if action != "reset":
-                continue
-            error = None
-            address = None
-            try:
-                self.backend.reset(name)
-                address = self.backend.address(name)
-            except VmPoolError as exc:
-                error = str(exc)
-                log.warning("reset of %s failed, it will be replaced: %s", name, exc)
-            try:
-                with self.store.transaction() as pool:
-                    leases.finish_reset(
-                        pool,
-                        name,
-                        ok=error is None,
-                        error=error,
-                        now=self.clock(),
-                        address=address,
-                    )
-            except StateError:
-                log.warning("pool gone while resetting %s", name)
+            if action == "reset":
+                reset_machine(self.store, self.backend, name, self.clock)
         return actions
+
+
+def reset_machine(
+    store: StateStore, backend: Backend, name: str, clock: Callable[[], float]
+) -> bool:
+    """Restore a machine in state ``resetting`` to its snapshot and record the outcome.
+
+    A failed reset turns into a replacement (the controller's job); returns True on success.
+    """
+    error = None
+    address = None
+    try:
+        backend.reset(name)
+        address = backend.address(name)  # a reset may change it (podman recreates)
+    except VmPoolError as exc:
+        error = str(exc)
+        log.warning("reset of %s failed, it will be replaced: %s", name, exc)
+    try:
+        with store.transaction() as pool:
+            leases.finish_reset(
+                pool, name, ok=error is None, error=error, now=clock(), address=address
+            )
+    except StateError:
+        log.warning("pool gone while resetting %s", name)
+    return error is None
 
 
 def _address(pool: Pool | None, name: str) -> str | None:

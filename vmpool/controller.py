@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from vmpool import leases
 from vmpool.backends.base import LABEL_POOL, Backend, MachineSpec
+from vmpool.client import reset_machine
 from vmpool.config import Profile
 from vmpool.errors import PoolUnavailable, ReadyTimeout, StateError, VmPoolError
 from vmpool.ownership import (
@@ -346,17 +347,7 @@ class Controller:
                 leases.record_deleted(pool, name, replaced=False)
 
     def _reset(self, name: str) -> None:
-        error = None
-        address = None
-        try:
-            self.backend.reset(name)
-            address = self.backend.address(name)
-        except VmPoolError as exc:
-            error = str(exc)
-        with self.store.transaction() as pool:
-            leases.finish_reset(
-                pool, name, ok=error is None, error=error, now=self.clock(), address=address
-            )
+        reset_machine(self.store, self.backend, name, self.clock)
 
     def _delete(self, name: str, *, replaced: bool) -> None:
         try:
