@@ -156,6 +156,19 @@ class QemuSettings(_Strict):
     kvm_probe_timeout: float = Field(
         10.0, gt=0, description="Deadline of the KVM boot probe (its verdict is cached per host)."
     )
+    warmup: Literal["clone", "boot"] = Field(
+        "clone",
+        description=(
+            "How machines start. clone: the first machine of a configuration boots a template "
+            "whose running state is saved once per host (user cache, ~90 MiB per memory size "
+            "and network/no network); every machine then restores a copy in about a second "
+            "and gets its own hostname, MAC, address and clock through the guest agent; "
+            "anything that fails boots that machine instead. Clones share the template's "
+            "kernel memory (boot log, uptime, /proc/cmdline). boot: every machine boots its "
+            "kernel, about 5 s alone under TCG, and parallel boots share the CPUs (4 on 2 "
+            "cores: about 19 s, against 2.6 s for 4 clones)."
+        ),
+    )
 
 
 class OrbstackSettings(_Strict):

@@ -11,6 +11,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import psutil
 import pytest
 
 from vmpool.backends.base import Backend, MachineSpec
-from vmpool.backends.qemu import QemuBackend
+from vmpool.backends.qemu import QemuBackend, _valid_template
 from vmpool.backends.qemu_image import MANIFEST_FILE, build_image, find_image
 from vmpool.config import QemuSettings
 from vmpool.errors import BackendError, BackendUnavailable, ExecTimeout
@@ -46,11 +47,17 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def backend(image_dir: Path, state_dir: Path) -> QemuBackend:
+def template_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's clone templates: its image is temporary, keep them out of the user cache."""
+    return tmp_path_factory.mktemp("qemu-templates")
+
+
+@pytest.fixture(scope="module")
+def backend(image_dir: Path, state_dir: Path, template_dir: Path) -> QemuBackend:
     settings = QemuSettings(
         image_dir=image_dir, accel="auto", kvm_probe_timeout=KVM_PROBE_TIMEOUT
     )
-    return QemuBackend(settings, state_dir)
+    return QemuBackend(settings, state_dir, template_dir=template_dir)
 
 
 @dataclass(frozen=True)
@@ -166,7 +173,9 @@ def test_delete_is_idempotent_and_cleans_sockets_of_a_long_state_dir(
 @qemu
 @needs_qemu
 def test_delete_stops_a_started_machine(image_dir: Path, tmp_path: Path) -> None:
-    backend = QemuBackend(QemuSettings(image_dir=image_dir, accel="tcg"), tmp_path)
+    backend = QemuBackend(
+        QemuSettings(image_dir=image_dir, accel="tcg"), tmp_path, template_dir=tmp_path / "t"
+    )
     name = _unique()
     backend.create(MachineSpec(name, {}))
     backend.start(name)
@@ -298,3 +307,288 @@ def test_auto_accel_is_probed_once_and_machines_boot_with_it(
     started = time.monotonic()
     assert again.resolve_accel() == accel
     assert time.monotonic() - started < 1.0
+
+
+# --- warm-up by cloning a saved state --------------------------------------------------------
+
+
+def _stream(body: bytes) -> bytes:
+    """A minimal well-formed QEMU migration stream: magic, body, EOF, then the vmdesc JSON."""
+    desc = b'{"page_size": 4096, "devices": []}'
+    return b"QEVM\x00\x00\x00\x03" + body + b"\x00\x06" + len(desc).to_bytes(4, "big") + desc
+
+
+def test_a_complete_migration_stream_is_a_valid_template(tmp_path: Path) -> None:
+    path = tmp_path / "t.state"
+    path.write_bytes(_stream(b"\x05" * 1000))
+    assert _valid_template(path) is not None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"garbage" * 1000, id="garbage"),
+        pytest.param(_stream(b"\x05" * 1000)[:-1], id="truncated"),
+        pytest.param(_stream(b"\x05" * 1000)[:500], id="cut-in-the-middle"),
+        pytest.param(b"XXXX" + _stream(b"\x05" * 1000)[4:], id="bad-magic"),
+    ],
+)
+def test_an_incomplete_or_foreign_file_is_not_a_template(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "t.state"
+    path.write_bytes(content)
+    assert _valid_template(path) is None
+    assert _valid_template(tmp_path / "missing.state") is None
+
+
+def _clone_settings(image_dir: Path) -> QemuSettings:
+    return QemuSettings(
+        image_dir=image_dir, accel="auto", kvm_probe_timeout=KVM_PROBE_TIMEOUT, warmup="clone"
+    )
+
+
+def test_templates_whose_inputs_changed_are_pruned(tmp_path: Path) -> None:
+    backend = QemuBackend(QemuSettings(), tmp_path, template_dir=tmp_path / "t")
+    backend.template_dir.mkdir()
+    kernel, other = tmp_path / "vmlinuz", tmp_path / "other"
+    kernel.write_text("k")
+    other.write_text("o")
+
+    def template(key: str, inputs: list[Path]) -> None:
+        ident = {str(p): f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in inputs}
+        (backend.template_dir / f"{key}.state").write_bytes(b"state")
+        (backend.template_dir / f"{key}.json").write_text(json.dumps({"files": ident}))
+
+    template("live", [kernel])
+    template("changed", [other])
+    template("gone", [other])
+    template("building", [other])
+    other.write_text("rebuilt")  # a rebuilt image: new size and mtime
+    (backend.template_dir / "gone.json").write_text(
+        json.dumps({"files": {str(tmp_path / "deleted"): "1:1"}})
+    )
+    backend._prune_templates(keep=backend.template_dir / "building.state")
+    left = sorted(p.name for p in backend.template_dir.glob("*.state"))
+    assert left == ["building.state", "live.state"]
+
+
+@pytest.fixture(scope="module")
+def cloner(image_dir: Path, state_dir: Path, template_dir: Path) -> QemuBackend:
+    return QemuBackend(_clone_settings(image_dir), state_dir, template_dir=template_dir)
+
+
+@pytest.fixture(scope="module")
+def clones(cloner: QemuBackend) -> Iterator[Pair]:
+    """Two clones on one network: the first start builds the template, the second reuses it."""
+    run = uuid.uuid4().hex[:6]
+    labels = {"vmpool.session": f"test-{run}", "vmpool.pool": "qemu-clone-tests"}
+    p = Pair(f"vmpool-clone-{run}-net", f"vmpool-clone-{run}-a", f"vmpool-clone-{run}-b", labels)
+    cloner.create_network(p.network, labels)
+    try:
+        for index, name in enumerate((p.a, p.b)):
+            cloner.create(MachineSpec(name, labels, index=index, network=p.network))
+        for name in (p.a, p.b):
+            cloner.start(name)
+        for name in (p.a, p.b):
+            cloner.wait_ready(name, READY_TIMEOUT)
+        yield p
+    finally:
+        for name in (p.a, p.b):
+            cloner.delete(name)
+        cloner.delete_network(p.network)
+
+
+def _record(backend: QemuBackend, name: str) -> dict[str, object]:
+    record: dict[str, object] = json.loads((backend.root / name / "machine.json").read_text())
+    return record
+
+
+@qemu
+@needs_qemu
+def test_clones_are_restored_from_the_template_and_answer_exec(
+    cloner: QemuBackend, clones: Pair
+) -> None:
+    template = cloner.template_path(networked=True)
+    assert _valid_template(template) is not None
+    for name in (clones.a, clones.b):
+        record = _record(cloner, name)
+        assert record["template"] == str(template) and record["clone_pending"] is False
+        result = cloner.exec(name, ["sh", "-c", "hostname; date +%s"], timeout=30)
+        assert result.ok, result.stderr
+        hostname, guest_time = result.stdout.split()
+        assert hostname == name
+        # the template's clock is stale; a clone's is set from the host's
+        assert abs(int(guest_time) - time.time()) < 10
+
+
+@qemu
+@needs_qemu
+def test_clones_on_one_network_get_their_own_address_and_mac_and_reach_each_other(
+    cloner: QemuBackend, clones: Pair
+) -> None:
+    seen = {}
+    for name in (clones.a, clones.b):
+        result = cloner.exec(
+            name,
+            ["sh", "-c", "cat /sys/class/net/eth0/address; ip -o -4 addr show dev eth0"],
+            timeout=30,
+        )
+        assert result.ok, result.stderr
+        mac, addr_line = result.stdout.split("\n", 1)
+        record = _record(cloner, name)
+        assert mac == record["mac"]
+        assert f"inet {cloner.address(name)}/24" in addr_line
+        assert addr_line.count("inet ") == 1  # the template's address (if any) is gone
+        seen[name] = (mac, cloner.address(name))
+    assert seen[clones.a][0] != seen[clones.b][0] and seen[clones.a][1] != seen[clones.b][1]
+    serve = "mkdir -p /tmp/www && echo hello-from-a > /tmp/www/f && httpd -p 8080 -h /tmp/www"
+    assert cloner.exec(clones.a, ["sh", "-c", serve], 30).ok
+    fetched = cloner.exec(
+        clones.b,
+        ["timeout", "10", "wget", "-q", "-O", "-", f"http://{seen[clones.a][1]}:8080/f"],
+        30,
+    )
+    assert (fetched.returncode, fetched.stdout) == (0, "hello-from-a\n"), fetched.stderr
+
+
+@qemu
+@needs_qemu
+def test_reset_after_clone_discards_a_file(cloner: QemuBackend, clones: Pair) -> None:
+    cloner.snapshot(clones.b)
+    assert cloner.exec(clones.b, ["sh", "-c", "echo x > /tmp/after-snapshot"], 30).ok
+    cloner.reset(clones.b)
+    assert cloner.exec(clones.b, ["test", "-e", "/tmp/after-snapshot"], 30).returncode == 1
+    # and the clone keeps the identity it was given, not the template's
+    assert cloner.exec(clones.b, ["hostname"], 30).stdout.strip() == clones.b
+
+
+@qemu
+@needs_qemu
+def test_four_clones_warm_in_parallel_with_distinct_identities(
+    cloner: QemuBackend, clones: Pair
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    network = f"vmpool-clone4-{run}-net"
+    names = [f"vmpool-clone4-{run}-{i}" for i in range(4)]
+    cloner.create_network(network, {})
+
+    def warm(index: int) -> str:
+        # what the controller does per machine, in its own thread
+        cloner.create(MachineSpec(names[index], {}, index=index, network=network))
+        cloner.start(names[index])
+        cloner.wait_ready(names[index], READY_TIMEOUT)
+        cloner.snapshot(names[index])
+        out = cloner.exec(names[index], ["sh", "-c", "hostname; ip -o -4 addr show eth0"], 30)
+        assert out.ok, out.stderr
+        return out.stdout
+
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            outputs = list(pool.map(warm, range(4)))
+        for name, output in zip(names, outputs, strict=True):
+            assert output.split()[0] == name
+            assert f"inet {cloner.address(name)}/24" in output
+            assert _record(cloner, name)["template"] is not None
+        last = cloner.address(names[3])
+        assert cloner.exec(names[0], ["ping", "-c", "1", "-W", "5", str(last)], 30).ok
+    finally:
+        for name in names:
+            cloner.delete(name)
+        cloner.delete_network(network)
+
+
+def _start_one(backend: QemuBackend) -> str:
+    name = _unique("vmpool-clone")
+    backend.create(MachineSpec(name, {}))
+    backend.start(name)
+    backend.wait_ready(name, READY_TIMEOUT)
+    return name
+
+
+@qemu
+@needs_qemu
+def test_a_truncated_template_is_not_used_but_rebuilt(
+    image_dir: Path, tmp_path: Path, cloner: QemuBackend, clones: Pair
+) -> None:
+    backend = QemuBackend(
+        _clone_settings(image_dir), tmp_path / "state", template_dir=tmp_path / "templates"
+    )
+    template = backend.template_path(networked=True)
+    template.parent.mkdir(parents=True)
+    good = cloner.template_path(networked=True).read_bytes()
+    template.write_bytes(good[: len(good) // 2])  # what a save cut short would leave
+    network = _unique("vmpool-net")
+    backend.create_network(network, {})
+    name = _unique("vmpool-clone")
+    backend.create(MachineSpec(name, {}, index=0, network=network))
+    try:
+        backend.start(name)
+        backend.wait_ready(name, READY_TIMEOUT)
+        assert _valid_template(template) is not None  # rebuilt in place
+        assert _record(backend, name)["template"] == str(template)
+        assert backend.exec(name, ["hostname"], 30).stdout.strip() == name
+    finally:
+        backend.delete(name)
+
+
+@qemu
+@needs_qemu
+def test_a_template_qemu_cannot_load_is_dropped_and_the_machine_boots(
+    image_dir: Path,
+    tmp_path: Path,
+    cloner: QemuBackend,
+    clones: Pair,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = QemuBackend(
+        _clone_settings(image_dir), tmp_path / "state", template_dir=tmp_path / "templates"
+    )
+    template = backend.template_path(networked=True)
+    template.parent.mkdir(parents=True)
+    good = bytearray(cloner.template_path(networked=True).read_bytes())
+    good[8:4096] = b"\xee" * (4096 - 8)  # complete-looking, but no device section QEMU knows
+    template.write_bytes(bytes(good))
+    assert _valid_template(template) is not None
+    network = _unique("vmpool-net")
+    backend.create_network(network, {})
+    name = _unique("vmpool-clone")
+    backend.create(MachineSpec(name, {}, index=0, network=network))
+    try:
+        backend.start(name)
+        backend.wait_ready(name, READY_TIMEOUT)
+        record = _record(backend, name)
+        assert record["template"] is None  # booted instead
+        assert "booting it instead" in caplog.text
+        assert not template.exists()  # the next machine builds a good one
+        result = backend.exec(name, ["sh", "-c", "hostname; ip -o -4 addr show eth0"], 30)
+        assert result.stdout.split()[0] == name and f"inet {record['ip']}/24" in result.stdout
+    finally:
+        backend.delete(name)
+
+
+@qemu
+@needs_qemu
+def test_a_failed_template_build_boots_the_machine(
+    image_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = QemuBackend(
+        _clone_settings(image_dir), tmp_path / "state", template_dir=tmp_path / "templates"
+    )
+    builds = []
+
+    def broken(*args: object) -> None:
+        builds.append(args)
+        raise BackendError("template guest did not answer")
+
+    monkeypatch.setattr(backend, "_build_template", broken)
+    first = _start_one(backend)
+    try:
+        second = _start_one(backend)
+        try:
+            assert [_record(backend, n)["template"] for n in (first, second)] == [None, None]
+            assert backend.exec(second, ["hostname"], 30).stdout.strip() == second
+            assert len(builds) == 1  # a failed build is not retried for every machine
+        finally:
+            backend.delete(second)
+    finally:
+        backend.delete(first)

@@ -4,6 +4,10 @@ Each machine is a run directory ``<state_dir>/qemu/<name>`` (labels, a qcow2 ove
 image's base disk, pidfile, console log, sockets). QMP (``qemu.qmp``) does ``savevm``/``loadvm``
 and ``quit``; commands run through qemu-ga over a virtio-serial chardev socket. Machines of one
 pool share a network through a loopback-only multicast hub (``-netdev socket,mcast=…``).
+
+With ``warmup = "clone"`` a machine does not boot: it restores (``-incoming``) a running state
+saved once per host from a template guest of the same configuration, then the guest agent gives
+it its own hostname, MAC, address and clock. Whatever goes wrong with cloning, the machine boots.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import json
 import logging
 import os
 import random
+import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -25,7 +31,7 @@ import threading
 import time
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
@@ -43,7 +49,7 @@ from vmpool.backends.base import (
     probe_until,
     validate_name,
 )
-from vmpool.backends.qemu_image import ImagePaths, build_image, find_image
+from vmpool.backends.qemu_image import MANIFEST_FILE, ImagePaths, build_image, find_image, image_dir
 from vmpool.config import QemuSettings
 from vmpool.errors import BackendError, ExecTimeout, ReadyTimeout, VmPoolError
 
@@ -71,6 +77,27 @@ _PROBE_STEP_TIMEOUT = 5.0
 _KILL_GRACE = 1.0
 _FIRST_HOST = 10
 
+#: Bump when the template guest or its saved state changes meaning, so old states are unused.
+_TEMPLATE_VERSION = 1
+_TEMPLATES_DIR = "qemu-templates"
+_TEMPLATE_NAME = "vmpool-template"
+#: The template's NIC (the clone sets its own MAC in the guest; the device's is migrated).
+_TEMPLATE_MAC = "52:54:00:ff:ff:fe"
+#: A template boots like any machine: generous, the host may be busy with other boots.
+_TEMPLATE_BOOT_TIMEOUT = 180.0
+_SAVE_TIMEOUT = 60.0
+#: Waiting for another process's template: its boot plus its save, and some.
+_TEMPLATE_LOCK_TIMEOUT = _TEMPLATE_BOOT_TIMEOUT + 2 * _SAVE_TIMEOUT
+#: From a clone's launch until its state is restored and personalized; past it, it boots.
+_CLONE_TIMEOUT = 60.0
+#: Discarding a bad template only waits briefly: whoever holds the lock is replacing it.
+_DISCARD_LOCK_TIMEOUT = 2.0
+#: A local file: no reason to throttle the save (QEMU's default is 128 MiB/s).
+_SAVE_BANDWIDTH = 8 << 30
+#: The vmdesc JSON QEMU appends to a complete stream is ~100 KiB; read this much of the tail.
+_TRAILER_WINDOW = 4 << 20
+_STREAM_MAGIC = b"QEVM\x00\x00\x00\x03"
+
 _LABELS = "labels.json"
 _RECORD = "machine.json"
 _OVERLAY = "overlay.qcow2"
@@ -95,6 +122,14 @@ class _Record:
     mac: str | None = None
     mcast: str | None = None
     accel: str | None = None
+    #: the template state this machine was restored from (None: it booted)
+    template: str | None = None
+    #: identity of that state file ("inode:mtime_ns:size"), to discard exactly it if it fails
+    template_stamp: str | None = None
+    #: the clone still needs its restore checked and its identity set (done by wait_ready)
+    clone_pending: bool = False
+    #: time.monotonic() at launch (system-wide on Linux): bounds the clone's restore
+    launched_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -120,20 +155,42 @@ class _Died(Exception):  # private control flow: never escapes this module
     """The qemu process is gone; stop probing."""
 
 
+class _Failed(Exception):  # private control flow: never escapes this module
+    """A probe saw a definite failure; stop probing."""
+
+
+@dataclass(frozen=True)
+class _Template:
+    """A validated template state file."""
+
+    path: Path
+    stamp: str
+
+
 class QemuBackend:
     """Machines are qemu-system-x86_64 processes booting the vmpool guest image."""
 
     name = "qemu"
     capabilities = Capabilities(reset=True, labels=True, network=True)
 
-    def __init__(self, settings: QemuSettings, state_dir: Path) -> None:
+    def __init__(
+        self, settings: QemuSettings, state_dir: Path, *, template_dir: Path | None = None
+    ) -> None:
         self.settings = settings
         self.state_dir = Path(state_dir)
         self.root = self.state_dir / "qemu"
+        #: where clone templates are saved; per host by default, so every session shares them
+        self.template_dir = (
+            Path(template_dir)
+            if template_dir is not None
+            else Path(platformdirs.user_cache_dir("vmpool")) / _TEMPLATES_DIR
+        )
         self._accel: Accel | None = None
         self._accel_lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        #: template keys whose build failed in this process: their machines boot, no retry
+        self._template_failed: set[str] = set()
 
     # --- checks and image -------------------------------------------------------------
 
@@ -192,22 +249,55 @@ class QemuBackend:
         log.debug("created qemu machine %s in %s", name, run_dir)
 
     def start(self, name: str) -> None:
-        """Launch qemu daemonized; returns once its sockets exist (the guest is still booting)."""
+        """Launch qemu daemonized; returns once its sockets exist (the guest is still booting).
+
+        With ``warmup = "clone"`` it first makes sure the template state exists (the first
+        machine of a configuration builds it), then launches qemu restoring it.
+        """
         run_dir = self._existing(name)
         if self._process(run_dir) is not None:
             log.debug("qemu machine %s already running", name)
             return
         record = self._record(run_dir)
         accel = self.resolve_accel()
-        record = _Record(**{**asdict(record), "accel": accel})
+        record = replace(
+            record, accel=accel, template=None, template_stamp=None, clone_pending=False
+        )
+        if self.settings.warmup == "clone":
+            template = self._template_for(record, accel)
+            if template is not None:
+                clone = replace(
+                    record,
+                    template=str(template.path),
+                    template_stamp=template.stamp,
+                    clone_pending=True,
+                    launched_at=time.monotonic(),
+                )
+                _write_json(run_dir / _RECORD, asdict(clone))
+                try:
+                    self._launch(run_dir, clone, accel, incoming=template.path)
+                    return
+                except BackendError as exc:
+                    log.warning("qemu machine %s: clone did not start (%s); booting it", name, exc)
+                    self._kill_run(run_dir)
+        record = replace(record, launched_at=time.monotonic())
         _write_json(run_dir / _RECORD, asdict(record))
         self._launch(run_dir, record, accel)
 
     def wait_ready(self, name: str, timeout: float) -> None:
-        """Probe the guest agent (guest-sync, then `true`) until it answers."""
+        """Probe the guest agent (guest-sync, then `true`) until it answers.
+
+        A clone is first checked to have restored and given its own identity; a clone that
+        cannot be is booted instead, within the same wait.
+        """
         run_dir = self._existing(name)
+        deadline = time.monotonic() + timeout
         record = self._record(run_dir)
-        self._wait_agent(run_dir, record, timeout, what=f"qemu machine {name}")
+        if record.clone_pending:
+            with self._exclusive(name, deadline):
+                record = self._finish_clone(run_dir, self._record(run_dir), deadline)
+        remaining = max(deadline - time.monotonic(), 0.01)
+        self._wait_agent(run_dir, record, remaining, what=f"qemu machine {name}")
 
     def exec(self, name: str, argv: Sequence[str], timeout: float) -> ExecResult:
         """Run ``argv`` through qemu-ga's guest-exec; ExecTimeout (and a kill) after ``timeout``."""
@@ -263,6 +353,11 @@ class QemuBackend:
                 run_dir, record, _RESYNC_TIMEOUT, what=f"qemu machine {name} after reset",
                 run_true=False,
             )
+
+    def template_path(self, networked: bool) -> Path:
+        """Where the clone template for this configuration (with or without a NIC) is saved."""
+        key = self._template_key(find_image(self.settings), self.resolve_accel(), networked)
+        return self.template_dir / f"{key}.state"
 
     def delete(self, name: str) -> None:
         """Quit (or kill) qemu and remove the run directory; a missing machine is success."""
@@ -481,13 +576,29 @@ class QemuBackend:
         finally:
             lock.release()
 
-    def _argv(self, run_dir: Path, record: _Record, accel: Accel) -> builtins.list[str]:
-        s = self.settings
-        cmdline = ["console=ttyS0", "quiet", "panic=1", f"vmpool.hostname={record.name}"]
-        if record.ip is not None:
+    def _cmdline(self, record: _Record | None) -> str:
+        """The kernel command line; ``None`` is the template's (no address: clones get theirs)."""
+        hostname = record.name if record is not None else _TEMPLATE_NAME
+        cmdline = ["console=ttyS0", "quiet", "panic=1", f"vmpool.hostname={hostname}"]
+        if record is not None and record.ip is not None:
             cmdline.append(f"vmpool.ip={record.ip}/{record.prefix}")
-        if s.append:
-            cmdline.append(s.append)
+        if self.settings.append:
+            cmdline.append(self.settings.append)
+        return " ".join(cmdline)
+
+    def _argv(
+        self,
+        run_dir: Path,
+        record: _Record,
+        accel: Accel,
+        *,
+        template: bool = False,
+        incoming: Path | None = None,
+    ) -> builtins.list[str]:
+        """qemu's command line. A template and its clones differ only in host-side parts
+        (paths, sockets, netdev, MAC property): the devices must match for the restore."""
+        s = self.settings
+        cloned = template or incoming is not None
         argv = [
             s.binary,
             "-daemonize",
@@ -502,7 +613,7 @@ class QemuBackend:
             "-serial", f"file:{run_dir / _CONSOLE}",
             "-kernel", record.kernel,
             "-initrd", record.initrd,
-            "-append", " ".join(cmdline),
+            "-append", self._cmdline(None if cloned else record),
             "-drive", f"file={run_dir / _OVERLAY},if=virtio,format=qcow2",
             "-device", "virtio-serial",
             "-chardev", f"socket,path={_qga_sock(record)},server=on,wait=off,id=qga0",
@@ -510,20 +621,33 @@ class QemuBackend:
             "-qmp", f"unix:{_qmp_sock(record)},server=on,wait=off",
             "-pidfile", str(run_dir / _PIDFILE),
         ]
-        if record.mcast is not None:
-            # localaddr=127.0.0.1 keeps the hub on loopback: without it QEMU joins the group on
-            # the default-route interface and guest frames leave the host.
-            argv += [
-                "-netdev", f"socket,id=n0,mcast={record.mcast},localaddr=127.0.0.1",
-                "-device", f"virtio-net-pci,netdev=n0,mac={record.mac}",
-            ]
+        if record.mac is not None:
+            if record.mcast is not None:
+                # localaddr=127.0.0.1 keeps the hub on loopback: without it QEMU joins the group
+                # on the default-route interface and guest frames leave the host.
+                netdev = f"socket,id=n0,mcast={record.mcast},localaddr=127.0.0.1"
+            else:
+                # the template's NIC only has to exist: a hub port with nothing else on it
+                netdev = "hubport,id=n0,hubid=0"
+            argv += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={record.mac}"]
+        if incoming is not None:
+            # QEMU runs an exec: URI through /bin/sh; the path is ours, quote it anyway
+            argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
         return argv
 
-    def _launch(self, run_dir: Path, record: _Record, accel: Accel) -> None:
+    def _launch(
+        self,
+        run_dir: Path,
+        record: _Record,
+        accel: Accel,
+        *,
+        template: bool = False,
+        incoming: Path | None = None,
+    ) -> None:
         for stale in (run_dir / _PIDFILE, _qmp_sock(record), _qga_sock(record)):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        argv = self._argv(run_dir, record, accel)
+        argv = self._argv(run_dir, record, accel, template=template, incoming=incoming)
         result = _proc.run(argv, timeout=_LAUNCH_TIMEOUT, install_hint=INSTALL_HINT)
         if result.returncode != 0:
             raise BackendError(
@@ -531,6 +655,309 @@ class QemuBackend:
                 f"{result.stderr.strip()[-2000:]}{self._died_hint(run_dir)}"
             )
         log.debug("started qemu for %s (%s) in %.2fs", record.name, accel, result.duration)
+
+    def _kill_run(self, run_dir: Path) -> None:
+        proc = self._process(run_dir)
+        if proc is not None:
+            _kill(proc)
+
+    # --- clones -------------------------------------------------------------------------
+
+    def _template_key(self, image: ImagePaths, accel: Accel, networked: bool) -> str:
+        """What a saved state depends on: the guest image, the machine and the qemu binary."""
+        s = self.settings
+        manifest_files = _read_json_quiet(image_dir(s) / MANIFEST_FILE).get("files")
+        parts: list[str] = [
+            f"v{_TEMPLATE_VERSION}",
+            json.dumps(manifest_files, sort_keys=True),
+            f"memory={s.memory}",
+            f"cpus={s.cpus}",
+            f"machine={s.machine}",
+            f"accel={accel}",
+            f"append={s.append}",
+            f"networked={networked}",
+            *(f"{path}:{ident}" for path, ident in self._template_files(image).items()),
+        ]
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+    def _template_files(self, image: ImagePaths) -> dict[str, str]:
+        """The files a template depends on, each with its "size:mtime_ns" ("?" if missing)."""
+        binary = shutil.which(self.settings.binary) or self.settings.binary
+        return {
+            os.path.realpath(path): _file_identity(Path(path))
+            for path in (binary, image.kernel, image.initrd, image.disk)
+        }
+
+    def _prune_templates(self, keep: Path) -> None:
+        """Remove templates whose input files are gone or changed: no key can reach them again.
+
+        (Each rebuilt image, and each test session's temporary one, would otherwise leave
+        ~90 MiB behind.)
+        """
+        for info_path in self.template_dir.glob("*.json"):
+            state = info_path.with_suffix(".state")
+            if state == keep:
+                continue
+            files = _read_json_quiet(info_path).get("files")
+            if not isinstance(files, dict):
+                continue  # not ours, or from a build without the record: leave it
+            if all(_file_identity(Path(p)) == ident for p, ident in files.items()):
+                continue
+            log.info("qemu: removing the clone template %s (its inputs changed)", state)
+            state.unlink(missing_ok=True)
+            info_path.unlink(missing_ok=True)
+
+    def _template_for(self, record: _Record, accel: Accel) -> _Template | None:
+        """The valid template state for ``record``'s configuration, built if missing.
+
+        None (and a warning) when it cannot be had: the caller boots the machine instead.
+        """
+        networked = record.mac is not None
+        try:
+            image = find_image(self.settings)
+            key = self._template_key(image, accel, networked)
+        except VmPoolError as exc:
+            log.warning("qemu machine %s: no clone template (%s); booting it", record.name, exc)
+            return None
+        with self._locks_guard:
+            if key in self._template_failed:
+                return None
+        path = self.template_dir / f"{key}.state"
+        found = _valid_template(path)
+        if found is not None:
+            return found
+        lock = self.template_dir / f".{key}.lock"
+        try:
+            self.template_dir.mkdir(parents=True, exist_ok=True)
+            # one builder per host: other processes (xdist workers, sessions) wait for it
+            with portalocker.Lock(str(lock), mode="a", timeout=_TEMPLATE_LOCK_TIMEOUT):
+                found = _valid_template(path)
+                if found is not None:
+                    return found
+                self._build_template(image, accel, networked, key, path)
+                found = _valid_template(path)
+                if found is None:
+                    raise BackendError(f"{path} is missing or incomplete after the build")
+                return found
+        except (VmPoolError, OSError, portalocker.exceptions.LockException) as exc:
+            log.warning(
+                "qemu: could not build the clone template %s (%s: %s); booting machines instead",
+                path, type(exc).__name__, exc,
+            )
+            with self._locks_guard:
+                self._template_failed.add(key)
+            return None
+
+    def _build_template(
+        self, image: ImagePaths, accel: Accel, networked: bool, key: str, path: Path
+    ) -> None:
+        """Boot a template guest, save its running state to ``path`` (atomically), quit it.
+
+        Called with the template's lock held, so leftovers of this key are an interrupted
+        build's: they are removed first.
+        """
+        for stale in [*self.template_dir.glob(f".build-{key}-*"),
+                      *self.template_dir.glob(f".{key}.state.*.tmp")]:
+            if stale.is_dir():
+                self._kill_run(stale)
+                self._remove_files(stale)
+            else:
+                stale.unlink(missing_ok=True)
+        started = time.monotonic()
+        run_dir = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=self.template_dir))
+        tmp = self.template_dir / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        log.info("qemu: building the clone template %s", path)
+        try:
+            sock_dir = _socket_dir(run_dir)
+            sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            record = _Record(
+                name=_TEMPLATE_NAME,
+                index=0,
+                sock_dir=str(sock_dir),
+                kernel=str(image.kernel),
+                initrd=str(image.initrd),
+                mac=_TEMPLATE_MAC if networked else None,
+                accel=accel,
+            )
+            _write_json(run_dir / _RECORD, asdict(record))  # _stop() and cleanup read it
+            _make_overlay(image, run_dir / _OVERLAY)
+            self._launch(run_dir, record, accel, template=True)
+            self._wait_agent(run_dir, record, _TEMPLATE_BOOT_TIMEOUT, what="qemu clone template")
+            booted = time.monotonic()
+            self._save_state(run_dir, record, tmp)
+            _write_json(
+                path.with_suffix(".json"),
+                {
+                    "settings": self.settings.model_dump(mode="json"),
+                    "accel": accel,
+                    "networked": networked,
+                    "files": self._template_files(image),
+                    "size": tmp.stat().st_size,
+                    "boot_seconds": round(booted - started, 2),
+                    "save_seconds": round(time.monotonic() - booted, 2),
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                },
+            )
+            os.replace(tmp, path)
+            self._prune_templates(keep=path)
+            log.info(
+                "qemu: clone template saved in %.1fs (boot %.1fs): %s",
+                time.monotonic() - started, booted - started, path,
+            )
+        finally:
+            proc = self._process(run_dir)
+            if proc is not None:
+                self._stop(run_dir, proc)
+            self._remove_files(run_dir)
+            tmp.unlink(missing_ok=True)
+
+    def _save_state(self, run_dir: Path, record: _Record, dest: Path) -> None:
+        """``migrate`` the running guest to ``dest``; returns once the file is complete."""
+        # On completion QEMU closes the pipe and at once SIGTERMs the process it started, which
+        # could cut cat short. `; :` stops shells that exec a lone last command (bash, newer
+        # dash) from making cat that process: the shell takes the signal, cat finishes writing.
+        uri = f"exec:cat > {shlex.quote(str(dest))}; :"
+        self._qmp_all(
+            record,
+            [
+                ("migrate-set-parameters", {"max-bandwidth": _SAVE_BANDWIDTH}),
+                ("migrate", {"uri": uri}),
+            ],
+            _QMP_TIMEOUT,
+        )
+
+        def migrated() -> None:
+            if self._process(run_dir) is None:
+                raise _Died
+            info = self._qmp(record, "query-migrate", None, _QMP_TIMEOUT)
+            status = info.get("status") if isinstance(info, dict) else None
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled", None):
+                detail = info.get("error-desc", "") if isinstance(info, dict) else ""
+                raise _Failed(f"migration {status}: {detail}")
+            raise BackendError(f"migration {status}")
+
+        def written() -> None:
+            if _valid_template(dest) is None:
+                raise BackendError(f"{dest} is not complete yet")
+
+        what = "saving the clone template"
+        try:
+            probe_until(migrated, timeout=_SAVE_TIMEOUT, what=what, first_interval=0.02,
+                        max_interval=0.2)
+            probe_until(written, timeout=_SAVE_TIMEOUT, what=what, first_interval=0.01,
+                        max_interval=0.2)
+        except _Died:
+            raise BackendError(f"{what}: qemu exited{self._died_hint(run_dir)}") from None
+        except _Failed as exc:
+            raise BackendError(f"{what}: {exc}") from None
+
+    def _finish_clone(self, run_dir: Path, record: _Record, deadline: float) -> _Record:
+        """Check the restore, give the clone its identity; boot it instead if that fails.
+
+        Returns the record to probe with. Raises ReadyTimeout when ``deadline`` (one slice of
+        the caller's wait) passes first while the clone still has time of its own.
+        """
+        if not record.clone_pending:
+            return record
+        launched = record.launched_at if record.launched_at is not None else time.monotonic()
+        clone_deadline = launched + _CLONE_TIMEOUT
+        phase = "restore"
+        try:
+            timeout = min(deadline, clone_deadline) - time.monotonic()
+            if timeout <= 0:
+                raise ReadyTimeout(f"qemu machine {record.name} is still restoring")
+            self._await_restore(run_dir, record, timeout)
+            phase = "identity"
+            self._personalize(run_dir, record, min(deadline, clone_deadline))
+        except ReadyTimeout as exc:
+            if time.monotonic() < clone_deadline:
+                raise  # the caller's slice ended; the clone has time left
+            failure = f"{phase}: not done {_CLONE_TIMEOUT:g}s after launch: {exc}"
+        except _Died:
+            failure = f"{phase}: qemu exited{self._died_hint(run_dir)}"
+        except (_Failed, VmPoolError, OSError) as exc:
+            failure = f"{phase}: {exc}"
+        else:
+            done = replace(record, clone_pending=False)
+            _write_json(run_dir / _RECORD, asdict(done))
+            return done
+        if not (run_dir / _RECORD).is_file():
+            raise BackendError(f"qemu machine {record.name} was deleted while it restored")
+        log.warning("qemu machine %s: clone failed (%s); booting it instead", record.name, failure)
+        if phase == "restore" and "qemu exited" in failure and record.template is not None:
+            # a state qemu cannot load is of no use to the next machine either
+            self._discard_template(Path(record.template), record.template_stamp)
+        self._kill_run(run_dir)
+        accel = cast(Accel, record.accel or self.resolve_accel())
+        booted = replace(
+            record, template=None, template_stamp=None, clone_pending=False,
+            launched_at=time.monotonic(),
+        )
+        _write_json(run_dir / _RECORD, asdict(booted))
+        self._launch(run_dir, booted, accel)
+        return booted
+
+    def _await_restore(self, run_dir: Path, record: _Record, timeout: float) -> None:
+        """Until the clone runs: a state saved running resumes by itself, a paused one not."""
+
+        def probe() -> None:
+            if self._process(run_dir) is None:
+                raise _Died
+            status = self._qmp(record, "query-status", None, _QMP_TIMEOUT)
+            state = status.get("status") if isinstance(status, dict) else None
+            if state == "running":
+                return
+            if state == "inmigrate":
+                raise BackendError("still restoring")
+            if state == "paused":
+                self._qmp(record, "cont", None, _QMP_TIMEOUT)
+                raise BackendError("was paused, resumed it")
+            raise _Failed(f"after restore the guest is {state}")
+
+        probe_until(probe, timeout=timeout, what=f"qemu machine {record.name} restore",
+                    first_interval=0.02, max_interval=0.25)
+
+    def _personalize(self, run_dir: Path, record: _Record, deadline: float) -> None:
+        """Give a clone its hostname, clock, MAC and address (it has the template's)."""
+        script = _identity_script(record)
+        sock = _qga_sock(record)
+        what = f"qemu machine {record.name} identity"
+
+        def probe() -> None:
+            if self._process(run_dir) is None:
+                raise _Died
+            now = time.monotonic()
+            step = min(now + _PROBE_STEP_TIMEOUT, max(deadline, now + 0.2))
+            with _Agent.open(sock, step) as agent:
+                agent.sync(step)
+                # the clock is set as late as possible: the template's is stale
+                argv = ["sh", "-c", script, "identity", str(round(time.time()))]
+                result = _guest_exec(agent, what, argv, _PROBE_STEP_TIMEOUT, step)
+            if not result.ok:
+                raise _Failed(f"setting it failed (exit {result.returncode}): "
+                              f"{(result.stderr or result.stdout).strip()[-500:]}")
+            seen = result.stdout.split()
+            expected = [record.name, *([record.mac, f"{record.ip}/{record.prefix}"]
+                                       if record.ip is not None else [])]
+            if seen != expected:
+                raise _Failed(f"the guest reports {seen}, expected {expected}")
+
+        timeout = max(deadline - time.monotonic(), 0.01)
+        probe_until(probe, timeout=timeout, what=what, first_interval=0.05, max_interval=0.5)
+
+    def _discard_template(self, path: Path, stamp: str | None) -> None:
+        """Remove the template state at ``path`` if it is still the file with ``stamp``."""
+        lock = self.template_dir / f".{path.stem}.lock"
+        try:
+            with portalocker.Lock(str(lock), mode="a", timeout=_DISCARD_LOCK_TIMEOUT):
+                if stamp is not None and _stamp(path) == stamp:
+                    path.unlink(missing_ok=True)
+                    log.warning("qemu: removed the clone template %s (qemu could not load it)",
+                                path)
+        except (OSError, portalocker.exceptions.LockException) as exc:
+            log.warning("qemu: could not remove the clone template %s: %s", path, exc)
 
     def _wait_agent(
         self, run_dir: Path, record: _Record, timeout: float, *, what: str, run_true: bool = True
@@ -825,6 +1252,77 @@ def _qmp_sock(record: _Record) -> Path:
 
 def _qga_sock(record: _Record) -> Path:
     return Path(record.sock_dir) / _QGA_SOCK
+
+
+def _identity_script(record: _Record) -> str:
+    """sh -c script (``$1``: the host's epoch seconds) setting a clone's identity; it prints
+    the hostname, then with a network the MAC and address, for the caller to compare."""
+    q = shlex.quote
+    lines = [
+        "set -e",
+        f"hostname {q(record.name)}",
+        'date -s "@$1" >/dev/null',
+        # mix host randomness in: clones start with the template's pool (reseeds soon after)
+        f"echo {secrets.token_hex(32)} > /dev/urandom",
+    ]
+    if record.ip is not None and record.mac is not None:
+        lines += [
+            "ip link set eth0 down",
+            f"ip link set eth0 address {q(record.mac)}",
+            "ip addr flush dev eth0",
+            f"ip addr add {q(f'{record.ip}/{record.prefix}')} dev eth0",
+            "ip link set eth0 up",
+        ]
+    lines.append("hostname")
+    if record.ip is not None:
+        lines += [
+            "cat /sys/class/net/eth0/address",
+            "ip -o -4 addr show dev eth0 | awk '{print $4}'",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _file_identity(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return "?"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _stamp(path: Path) -> str | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def _valid_template(path: Path) -> _Template | None:
+    """``path`` as a template if it is a complete QEMU migration stream, else None.
+
+    Complete means: the stream magic at the start, and at the end the description QEMU writes
+    last (QEMU_VM_EOF, then QEMU_VM_VMDESCRIPTION, a 4-byte length and that much JSON).
+    A truncated or half-written file fails this; a corrupt middle is caught by the restore.
+    """
+    try:
+        with path.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size <= len(_STREAM_MAGIC) or fh.read(len(_STREAM_MAGIC)) != _STREAM_MAGIC:
+                return None
+            start = max(size - _TRAILER_WINDOW, 0)
+            fh.seek(start)
+            tail = fh.read()
+            st = os.fstat(fh.fileno())
+    except OSError:
+        return None
+    at = tail.rfind(b'{"page_size"')
+    if at < 6 or tail[at - 6 : at - 4] != b"\x00\x06":
+        return None
+    length = int.from_bytes(tail[at - 4 : at], "big")
+    if start + at + length != size or not tail.endswith(b"}"):
+        return None
+    return _Template(path, f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}")
 
 
 def _mac(network: str, index: int) -> str:

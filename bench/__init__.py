@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.suite` (whole pytest runs) and `python -m bench.backends`."""
