@@ -120,11 +120,8 @@ def ready_names(pool: Pool) -> list[str]:
 # -- warm-up ----------------------------------------------------------------------------------
 def test_warmup_runs_creates_in_parallel_up_to_warmup_parallelism(start_pool: Factory) -> None:
     controller, backend = start_pool(6, warmup_parallelism=3, sim={"create_latency": 0.15})
-    started = time.monotonic()
     pool = controller.wait_until_ready(6, 10)
-    elapsed = time.monotonic() - started
-    assert backend.max_active == 3
-    assert elapsed < 6 * 0.15  # not one at a time
+    assert backend.max_active == 3  # in parallel, and never more than warmup_parallelism
     assert len(ready_names(pool)) == 6
     assert len(backend.list("vmpool-")) == 6
 

@@ -147,6 +147,14 @@ def test_machines_beyond_size_are_not_leased() -> None:
     assert leases.take_grant(pool, rid) is None
 
 
+def test_machine_of_a_stale_config_is_not_leased() -> None:
+    pool = make_pool(size=2)
+    pool.machine("m0").config_hash = "h0"
+    assert checkout(pool, pid=10) == ["m1"]
+    rid = request(pool, pid=11)
+    assert leases.take_grant(pool, rid) is None
+
+
 def test_least_used_machine_is_leased_first() -> None:
     pool = make_pool(size=2)
     pool.machine("m0").uses_since_reset = 3

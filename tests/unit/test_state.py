@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import stat
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -256,3 +260,55 @@ def test_lock_timeout_is_a_state_error(store: JsonStore, monkeypatch: pytest.Mon
     finally:
         release.set()
         holder.join(10)
+
+
+def _hold_lock(store: JsonStore, locked: Any, release: Any) -> None:
+    with store.transaction():
+        locked.set()
+        release.wait(10)
+
+
+def test_waiting_transaction_proceeds_when_the_holder_releases(store: JsonStore) -> None:
+    ctx = multiprocessing.get_context("fork")
+    locked, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(store, locked, release))
+    holder.start()
+    try:
+        assert locked.wait(10)
+        threading.Timer(0.2, release.set).start()
+        started = time.monotonic()
+        with store.transaction() as pool:
+            pool.size = 7
+        assert time.monotonic() - started >= 0.15
+    finally:
+        release.set()
+        holder.join(10)
+    assert store.read().size == 7  # type: ignore[union-attr]
+
+
+def test_interrupted_lock_wait_does_not_keep_the_lock(store: JsonStore) -> None:
+    ctx = multiprocessing.get_context("fork")
+    locked, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(store, locked, release))
+    holder.start()
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        assert locked.wait(10)
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        with pytest.raises(KeyboardInterrupt), store.transaction():
+            pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        release.set()
+        holder.join(10)
+    # the abandoned wait let go of the lock: another process can take it
+    other = ctx.Process(target=_increment, args=((str(store.dir.path), store.pool_id, 1),))
+    other.start()
+    other.join(10)
+    assert other.exitcode == 0
+    assert store.read().next_serial == 1  # type: ignore[union-attr]

@@ -1,0 +1,235 @@
+"""Check-out/check-in latency of the lease protocol under contention on one state store.
+
+    python bench/checkout_latency.py                      # 8 processes, 64 machines
+    python bench/checkout_latency.py --procs 8 --machines 64 --iterations 2000 --json out.json
+
+A zero-latency sim pool of ``--machines`` machines is warmed by a real Controller (which keeps
+running, as in a session), with ``checkin_policy = "reuse"`` and pre-ping off so no backend work
+is timed: what is measured is vmpool's own protocol (lock, read, decide, atomic write). Then
+``--procs`` processes each run ``--iterations`` check-out + check-in cycles of one machine at
+once, all contending for the same state file. The target is p99(check-out + check-in) <= 2 ms.
+``--hold-ms`` keeps each machine about that long (0.5-1.5x, so processes do not march in
+lock-step) between check-out and check-in, like a test's run time; 0, the default, is the worst
+case: every process hammers the store back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+try:
+    from bench._common import host_facts, markdown_table
+except ImportError:  # run as `python bench/checkout_latency.py`
+    from _common import host_facts, markdown_table  # type: ignore[no-redef]
+
+from vmpool.backends.sim import SimBackend
+from vmpool.client import PoolClient
+from vmpool.config import PoolSettings, Profile, SimSettings
+from vmpool.controller import Controller, policy_for
+from vmpool.state import JsonStateDir
+
+TARGET_MS = 2.0
+_WARMUP_CYCLES = 20
+
+
+def _worker(
+    index: int,
+    state: str,
+    pool_id: str,
+    iterations: int,
+    hold: float,
+    start: Any,
+    results: Any,
+) -> None:
+    """Run check-out + check-in cycles; send back (checkout, checkin) seconds per cycle."""
+    directory = JsonStateDir(Path(state))
+    profile = _profile(0)
+    backend = SimBackend(profile.sim, directory.path)
+    client = PoolClient(
+        directory.store(pool_id),
+        backend,
+        policy_for(profile, backend),
+        worker=f"bench{index}",
+        pre_ping=False,
+    )
+    for _ in range(_WARMUP_CYCLES):  # imports, page cache, first-call costs
+        client.checkin(client.checkout(1, timeout=60))
+    start.wait()
+    clock = time.perf_counter
+    rng = random.Random(index)
+    samples = []
+    for _ in range(iterations):
+        t0 = clock()
+        lease = client.checkout(1, timeout=60)
+        t1 = clock()
+        if hold:
+            time.sleep(rng.uniform(0.5, 1.5) * hold)
+        t2 = clock()
+        client.checkin(lease)
+        t3 = clock()
+        samples.append((t1 - t0, t3 - t2))
+    results.put((index, samples))
+
+
+def _profile(size: int) -> Profile:
+    return Profile(
+        name="default",
+        pool=PoolSettings(
+            size=size or None,
+            backend="sim",
+            checkin_policy="reuse",
+            pre_ping=False,
+            network=False,
+            warmup_parallelism=16,
+        ),
+        sim=SimSettings(),
+    )
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, min(len(sorted_values), round(q / 100 * len(sorted_values) + 0.5)))
+    return sorted_values[rank - 1]
+
+
+def _summary(seconds: list[float]) -> dict[str, float]:
+    ms = sorted(s * 1000 for s in seconds)
+    return {
+        "p50": _percentile(ms, 50),
+        "p90": _percentile(ms, 90),
+        "p99": _percentile(ms, 99),
+        "max": ms[-1],
+        "mean": sum(ms) / len(ms),
+    }
+
+
+def run(
+    procs: int, machines: int, iterations: int, hold_ms: float, state_root: Path | None
+) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="vmpool-bench-", dir=state_root))
+    directory = JsonStateDir(tmp / "state")
+    profile = _profile(machines)
+    backend = SimBackend(profile.sim, directory.path)
+    controller = Controller(
+        directory=directory, backend=backend, profile=profile, size=machines, session="bench"
+    )
+    try:
+        controller.start()
+        started = time.monotonic()
+        controller.wait_until_ready(machines, 120)
+        warmup = time.monotonic() - started
+        state_bytes = (directory.path / f"{controller.pool_id}.json").stat().st_size
+
+        # spawn, not fork: a forked child would inherit this process's threads' open lock files
+        ctx = multiprocessing.get_context("spawn")
+        start = ctx.Event()
+        results = ctx.Queue()
+        workers = [
+            ctx.Process(
+                target=_worker,
+                args=(
+                    i,
+                    str(directory.path),
+                    controller.pool_id,
+                    iterations,
+                    hold_ms / 1000,
+                    start,
+                    results,
+                ),
+            )
+            for i in range(procs)
+        ]
+        for w in workers:
+            w.start()
+        time.sleep(0.5)  # let every worker finish its warm-up cycles and wait at the start line
+        t0 = time.perf_counter()
+        start.set()
+        samples: list[tuple[float, float]] = []
+        for _ in workers:
+            samples.extend(results.get(timeout=600)[1])
+        wall = time.perf_counter() - t0
+        for w in workers:
+            w.join(60)
+        stats = controller.snapshot().stats
+    finally:
+        controller.stop(lease_timeout=5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    checkout = _summary([s[0] for s in samples])
+    checkin = _summary([s[1] for s in samples])
+    cycle = _summary([s[0] + s[1] for s in samples])
+    return {
+        "procs": procs,
+        "machines": machines,
+        "iterations_per_proc": iterations,
+        "hold_ms": hold_ms,
+        "cycles": len(samples),
+        "wall_s": wall,
+        "cycles_per_s": len(samples) / wall,
+        "ms": {"checkout": checkout, "checkin": checkin, "checkout+checkin": cycle},
+        "target_ms": TARGET_MS,
+        "meets_target": cycle["p99"] <= TARGET_MS,
+        "warmup_s": warmup,
+        "state_file_bytes": state_bytes,
+        "pool_checkouts": stats.checkouts,
+        "host": host_facts(),
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    rows = [
+        [op, *(f"{result['ms'][op][k]:.3f}" for k in ("p50", "p90", "p99", "max", "mean"))]
+        for op in ("checkout", "checkin", "checkout+checkin")
+    ]
+    table = markdown_table(["ms", "p50", "p90", "p99", "max", "mean"], rows)
+    verdict = "yes" if result["meets_target"] else "NO"
+    return (
+        f"{result['procs']} processes x {result['iterations_per_proc']} cycles "
+        f"(machine held {result['hold_ms']:g} ms) on a "
+        f"{result['machines']}-machine zero-latency sim pool "
+        f"(state file {result['state_file_bytes']} bytes, {result['host']['cpus']} CPUs)\n\n"
+        f"{table}\n\n"
+        f"throughput: {result['cycles_per_s']:.0f} check-out+check-in cycles/s "
+        f"({result['cycles']} cycles in {result['wall_s']:.2f} s)\n"
+        f"p99(checkout+checkin) <= {result['target_ms']:g} ms: {verdict} "
+        f"({result['ms']['checkout+checkin']['p99']:.3f} ms)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--procs", type=int, default=8, help="contending processes (8)")
+    parser.add_argument("--machines", type=int, default=64, help="pool size (64)")
+    parser.add_argument(
+        "--iterations", type=int, default=500, help="check-out+check-in cycles per process (500)"
+    )
+    parser.add_argument(
+        "--hold-ms", type=float, default=0.0, help="time a machine is held per cycle (0)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
+    parser.add_argument(
+        "--state-root", type=Path, help="where the temporary state directory goes (system temp)"
+    )
+    args = parser.parse_args(argv)
+    if not 1 <= args.machines <= 256:
+        parser.error("--machines must be 1..256 (the pool size limit)")
+    result = run(args.procs, args.machines, args.iterations, args.hold_ms, args.state_root)
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
