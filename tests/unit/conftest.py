@@ -8,17 +8,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
+from _procs import process_ref
 
 from vmpool.backends.sim import SimBackend
 from vmpool.config import PoolSettings, Profile, SimSettings
-from vmpool.ownership import ProcessRef, hostname
+from vmpool.ownership import ProcessRef
 from vmpool.state import JsonStateDir
-
-
-def process_ref(pid: int) -> ProcessRef:
-    return ProcessRef(host=hostname(), pid=pid, pid_start=psutil.Process(pid).create_time())
 
 
 @pytest.fixture

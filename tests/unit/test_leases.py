@@ -9,7 +9,7 @@ import time
 
 import psutil
 import pytest
-from conftest import process_ref
+from _procs import process_ref
 
 from vmpool import leases
 from vmpool.ownership import ProcessRef, is_alive
