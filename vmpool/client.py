@@ -115,8 +115,9 @@ class PoolClient:
         deadline = started + timeout
         front = False
         while True:
-            names, request_id, holder = self._wait_for_grant(count, fresh, test, deadline, front)
-            pool = self.store.read()
+            names, request_id, holder, pool = self._wait_for_grant(
+                count, fresh, test, deadline, front
+            )
             addresses = {n: _address(pool, n) for n in names}
             bad = self._ping(self._needs_ping(pool, names)) if self.pre_ping else {}
             if not bad:
@@ -137,7 +138,9 @@ class PoolClient:
 
     def _wait_for_grant(
         self, count: int, fresh: bool, test: str | None, deadline: float, front: bool
-    ) -> tuple[list[str], str, Holder]:
+    ) -> tuple[list[str], str, Holder, Pool]:
+        """Join the line and wait; returns the grant and the record as of the grant (so the
+        caller needs no extra read for addresses and health)."""
         request_id = uuid.uuid4().hex[:12]
         holder = self._holder(test)
         request = leases.new_request(holder, request_id, count, fresh, self.clock())
@@ -151,6 +154,7 @@ class PoolClient:
                 leases.enqueue(pool, request, front=front)
                 leases.serve_queue(pool, self.clock())
                 granted = leases.take_grant(pool, request_id)
+            seen = pool
         if problem is not None:
             raise PoolUnavailable(problem)
         interval = _FIRST_POLL
@@ -161,6 +165,7 @@ class PoolClient:
                 if now >= deadline:
                     late = None
                     with self.store.transaction() as pool:
+                        seen = pool
                         granted = leases.cancel(pool, request_id) or None
                         if granted is None:
                             late = leases.timeout_error(pool, now - request.since, count, now)
@@ -174,6 +179,7 @@ class PoolClient:
                         leases.reclaim(pool, self.policy, is_alive, self.clock())
                         last_reclaim = self.clock()
                     problem = self._problem(pool, count)
+                    seen = pool
                     if problem is None:
                         leases.serve_queue(pool, self.clock())
                         try:
@@ -192,7 +198,7 @@ class PoolClient:
                 leases.return_unused(pool, leases.cancel(pool, request_id), holder)
             raise
         assert granted is not None  # the loop only ends with a grant
-        return granted, request_id, holder
+        return granted, request_id, holder, seen
 
     @staticmethod
     def _problem(pool: Pool, count: int) -> str | None:
