@@ -200,6 +200,7 @@ class VmPoolSession:
         self.worker = worker
         self.outcomes: list[ProfileOutcome] = []
         self._shown: dict[str, int] = {}
+        self._early: dict[str, int] = {}
 
     # -- controller -------------------------------------------------------------------------
     @pytest.hookimpl(optionalhook=True)
@@ -209,6 +210,18 @@ class VmPoolSession:
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         if self.controller is not None:
             self.controller.start()
+
+    def pytest_itemcollected(self, item: pytest.Item) -> None:
+        # Report demand at the first pool test collected, so warm-up overlaps the rest of
+        # collection; modifyitems still validates and reports the final set. Not when -k, -m,
+        # --deselect, --lf or --sw may drop tests later: then demand waits for the final set.
+        if self.worker is None or _may_deselect(self.config):
+            return
+        needs, problems = _needs([item], self.cfg, self.settings.default_size)
+        early = {p: n for p, n in needs.items() if n > self._early.get(p, 0)}
+        if early and not problems:
+            self._early.update(early)
+            self.worker.report_demand(early, [])
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(
@@ -312,6 +325,19 @@ class VmPoolSession:
                 f"p95 {percentile(waits, 95):.3f}s, max {max(waits, default=0.0):.3f}s; "
                 f"first machine ready after {first}"
             )
+
+
+def _may_deselect(config: pytest.Config) -> bool:
+    """Whether options that drop collected tests in modifyitems are in use."""
+    o = config.option
+    return bool(
+        getattr(o, "keyword", "")
+        or getattr(o, "markexpr", "")
+        or getattr(o, "deselect", None)
+        or getattr(o, "lf", False)
+        or getattr(o, "stepwise", False)
+        or getattr(o, "stepwise_skip", False)
+    )
 
 
 def _elapsed(since: float) -> float:
