@@ -285,7 +285,7 @@ class Controller:
             self._set_state(name, MachineState.STARTING)
             self.backend.start(name)
             self._wait_ready(name)
-            if self.backend.capabilities.reset:
+            if self.policy.needs_snapshot:  # a replace-only pool never restores one
                 self.backend.snapshot(name)
             address = self.backend.address(name)
         except _Cancelled:

@@ -40,6 +40,11 @@ class Policy:
     #: the backend restores snapshots; without it a reset becomes a replace
     can_reset: bool = True
 
+    @property
+    def needs_snapshot(self) -> bool:
+        """Whether a machine can ever be reset: not when every check-in replaces it."""
+        return self.can_reset and (self.checkin != "replace" or self.failure != "replace")
+
 
 @dataclass(frozen=True)
 class Work:

@@ -449,3 +449,16 @@ def test_wait_until_ready_returns_the_pool_snapshot(start_pool: Factory) -> None
     pool = controller.wait_until_ready(2, 10)
     assert pool.id == controller.pool_id
     assert pool.stats.created == 2 and pool.stats.first_ready_at is not None
+
+
+def test_replace_only_pool_takes_no_snapshot(start_pool: Factory) -> None:
+    controller, backend = start_pool(1, checkin_policy="replace", failure_policy="replace")
+    pool = controller.wait_until_ready(1, 10)
+    name = pool.machines[0].name
+    assert not (backend.root / "machines" / name / "snapshot").exists()
+
+
+def test_pool_that_may_reset_takes_a_snapshot(start_pool: Factory) -> None:
+    controller, backend = start_pool(1, checkin_policy="replace", failure_policy="reset")
+    pool = controller.wait_until_ready(1, 10)
+    assert (backend.root / "machines" / pool.machines[0].name / "snapshot").is_dir()

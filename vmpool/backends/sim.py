@@ -190,7 +190,10 @@ class SimBackend:
     def create_network(self, name: str, labels: Mapping[str, str]) -> None:
         d = self.root / "networks"
         d.mkdir(exist_ok=True)
-        (d / f"{validate_name(name)}.json").write_text(json.dumps({"labels": dict(labels)}))
+        path = d / f"{validate_name(name)}.json"
+        tmp = d / f".{path.name}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"labels": dict(labels)}))
+        os.replace(tmp, path)  # a concurrent list_networks never sees a half-written record
 
     def delete_network(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
