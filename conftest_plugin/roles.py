@@ -18,7 +18,7 @@ from vmpool.client import Lease, PoolClient
 from vmpool.config import Config, Profile
 from vmpool.controller import Controller, Progress, policy_for
 from vmpool.errors import PoolUnavailable, StateError, VmPoolError
-from vmpool.ownership import new_session_id
+from vmpool.ownership import current_process, new_session_id
 from vmpool.session import SessionFile
 from vmpool.state import JsonStateDir, Pool, default_state_dir
 
@@ -90,8 +90,8 @@ class ControllerRole:
 
     def start(self) -> None:
         """Watch for demand in the background; nothing is created until a test needs it."""
-        with self.session_file.update():
-            pass
+        with self.session_file.update() as rec:
+            rec.owner = current_process()
         self._thread = threading.Thread(target=self._watch, name="vmpool-demand", daemon=True)
         self._thread.start()
 

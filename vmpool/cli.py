@@ -342,6 +342,8 @@ def _gc(args: argparse.Namespace) -> int:
         print(f"{verb} network {name}")
     for pid in report.pools_removed:
         print(f"{verb} pool record {pid}")
+    for name in report.files_removed:
+        print(f"{verb} stale file {name}")
     for name in report.spared:
         print(f"spared {name} (its session is alive or kept)")
     for name in report.unknown:

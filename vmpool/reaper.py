@@ -7,15 +7,23 @@ alone and reported. Never a prefix-only cleanup.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vmpool.backends.base import LABEL_POOL, Backend
 from vmpool.errors import StateError, VmPoolError
 from vmpool.ownership import is_alive, owner_from_labels
+from vmpool.session import SessionFile
 from vmpool.state import JsonStateDir, MachineState, Pool
 
 log = logging.getLogger(__name__)
+
+
+#: files this old with nothing to go with them are litter (a live creator holds them for ms)
+LITTER_AGE = 600.0
 
 
 @dataclass
@@ -26,6 +34,7 @@ class ReapReport:
     spared: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    files_removed: list[str] = field(default_factory=list)
 
 
 def pool_is_live(pool: Pool) -> bool:
@@ -116,7 +125,52 @@ def reap(
             report.networks_deleted.append(info.name)
         except VmPoolError as exc:
             report.errors.append(f"network {info.name}: {exc}")
+    sweep_litter(directory, report, dry_run=dry_run)
     return report
+
+
+def sweep_litter(
+    directory: JsonStateDir, report: ReapReport, *, dry_run: bool, now: float | None = None
+) -> None:
+    """Remove what killed sessions leave in the state directory: lock and wait-sample files of
+    pools that no longer exist, session files of dead controllers, and stray temp files."""
+    now = time.time() if now is None else now
+    path = directory.path
+    if not path.is_dir():
+        return
+    pools = set(directory.pool_ids())
+
+    def old(p: Path) -> bool:
+        try:
+            return now - p.stat().st_mtime > LITTER_AGE
+        except FileNotFoundError:
+            return False
+
+    doomed: list[Path] = []
+    for p in path.iterdir():
+        name = p.name
+        if name.endswith(".tmp") and name.startswith("."):
+            if old(p):
+                doomed.append(p)
+        elif name.endswith((".lock", ".waits")) and not name.endswith(".session.lock"):
+            stem = name.rsplit(".", 1)[0]
+            if stem not in pools and old(p):
+                doomed.append(p)
+        elif name.endswith(".session"):
+            session = SessionFile(path, name[: -len(".session")])
+            try:
+                owner = session.read().owner
+            except StateError:
+                owner = None
+            if (owner is not None and not is_alive(owner)) or (owner is None and old(p)):
+                doomed.extend([p, session.lock_path])
+    for p in doomed:
+        if not p.exists():
+            continue
+        if not dry_run:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        report.files_removed.append(p.name)
 
 
 def _verdict(labels: dict[str, str] | object, protected: set[str]) -> str:

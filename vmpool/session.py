@@ -17,10 +17,13 @@ import portalocker
 from pydantic import BaseModel, Field, ValidationError
 
 from vmpool.errors import StateError
+from vmpool.ownership import ProcessRef
 
 
 class SessionRecord(BaseModel):
     session: str
+    #: the controller process, so `vmpool gc` can tell a dead session's file from a live one
+    owner: ProcessRef | None = None
     #: profile -> the largest number of machines one test asks for
     demand: dict[str, int] = Field(default_factory=dict)
     #: profile -> pool id (set by the controller once the pool record exists)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from vmpool.backends.base import MachineSpec
 from vmpool.backends.sim import SimBackend
-from vmpool.ownership import ProcessRef, owner_labels
-from vmpool.reaper import reap
+from vmpool.ownership import ProcessRef, current_process, owner_labels
+from vmpool.reaper import LITTER_AGE, ReapReport, reap, sweep_litter
+from vmpool.session import SessionFile
 from vmpool.state import Holder, JsonStateDir, Machine, MachineState, Pool
 
 
@@ -182,3 +186,27 @@ def test_unreadable_pool_file_is_reported_and_its_machines_judged_by_labels(
     assert len(report.errors) == 1 and "corrupt state file" in report.errors[0]
     assert sorted(report.spared) == live
     assert state_dir.pool_ids() == ["vmpool-live01"]
+
+
+def test_gc_sweeps_litter_of_dead_sessions_but_not_of_live_ones(
+    tmp_path: Path, dead_process: ProcessRef
+) -> None:
+    d = JsonStateDir(tmp_path / "state")
+    stale = time.time() - LITTER_AGE - 5
+    for name in ("gone-pool.lock", "gone-pool.waits", ".gone-pool.x.tmp"):
+        (d.path / name).write_text("")
+        os.utime(d.path / name, (stale, stale))
+    (d.path / "fresh-pool.lock").write_text("")  # young: a creator may hold it right now
+    with SessionFile(d.path, "deadsn").update() as rec:
+        rec.owner = dead_process
+    with SessionFile(d.path, "livesn").update() as rec:
+        rec.owner = current_process()
+
+    dry = ReapReport()
+    sweep_litter(d, dry, dry_run=True)
+    assert (d.path / "gone-pool.lock").exists()
+    report = ReapReport()
+    sweep_litter(d, report, dry_run=False)
+    assert sorted(report.files_removed) == sorted(dry.files_removed)
+    left = sorted(p.name for p in d.path.iterdir())
+    assert left == ["fresh-pool.lock", "livesn.session", "livesn.session.lock"]
