@@ -212,16 +212,18 @@ class VmPoolSession:
             self.controller.start()
 
     def pytest_itemcollected(self, item: pytest.Item) -> None:
-        # Report demand at the first pool test collected, so warm-up overlaps the rest of
-        # collection; modifyitems still validates and reports the final set. Not when -k, -m,
-        # --deselect, --lf or --sw may drop tests later: then demand waits for the final set.
+        # Report early demand at the first pool test collected, so the slow one-off work
+        # (backend checks, reaping, QEMU's clone template) overlaps the rest of collection; no
+        # machine is made until modifyitems reports the final, validated set (a usage error
+        # found later must come before any machine). Not when -k, -m, --deselect, --lf or --sw
+        # may drop tests later.
         if self.worker is None or _may_deselect(self.config):
             return
         needs, problems = _needs([item], self.cfg, self.settings.default_size)
         early = {p: n for p, n in needs.items() if n > self._early.get(p, 0)}
         if early and not problems:
             self._early.update(early)
-            self.worker.report_demand(early, [])
+            self.worker.report_demand(early, [], final=False)
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(

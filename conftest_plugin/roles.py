@@ -86,6 +86,7 @@ class ControllerRole:
         self.started_at = time.time()
         self.reaped: list[reaper.ReapReport] = []
         self.errors: dict[str, str] = {}
+        self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -113,14 +114,41 @@ class ControllerRole:
             for name in rec.demand:
                 if name not in self.controllers and name not in self.errors:
                     self._start_profile(name)
+            for name in rec.early:
+                if name not in self._backends and name not in self.errors:
+                    self._prepare_profile(name)
             self._stop.wait(_POLL)
 
-    def _start_profile(self, name: str) -> None:
+    def _prepare_profile(self, name: str) -> Backend | None:
+        """Make and check the backend, reap orphans, do the backend's one-off preparation."""
+        if name in self._backends:
+            return self._backends[name]
         try:
             profile = self.cfg.profile(name)
             backend = make_backend(profile.pool.backend, profile, self.directory.path)
+            backend.check()
             with contextlib.suppress(VmPoolError):
                 self.reaped.append(reaper.reap(self.directory, backend, profile.pool.name_prefix))
+            prepare = getattr(backend, "prepare", None)
+            if prepare is not None:
+                prepare(networked=profile.pool.network and backend.capabilities.network)
+        except VmPoolError as exc:
+            self._fail(name, exc)
+            return None
+        self._backends[name] = backend
+        return backend
+
+    def _fail(self, name: str, exc: VmPoolError) -> None:
+        self.errors[name] = str(exc)
+        with self.session_file.update() as rec:
+            rec.errors[name] = str(exc)
+
+    def _start_profile(self, name: str) -> None:
+        backend = self._prepare_profile(name)
+        if backend is None:
+            return
+        try:
+            profile = self.cfg.profile(name)
             controller = Controller(
                 directory=self.directory,
                 backend=backend,
@@ -138,9 +166,7 @@ class ControllerRole:
             with self.session_file.update() as rec:
                 rec.pools[name] = controller.pool_id
         except VmPoolError as exc:
-            self.errors[name] = str(exc)
-            with self.session_file.update() as rec:
-                rec.errors[name] = str(exc)
+            self._fail(name, exc)
 
     def _on_progress(self, event: Progress) -> None:
         with self._progress_lock:
@@ -213,15 +239,20 @@ class WorkerRole:
         self.session_file = SessionFile(self.directory.path, settings.session)
         self._clients: dict[str, PoolClient] = {}
 
-    def report_demand(self, needs: dict[str, int], problems: list[str]) -> None:
+    def report_demand(
+        self, needs: dict[str, int], problems: list[str], *, final: bool = True
+    ) -> None:
+        """Tell the controller what collection found: ``final=False`` while collecting (it
+        prepares, makes nothing), ``final=True`` once the valid selection is known."""
         with self.session_file.update() as rec:
             if problems:
                 for p in problems:
                     if p not in rec.usage_errors:
                         rec.usage_errors.append(p)
                 return
+            target = rec.demand if final else rec.early
             for name, count in needs.items():
-                rec.demand[name] = max(rec.demand.get(name, 0), count)
+                target[name] = max(target.get(name, 0), count)
 
     def client(self, profile_name: str, timeout: float) -> PoolClient:
         if profile_name in self._clients:

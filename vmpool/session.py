@@ -24,7 +24,10 @@ class SessionRecord(BaseModel):
     session: str
     #: the controller process, so `vmpool gc` can tell a dead session's file from a live one
     owner: ProcessRef | None = None
-    #: profile -> the largest number of machines one test asks for
+    #: profiles seen while collection is still going: the controller prepares their backend
+    #: (checks, reaping, QEMU's clone template) but makes no machine yet
+    early: dict[str, int] = Field(default_factory=dict)
+    #: profile -> the largest number of machines one test asks for, once collection is final
     demand: dict[str, int] = Field(default_factory=dict)
     #: profile -> pool id (set by the controller once the pool record exists)
     pools: dict[str, str] = Field(default_factory=dict)

@@ -1,4 +1,6 @@
-"""Warm-up starts at the first pool test collected, overlapping the rest of collection."""
+"""Warm-up preparation starts at the first pool test collected, overlapping the rest of
+collection; machines are made only once collection is final (a usage error found later in the
+same collection must come before any machine)."""
 
 from __future__ import annotations
 
@@ -7,18 +9,32 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from conftest import Harness
 
-#: collected second: its import waits (bounded) for the sim's first create, and each worker
-#: appends whether it came while that worker was still collecting
+#: collected second: its import waits (bounded) for the controller to hear the early demand,
+#: and each worker appends what it saw while it was still collecting
 SLOW_MODULE = """
+import json
 import time
 from pathlib import Path
 
+STATE = Path({state!r})
 CREATES = Path({creates!r})
+
+def early_seen():
+    for f in STATE.glob("*.session"):
+        try:
+            if "default" in json.loads(f.read_text()).get("early", {{}}):
+                return True
+        except ValueError:
+            pass
+    return False
+
 deadline = time.monotonic() + 10
-while not CREATES.exists() and time.monotonic() < deadline:
+while not early_seen() and time.monotonic() < deadline:
     time.sleep(0.01)
 with open({verdict!r}, "a") as fh:
-    fh.write("during collection\\n" if CREATES.exists() else "not yet\\n")
+    seen = "prepared" if early_seen() else "not yet"
+    made = "machine" if CREATES.exists() else "no machine"
+    fh.write(f"{{seen}}, {{made}}\\n")
 
 
 def test_plain():
@@ -26,7 +42,9 @@ def test_plain():
 """
 
 
-def test_warm_up_begins_while_later_modules_are_still_being_collected(harness: Harness) -> None:
+def test_preparation_begins_while_later_modules_are_still_being_collected(
+    harness: Harness,
+) -> None:
     verdict = harness.path / "verdict"
     harness.pytester.makepyfile(
         test_a_pool="""
@@ -34,12 +52,18 @@ def test_warm_up_begins_while_later_modules_are_still_being_collected(harness: H
             assert pool_vm.exec("true").returncode == 0
         """,
         test_b_slow=SLOW_MODULE.format(
-            creates=str(harness.sim_root / "creates"), verdict=str(verdict)
+            state=str(harness.state_dir),
+            creates=str(harness.sim_root / "creates"),
+            verdict=str(verdict),
         ),
     )
     result = harness.run("-n", "2")
     result.assert_outcomes(passed=2)
-    assert verdict.read_text().splitlines() == ["during collection"] * 2
+    lines = verdict.read_text().splitlines()
+    assert len(lines) == 2 and all(line.startswith("prepared") for line in lines), lines
+    # the worker that finished collecting first wrote its line before any final demand existed;
+    # (the other may see a machine: the first finisher's demand is final for all)
+    assert "prepared, no machine" in lines, lines
     harness.assert_nothing_left()
 
 

@@ -712,17 +712,26 @@ class QemuBackend:
             state.unlink(missing_ok=True)
             info_path.unlink(missing_ok=True)
 
+    def prepare(self, *, networked: bool) -> None:
+        """The slow one-off work, done before any machine is asked for: the KVM verdict and,
+        with clone warm-up, the template (the plugin calls this while tests are collected)."""
+        accel = self.resolve_accel()
+        if self.settings.warmup == "clone":
+            self._template(networked, accel, "the pool")
+
     def _template_for(self, record: _Record, accel: Accel) -> _Template | None:
         """The valid template state for ``record``'s configuration, built if missing.
 
         None (and a warning) when it cannot be had: the caller boots the machine instead.
         """
-        networked = record.mac is not None
+        return self._template(record.mac is not None, accel, f"qemu machine {record.name}")
+
+    def _template(self, networked: bool, accel: Accel, who: str) -> _Template | None:
         try:
             image = find_image(self.settings)
             key = self._template_key(image, accel, networked)
         except VmPoolError as exc:
-            log.warning("qemu machine %s: no clone template (%s); booting it", record.name, exc)
+            log.warning("%s: no clone template (%s); booting instead", who, exc)
             return None
         with self._locks_guard:
             if key in self._template_failed:
