@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from vmpool import leases
 from vmpool.backends.base import Backend, ExecResult
 from vmpool.errors import CommandFailed, PoolUnavailable, StateError, VmPoolError
-from vmpool.ownership import current_process, is_alive
+from vmpool.ownership import ProcessRef, current_process, is_alive
 from vmpool.state import Holder, Pool, StateStore
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,8 @@ class PoolClient:
             fh.write(f"{self.clock():.3f} {waited:.6f} {self.worker}\n")
 
     def checkin(self, lease: Lease, *, failed: bool = False) -> dict[str, leases.Action]:
-        """Return the machines: reuse, reset (done here, now) or replace (the controller's job)."""
+        """Return the machines: reuse, reset (here and now, or by the controller when the pool
+        has a spare) or replace (the controller's job)."""
         with self.store.transaction() as pool:
             actions = leases.checkin(
                 pool,
@@ -257,9 +258,13 @@ class PoolClient:
                 dirty=lease.dirty,
                 now=self.clock(),
             )
-        for name, action in actions.items():
-            if action == "reset":
-                reset_machine(self.store, self.backend, name, self.clock)
+            mine = [
+                name
+                for name, action in actions.items()
+                if action == "reset" and _is(pool.machine(name).actor, lease.holder)
+            ]
+        for name in mine:
+            reset_machine(self.store, self.backend, name, self.clock)
         return actions
 
 
@@ -286,6 +291,14 @@ def reset_machine(
     except StateError:
         log.warning("pool gone while resetting %s", name)
     return error is None
+
+
+def _is(actor: ProcessRef | None, holder: ProcessRef) -> bool:
+    return actor is not None and (actor.host, actor.pid, actor.pid_start) == (
+        holder.host,
+        holder.pid,
+        holder.pid_start,
+    )
 
 
 def _address(pool: Pool | None, name: str) -> str | None:

@@ -227,8 +227,15 @@ def checkin(
     dirty: set[str] | None = None,
     now: float,
 ) -> dict[str, Action]:
-    """Return leased machines. A reset is left to ``holder`` (state resetting, actor=holder);
-    a replacement is left to the controller (state replacing, no actor)."""
+    """Return leased machines. A replacement is left to the controller (state replacing, no
+    actor). A reset is left to ``holder`` (state resetting, actor=holder), who does it now,
+    unless the pool has a spare ready machine and nobody waits: then the controller resets in
+    the background (no actor) and the holder's next check-out is served from the spare."""
+    background = (
+        pool.owner is not None  # a controller runs to do it (a kept, idle pool has none)
+        and bool(_free(pool, False))
+        and all(r.granted for r in pool.queue)
+    )
     out: dict[str, Action] = {}
     for name in names:
         m = pool.find(name)
@@ -241,7 +248,7 @@ def checkin(
         ):
             continue
         action = decide(m, policy, failed=failed, dirty=name in (dirty or set()), now=now)
-        _release(m, action, holder)
+        _release(m, action, None if background else holder)
         if action == "reuse" and not failed:
             m.checked_at = now
         out[name] = action

@@ -660,3 +660,42 @@ def test_counts_cover_every_state() -> None:
     c = leases.counts(pool)
     assert set(c) == {s.value for s in MachineState}
     assert (c["ready"], c["leased"]) == (1, 1)
+
+
+# -- who resets: the returning holder, or the controller when the pool has a spare ------------
+def test_reset_is_left_to_the_holder_when_no_other_machine_is_free() -> None:
+    pool = make_pool(size=1)
+    pool.owner = CONTROLLER
+    [name] = checkout(pool, 7)
+    assert checkin(pool, [name], 7) == {name: "reset"}
+    m = pool.machine(name)
+    assert m.state is MachineState.RESETTING and m.actor == ref(7)
+
+
+def test_reset_goes_to_the_controller_when_a_spare_is_ready_and_nobody_waits() -> None:
+    pool = make_pool(size=2)
+    pool.owner = CONTROLLER
+    [name] = checkout(pool, 7)
+    assert checkin(pool, [name], 7) == {name: "reset"}
+    m = pool.machine(name)
+    assert m.state is MachineState.RESETTING and m.actor is None
+    work = leases.plan(pool, leases.Policy(), CONTROLLER, NOW, capacity=4, name_for=str)
+    assert leases.Work("reset", name) in work
+
+
+def test_reset_stays_with_the_holder_when_someone_waits() -> None:
+    pool = make_pool(size=2)
+    pool.owner = CONTROLLER
+    first = checkout(pool, 7)
+    second = checkout(pool, 8)
+    request(pool, 9, 2)  # waits for both
+    checkin(pool, first, 7)
+    assert pool.machine(first[0]).actor == ref(7)
+    del second
+
+
+def test_reset_stays_with_the_holder_when_no_controller_runs() -> None:
+    pool = make_pool(size=2)  # owner None: a kept, idle pool
+    [name] = checkout(pool, 7)
+    checkin(pool, [name], 7)
+    assert pool.machine(name).actor == ref(7)
