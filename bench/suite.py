@@ -243,9 +243,11 @@ def read_times(suite: Path) -> list[dict[str, Any]]:
 
 
 def run_way(
-    way: str, suite: Path, workers: int, timeout: float
+    way: str, suite: Path, workers: int, timeout: float, pool_size: int | None = None
 ) -> tuple[PytestRun, list[dict[str, Any]]]:
     args = ["-n", str(workers), "-o", "console_output_style=classic", "."]
+    if pool_size and way in ("reuse", "reset", "replace"):
+        args[2:2] = ["--vm-pool-size", str(pool_size)]
     run = run_pytest(suite, args, timeout=timeout)
     return run, read_times(suite)
 
@@ -410,6 +412,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tests", type=int, default=32, help="tests in the suite (default 32)")
     p.add_argument("-n", "--workers", type=int, default=4, help="xdist workers (default 4)")
     p.add_argument(
+        "--pool-size",
+        type=int,
+        default=None,
+        help="vmpool's pool size for the pool ways (default: -n; more gives spare machines)",
+    )
+    p.add_argument(
         "--ways",
         default=",".join(WAYS),
         help=f"comma-separated subset of {','.join(WAYS)} (d is always run)",
@@ -493,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"# vmpool suite benchmark: backend {args.backend}"
         + (f" (sim model {args.sim_model!r}: {model})" if model is not None else "")
-        + f", {args.tests} tests, -n {args.workers}, pool size {args.workers}"
+        + f", {args.tests} tests, -n {args.workers}, pool size {args.pool_size or args.workers}"
         + ("" if not args.no_pre_ping else ", pre_ping off")
         + (f", qemu warmup {args.qemu_warmup}" if args.qemu_warmup else ""),
         flush=True,
@@ -506,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sim_model": {args.sim_model: model} if model is not None else None,
         "tests": args.tests,
         "workers": args.workers,
-        "pool_size": args.workers,
+        "pool_size": args.pool_size or args.workers,
         "pre_ping": not args.no_pre_ping,
         "qemu_warmup": args.qemu_warmup,
         "a_sleep": args.sleep,
@@ -538,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 label = LABELS[way] + (f" [run {rep + 1}]" if args.repeat > 1 else "")
                 print(f"  running {label} ...", end="", flush=True)
-                run, times = run_way(way, suite, args.workers, timeout)
+                run, times = run_way(way, suite, args.workers, timeout, args.pool_size)
                 runs[way].append(summarise(run, times))
                 print(f" {run.wall:.1f}s ({run.passed} passed)", flush=True)
                 if run.returncode != 0:
@@ -620,7 +628,7 @@ def ttft(
             sleep=args.sleep,
             guard=guard,
         )
-        run, times = run_way(way, suite, args.workers, timeout)
+        run, times = run_way(way, suite, args.workers, timeout, args.pool_size)
         out[way] = {k: v for k, v in summarise(run, times).items() if k != "setup_waits"}
     warm = [
         warmup_time(config.with_name("pool-reuse.toml"), state, args.workers, timeout)
