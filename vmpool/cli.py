@@ -26,6 +26,7 @@ from vmpool.ownership import is_alive, new_session_id
 from vmpool.state import JsonStateDir, Pool, default_state_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STATE = 0, 1, 2, 3
+_WATCH_INTERVAL = 1.0
 log = logging.getLogger("vmpool")
 
 
@@ -225,7 +226,7 @@ def _status(args: argparse.Namespace) -> int:
             _print_status(doc, directory.path)
         if not args.watch:
             return EXIT_OK
-        time.sleep(1.0)
+        time.sleep(_WATCH_INTERVAL)  # a refresh period for a human, not a readiness wait
 
 
 def _print_status(doc: dict[str, Any], path: Path) -> None:
