@@ -190,7 +190,10 @@ class PoolMachine(RuleBasedStateMachine):
         count = min(count, 3 - self._held())
         try:
             lease = self.clients[me.pid].checkout(count, fresh=fresh, timeout=1.5)
-        except CheckoutTimeout:
+        except CheckoutTimeout as exc:
+            # every request is served or times out with the standard message
+            assert "no machine free after" in str(exc) and f"wanted {count}" in str(exc), exc
+            assert "size" in str(exc) and "leased" in str(exc), exc
             self.timeouts += 1
             return
         assert len(lease.names) == count == len(set(lease.names))
