@@ -7,4 +7,4 @@ backend="${1:-podman}"
 shift || true
 bash .ci/install
 python3 -m pytest -n 2 --vm-pool-size 2 --vm-backend "$backend" examples/ "$@"
-vmpool status
+python3 -m vmpool.cli status
