@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -343,8 +344,6 @@ def _may_deselect(config: pytest.Config) -> bool:
 
 
 def _elapsed(since: float) -> float:
-    import time
-
     return time.time() - since
 
 

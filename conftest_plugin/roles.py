@@ -96,12 +96,6 @@ class ControllerRole:
         self._thread = threading.Thread(target=self._watch, name="vmpool-demand", daemon=True)
         self._thread.start()
 
-    def demand(self, needs: dict[str, int]) -> None:
-        """Single-process mode: the controller collected the tests itself."""
-        with self.session_file.update() as rec:
-            for name, count in needs.items():
-                rec.demand[name] = max(rec.demand.get(name, 0), count)
-
     def _watch(self) -> None:
         while not self._stop.is_set():
             try:

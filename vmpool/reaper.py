@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmpool.backends.base import LABEL_POOL, Backend
+from vmpool.backends.base import LABEL_POOL, Backend, MachineInfo
 from vmpool.errors import StateError, VmPoolError
 from vmpool.ownership import is_alive, owner_from_labels
 from vmpool.session import SessionFile
@@ -80,21 +81,12 @@ def reap(
         for name in doomed:
             ok = _delete(backend, name, report) and ok
         if pool.network:
-            try:
-                backend.delete_network(pool.network)
-                report.networks_deleted.append(pool.network)
-            except VmPoolError as exc:
-                report.errors.append(f"network {pool.network}: {exc}")
+            _delete_network(backend, pool.network, report)
         if ok:
             store.remove()
             report.pools_removed.append(pool.id)
 
-    try:
-        machines = backend.list(prefix + "-")
-    except VmPoolError as exc:
-        report.errors.append(f"listing {backend.name} machines: {exc}")
-        machines = []
-    for info in machines:
+    for info in _listed(report, f"{backend.name} machines", backend.list, prefix + "-"):
         if info.name in report.machines_deleted:
             continue
         verdict = _verdict(info.labels, protected)
@@ -107,24 +99,15 @@ def reap(
         else:
             _delete(backend, info.name, report)
 
-    try:
-        networks = backend.list_networks(prefix + "-")
-    except VmPoolError as exc:
-        report.errors.append(f"listing {backend.name} networks: {exc}")
-        networks = []
-    for info in networks:
+    for info in _listed(report, f"{backend.name} networks", backend.list_networks, prefix + "-"):
         if info.name in report.networks_deleted:
             continue
         if _verdict(info.labels, protected) != "dead":
             continue
         if dry_run:
             report.networks_deleted.append(info.name)
-            continue
-        try:
-            backend.delete_network(info.name)
-            report.networks_deleted.append(info.name)
-        except VmPoolError as exc:
-            report.errors.append(f"network {info.name}: {exc}")
+        else:
+            _delete_network(backend, info.name, report)
     sweep_litter(directory, report, dry_run=dry_run)
     return report
 
@@ -182,6 +165,26 @@ def _verdict(labels: dict[str, str] | object, protected: set[str]) -> str:
     if owner is None:
         return "unknown"
     return "spare" if is_alive(owner) else "dead"
+
+
+def _listed(
+    report: ReapReport, what: str, lister: Callable[[str], list[MachineInfo]], prefix: str
+) -> list[MachineInfo]:
+    """What ``lister`` returns; a failure is reported and lists nothing (nothing is deleted)."""
+    try:
+        return lister(prefix)
+    except VmPoolError as exc:
+        report.errors.append(f"listing {what}: {exc}")
+        return []
+
+
+def _delete_network(backend: Backend, name: str, report: ReapReport) -> None:
+    try:
+        backend.delete_network(name)
+    except VmPoolError as exc:
+        report.errors.append(f"network {name}: {exc}")
+        return
+    report.networks_deleted.append(name)
 
 
 def _delete(backend: Backend, name: str, report: ReapReport) -> bool:

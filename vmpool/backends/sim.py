@@ -29,7 +29,7 @@ from vmpool.backends.base import (
     validate_name,
 )
 from vmpool.config import SimSettings
-from vmpool.errors import BackendError, ExecTimeout
+from vmpool.errors import BackendError
 
 
 class SimBackend:
@@ -120,15 +120,12 @@ class SimBackend:
         self._probe(name)
         self._pause(self.settings.exec_latency)
         fs = self._dir(name) / "fs"
-        try:
-            res = _proc.run(
-                argv,
-                timeout=timeout,
-                env={"HOME": str(fs), "VMPOOL_MACHINE": name, "PWD": str(fs)},
-                cwd=fs,
-            )
-        except ExecTimeout:
-            raise
+        res = _proc.run(  # ExecTimeout propagates, as the protocol says
+            argv,
+            timeout=timeout,
+            env={"HOME": str(fs), "VMPOOL_MACHINE": name, "PWD": str(fs)},
+            cwd=fs,
+        )
         return ExecResult(res.returncode, res.stdout, res.stderr)
 
     def snapshot(self, name: str) -> None:
