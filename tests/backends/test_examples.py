@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from vmpool.backends import make_backend
@@ -60,3 +61,11 @@ def test_examples_pass_through_the_pool_and_leave_nothing(tmp_path: Path, backen
     assert b.list("vmex-") == []
     assert b.list_networks("vmex-") == []
     assert not list(state.glob("*.json")), "pool record left behind"
+    # and the process table: no guest of this run still running (a QEMU machine is a process
+    # whose command line holds its run dir under this state dir; podman's are listed above)
+    ours = [
+        p.info["cmdline"]
+        for p in psutil.process_iter(["cmdline"])
+        if any(str(state) in part for part in (p.info["cmdline"] or []))
+    ]
+    assert ours == [], ours
