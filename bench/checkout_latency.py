@@ -16,6 +16,7 @@ case: every process hammers the store back to back.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import random
@@ -115,14 +116,24 @@ def _summary(seconds: list[float]) -> dict[str, float]:
 
 
 def run(
-    procs: int, machines: int, iterations: int, hold_ms: float, state_root: Path | None
+    procs: int,
+    machines: int,
+    iterations: int,
+    hold_ms: float,
+    state_root: Path | None,
+    serve: bool = True,
 ) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="vmpool-bench-", dir=state_root))
     directory = JsonStateDir(tmp / "state")
     profile = _profile(machines)
     backend = SimBackend(profile.sim, directory.path)
     controller = Controller(
-        directory=directory, backend=backend, profile=profile, size=machines, session="bench"
+        directory=directory,
+        backend=backend,
+        profile=profile,
+        size=machines,
+        session="bench",
+        serve=serve,
     )
     try:
         controller.start()
@@ -162,6 +173,7 @@ def run(
         for w in workers:
             w.join(60)
         stats = controller.snapshot().stats
+        served = controller.server.stats if controller.server is not None else None
     finally:
         controller.stop(lease_timeout=5)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -183,6 +195,7 @@ def run(
         "warmup_s": warmup,
         "state_file_bytes": state_bytes,
         "pool_checkouts": stats.checkouts,
+        "server": None if served is None else dataclasses.asdict(served),
         "host": host_facts(),
     }
 
@@ -202,7 +215,13 @@ def report(result: dict[str, Any]) -> str:
         f"{table}\n\n"
         f"throughput: {result['cycles_per_s']:.0f} check-out+check-in cycles/s "
         f"({result['cycles']} cycles in {result['wall_s']:.2f} s)\n"
-        f"p99(checkout+checkin) <= {result['target_ms']:g} ms: {verdict} "
+        + (
+            f"lease server: {result['server']['ops']} operations in "
+            f"{result['server']['batches']} commits (largest {result['server']['largest_batch']})\n"
+            if result["server"]
+            else "no lease server: every operation is a file transaction\n"
+        )
+        + f"p99(checkout+checkin) <= {result['target_ms']:g} ms: {verdict} "
         f"({result['ms']['checkout+checkin']['p99']:.3f} ms)"
     )
 
@@ -217,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--hold-ms", type=float, default=0.0, help="time a machine is held per cycle (0)"
     )
+    parser.add_argument(
+        "--no-server",
+        action="store_true",
+        help="no lease server: every operation is a file transaction (the fallback path)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     parser.add_argument(
         "--state-root", type=Path, help="where the temporary state directory goes (system temp)"
@@ -224,7 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.machines <= 256:
         parser.error("--machines must be 1..256 (the pool size limit)")
-    result = run(args.procs, args.machines, args.iterations, args.hold_ms, args.state_root)
+    result = run(
+        args.procs,
+        args.machines,
+        args.iterations,
+        args.hold_ms,
+        args.state_root,
+        serve=not args.no_server,
+    )
     print(report(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -13,11 +13,11 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from vmpool import leases
+from vmpool import leases, ops
 from vmpool.backends.base import Backend, ExecResult
 from vmpool.errors import CommandFailed, PoolUnavailable, StateError, VmPoolError
-from vmpool.ownership import ProcessRef, current_process, is_alive
-from vmpool.state import Holder, Pool, StateStore
+from vmpool.ownership import current_process
+from vmpool.state import Holder, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +115,11 @@ class PoolClient:
         deadline = started + timeout
         front = False
         while True:
-            names, request_id, holder, pool = self._wait_for_grant(
+            names, request_id, holder, views = self._wait_for_grant(
                 count, fresh, test, deadline, front
             )
-            addresses = {n: _address(pool, n) for n in names}
-            bad = self._ping(self._needs_ping(pool, names)) if self.pre_ping else {}
+            addresses = {n: views[n].address if n in views else None for n in names}
+            bad = self._ping(self._needs_ping(views, names)) if self.pre_ping else {}
             if not bad:
                 waited = self.clock() - started
                 lease = Lease(request_id, names, addresses, holder, waited)
@@ -138,9 +138,9 @@ class PoolClient:
 
     def _wait_for_grant(
         self, count: int, fresh: bool, test: str | None, deadline: float, front: bool
-    ) -> tuple[list[str], str, Holder, Pool]:
-        """Join the line and wait; returns the grant and the record as of the grant (so the
-        caller needs no extra read for addresses and health)."""
+    ) -> tuple[list[str], str, Holder, dict[str, ops.MachineView]]:
+        """Join the line and wait; returns the grant with what the caller needs of each machine
+        (address, last health check) as of the grant, so it needs no extra read."""
         request_id = uuid.uuid4().hex[:12]
         holder = self._holder(test)
         request = leases.new_request(holder, request_id, count, fresh, self.clock())
@@ -148,83 +148,67 @@ class PoolClient:
         # Errors are raised after a transaction, never inside it: an exception inside one
         # discards its changes, and a cancel that is not written leaves a ghost request at the
         # head of the line that is granted machines nobody takes.
-        with self.store.transaction() as pool:
-            problem = self._problem(pool, count)
-            if problem is None:
-                leases.enqueue(pool, request, front=front)
-                leases.serve_queue(pool, self.clock())
-                granted = leases.take_grant(pool, request_id)
-            seen = pool
-        if problem is not None:
-            raise PoolUnavailable(problem)
+        reply = self.store.run(
+            ops.CheckoutStep(request=request, join=True, front=front, now=self.clock())
+        )
+        if reply.problem is not None:
+            raise PoolUnavailable(reply.problem)
         interval = _FIRST_POLL
         last_reclaim = self.clock()
         try:
-            while granted is None:
+            while reply.granted is None:
                 now = self.clock()
                 if now >= deadline:
                     late = None
                     with self.store.transaction() as pool:
-                        seen = pool
                         granted = leases.cancel(pool, request_id) or None
                         if granted is None:
                             late = leases.timeout_error(pool, now - request.since, count, now)
+                        else:
+                            views = {
+                                n: ops.MachineView(
+                                    address=pool.machine(n).address,
+                                    checked_at=pool.machine(n).checked_at,
+                                )
+                                for n in granted
+                            }
+                            reply = ops.CheckoutReply(granted=granted, machines=views)
                     if late is not None:
                         raise late
                     break
                 time.sleep(min(interval, max(deadline - now, 0)))
                 interval = min(interval * 2, _MAX_POLL)
-                with self.store.transaction() as pool:
-                    if self.clock() - last_reclaim >= _RECLAIM_EVERY:
-                        leases.reclaim(pool, self.policy, is_alive, self.clock())
-                        last_reclaim = self.clock()
-                    problem = self._problem(pool, count)
-                    seen = pool
-                    if problem is None:
-                        leases.serve_queue(pool, self.clock())
-                        try:
-                            granted = leases.take_grant(pool, request_id)
-                        except LookupError:
-                            problem = (
-                                f"pool {pool.id}: check-out request {request_id} vanished "
-                                "(the controller dropped it: is the pool shutting down?)"
-                            )
-                if problem is not None:
-                    raise PoolUnavailable(problem)
+                reclaim = self.clock() - last_reclaim >= _RECLAIM_EVERY
+                reply = self.store.run(
+                    ops.CheckoutStep(
+                        request=request,
+                        join=False,
+                        reclaim=self.policy if reclaim else None,
+                        now=self.clock(),
+                    )
+                )
+                if reclaim:
+                    last_reclaim = self.clock()
+                if reply.problem is not None:
+                    raise PoolUnavailable(reply.problem)
         except BaseException:
             # timeout, unusable pool, or an interrupt while waiting: leave the line, and give
             # back anything granted meanwhile
             with contextlib.suppress(StateError), self.store.transaction() as pool:
                 leases.return_unused(pool, leases.cancel(pool, request_id), holder)
             raise
-        assert granted is not None  # the loop only ends with a grant
-        return granted, request_id, holder, seen
+        assert reply.granted is not None  # the loop only ends with a grant
+        return reply.granted, request_id, holder, reply.machines
 
-    @staticmethod
-    def _problem(pool: Pool, count: int) -> str | None:
-        """Why ``pool`` cannot serve ``count`` machines at all, or None."""
-        problem = None
-        if pool.closing:
-            problem = f"pool {pool.id} is shutting down"
-        elif count > pool.size:
-            problem = f"asked for {count} machines but pool {pool.id} has only {pool.size}"
-        elif leases.all_broken(pool):
-            errors = [m.error for m in pool.machines if m.error]
-            problem = (
-                f"pool {pool.id} ({pool.backend}): no machine could be made; "
-                f"last error: {errors[-1] if errors else 'unknown'}"
-            )
-        return problem
-
-    def _needs_ping(self, pool: Pool | None, names: list[str]) -> list[str]:
+    def _needs_ping(self, views: dict[str, ops.MachineView], names: list[str]) -> list[str]:
         """Machines not known healthy within ``pre_ping_after`` seconds."""
-        if pool is None or self.pre_ping_after <= 0:
+        if self.pre_ping_after <= 0:
             return names
         now = self.clock()
         out = []
         for name in names:
-            m = pool.find(name)
-            if m is None or m.checked_at is None or now - m.checked_at > self.pre_ping_after:
+            v = views.get(name)
+            if v is None or v.checked_at is None or now - v.checked_at > self.pre_ping_after:
                 out.append(name)
         return out
 
@@ -248,21 +232,17 @@ class PoolClient:
     def checkin(self, lease: Lease, *, failed: bool = False) -> dict[str, leases.Action]:
         """Return the machines: reuse, reset (here and now, or by the controller when the pool
         has a spare) or replace (the controller's job)."""
-        with self.store.transaction() as pool:
-            actions = leases.checkin(
-                pool,
-                lease.names,
-                lease.holder,
-                self.policy,
+        reply = self.store.run(
+            ops.CheckinStep(
+                names=lease.names,
+                holder=lease.holder,
+                policy=self.policy,
                 failed=failed,
-                dirty=lease.dirty,
+                dirty=sorted(lease.dirty),
                 now=self.clock(),
             )
-            mine = [
-                name
-                for name, action in actions.items()
-                if action == "reset" and _is(pool.machine(name).actor, lease.holder)
-            ]
+        )
+        actions, mine = reply.actions, reply.mine
         for name in mine:
             reset_machine(self.store, self.backend, name, self.clock)
         return actions
@@ -291,18 +271,3 @@ def reset_machine(
     except StateError:
         log.warning("pool gone while resetting %s", name)
     return error is None
-
-
-def _is(actor: ProcessRef | None, holder: ProcessRef) -> bool:
-    return actor is not None and (actor.host, actor.pid, actor.pid_start) == (
-        holder.host,
-        holder.pid,
-        holder.pid_start,
-    )
-
-
-def _address(pool: Pool | None, name: str) -> str | None:
-    if pool is None:
-        return None
-    m = pool.find(name)
-    return m.address if m else None

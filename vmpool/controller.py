@@ -30,7 +30,9 @@ from vmpool.ownership import (
     owner_labels,
     pool_id,
 )
+from vmpool.server import LeaseServer
 from vmpool.state import JsonStateDir, MachineState, Pool, Stats
+from vmpool.writeback import WriteBackStore
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ class Controller:
         progress: Callable[[Progress], None] | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        serve: bool = True,
     ) -> None:
         self.directory = directory
         self.backend = backend
@@ -113,6 +116,9 @@ class Controller:
         self._thread: threading.Thread | None = None
         self._last_reclaim = 0.0
         self.error: VmPoolError | None = None
+        #: serve check-outs/check-ins over a socket (vmpool.server); off, clients use the file
+        self.serve = serve
+        self.server: LeaseServer | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -141,6 +147,11 @@ class Controller:
                     created_at=now,
                 )
             )
+        if self.serve:
+            self.store = WriteBackStore(self.directory, self.pool_id)
+            server = LeaseServer(self.store)
+            if server.start():
+                self.server = server
         self._thread = threading.Thread(
             target=self._run, name=f"vmpool-{self.pool_id}", daemon=True
         )
@@ -429,10 +440,16 @@ class Controller:
         final = None
         with contextlib.suppress(StateError):
             final = self.store.read()
-        if keep:
-            self._keep()
-        else:
-            self._destroy(final)
+        try:
+            if keep:
+                self._keep()
+            else:
+                self._destroy(final)
+        finally:
+            if self.server is not None:
+                self.server.stop()
+            if isinstance(self.store, WriteBackStore):
+                self.store.close()
         return final
 
     def _keep(self) -> None:

@@ -160,6 +160,28 @@ def return_unused(pool: Pool, names: list[str], holder: ProcessRef) -> None:
             _ungrant(pool, m)
 
 
+def unavailable(pool: Pool, count: int, alive: Alive | None = None) -> str | None:
+    """Why ``pool`` cannot serve ``count`` machines at all: closing, too small, all broken, or
+    (given ``alive``) its controller is dead: its last grants may never have reached the file
+    (vmpool.writeback), so nothing more is granted from it."""
+    if pool.closing:
+        return f"pool {pool.id} is shutting down"
+    if alive is not None and pool.owner is not None and not alive(pool.owner):
+        return (
+            f"pool {pool.id}: its controller (pid {pool.owner.pid} on {pool.owner.host}) is "
+            "gone, so it grants no more machines; `vmpool gc` or the next session reaps it"
+        )
+    if count > pool.size:
+        return f"asked for {count} machines but pool {pool.id} has only {pool.size}"
+    if all_broken(pool):
+        errors = [m.error for m in pool.machines if m.error]
+        return (
+            f"pool {pool.id} ({pool.backend}): no machine could be made; "
+            f"last error: {errors[-1] if errors else 'unknown'}"
+        )
+    return None
+
+
 def timeout_error(pool: Pool, waited: float, count: int, now: float) -> CheckoutTimeout:
     """The standard CheckoutTimeout: pool size, leased/warming/broken counts and the holders."""
     by_state: dict[MachineState, list[Machine]] = {}

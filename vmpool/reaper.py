@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmpool._wire import reachable
 from vmpool.backends.base import LABEL_POOL, Backend, MachineInfo
 from vmpool.errors import StateError, VmPoolError
 from vmpool.ownership import is_alive, owner_from_labels
@@ -116,7 +118,8 @@ def sweep_litter(
     directory: JsonStateDir, report: ReapReport, *, dry_run: bool, now: float | None = None
 ) -> None:
     """Remove what killed sessions leave in the state directory: lock and wait-sample files of
-    pools that no longer exist, session files of dead controllers, and stray temp files."""
+    pools that no longer exist, session files of dead controllers, lease-server sockets nobody
+    answers on, and stray temp files."""
     now = time.time() if now is None else now
     path = directory.path
     if not path.is_dir():
@@ -139,6 +142,10 @@ def sweep_litter(
             stem = name.rsplit(".", 1)[0]
             if stem not in pools and old(p):
                 doomed.append(p)
+        elif name.endswith(".sock"):
+            # a lease server's socket outlives a killed controller; a live one answers
+            if not _answers(p):
+                doomed.append(p)
         elif name.endswith(".session"):
             session = SessionFile(path, name[: -len(".session")])
             try:
@@ -154,6 +161,17 @@ def sweep_litter(
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         report.files_removed.append(p.name)
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            with reachable(path) as where:
+                probe.connect(where)
+        except OSError:
+            return False
+    return True
 
 
 def _verdict(labels: dict[str, str] | object, protected: set[str]) -> str:

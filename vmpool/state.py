@@ -16,12 +16,13 @@ import threading
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol, TypeVar
 
 import platformdirs
 import portalocker
 from pydantic import BaseModel, Field, ValidationError
 
+from vmpool import _wire
 from vmpool.errors import StateError
 from vmpool.ownership import ProcessRef
 
@@ -127,17 +128,39 @@ class Pool(BaseModel):
         return next((m for m in self.machines if m.name == name), None)
 
 
+R_co = TypeVar("R_co", covariant=True)
+
+
+class Operation(Protocol[R_co]):
+    """A lease operation as data (vmpool.ops): applied to the record, it says what goes back."""
+
+    def apply(self, pool: Pool) -> R_co: ...
+
+    def parse_reply(self, data: Any) -> R_co: ...
+
+    def model_dump_json(self) -> str: ...
+
+
 class StateStore(Protocol):
     """Where one pool's record lives. Every read-modify-write goes through transaction()."""
 
     pool_id: str
+
+    def run(self, op: Operation[R_co]) -> R_co:
+        """Apply ``op`` in one transaction (wherever the record is served) and return its reply."""
+        ...
 
     def transaction(self) -> contextlib.AbstractContextManager[Pool]:
         """Lock, read, yield the record for changes, write it back if changed, unlock."""
         ...
 
     def read(self) -> Pool | None:
-        """A consistent snapshot without the lock, or None when the pool does not exist."""
+        """A consistent snapshot without the lock, or None when the pool does not exist; it may
+        lag the owner's latest transactions by milliseconds (see read_current)."""
+        ...
+
+    def read_current(self) -> Pool | None:
+        """The record as of now (waits for the lock), or None when the pool does not exist."""
         ...
 
     def create(self, pool: Pool) -> None:
@@ -283,27 +306,43 @@ class JsonStateDir:
 
 
 class JsonStore:
-    """One pool's JSON file. Implements StateStore."""
+    """One pool's JSON file. Implements StateStore.
+
+    ``run`` goes through the pool's lease server (vmpool.server) when one answers on
+    ``socket_path``, else through a local transaction.
+    """
 
     def __init__(self, directory: JsonStateDir, pool_id: str) -> None:
         self.dir = directory
         self.pool_id = pool_id
         self.path = directory.path / f"{pool_id}.json"
         self.lock_path = directory.path / f"{pool_id}.lock"
+        self.socket_path = directory.path / f"{pool_id}.sock"
+        self._server = _wire.Connection(self.socket_path, timeout=LOCK_TIMEOUT + 10)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _acquire(self) -> IO[str]:
+        """Take the pool's lock (StateError after LOCK_TIMEOUT); give it back with _release."""
         try:
-            fh = _lock(self.lock_path, LOCK_TIMEOUT)
+            return _lock(self.lock_path, LOCK_TIMEOUT)
         except portalocker.LockException as exc:
             raise StateError(
                 f"{self.lock_path}: could not lock within {LOCK_TIMEOUT:g}s (a process holds it)"
             ) from exc
+
+    @staticmethod
+    def _release(fh: IO[str]) -> None:
+        try:
+            portalocker.unlock(fh)
+        finally:
+            fh.close()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fh = self._acquire()
         try:
             yield
         finally:
-            portalocker.unlock(fh)
-            fh.close()
+            self._release(fh)
 
     def _parse(self, data: bytes) -> Pool:
         # the fast path parses and validates in one pass; anything unusual (corrupt, newer
@@ -348,9 +387,13 @@ class JsonStore:
     def read(self) -> Pool | None:
         return self._read_unlocked()
 
-    def _write(self, pool: Pool, data: bytes | None = None) -> None:
-        if data is None:
-            data = pool.model_dump_json().encode()
+    def read_current(self) -> Pool | None:
+        """The record as of now: waits for the lock, so an owner keeping the record in memory
+        (vmpool.writeback) has written it back. ``read`` may be a few milliseconds behind."""
+        with self._locked():
+            return self._read_unlocked()
+
+    def _write(self, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.pool_id}.", suffix=".tmp", dir=self.dir.path)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -374,7 +417,21 @@ class JsonStore:
             yield pool
             new = pool.model_dump_json().encode()
             if new != raw:
-                self._write(pool, new)
+                self._write(new)
+
+    def run(self, op: Operation[R_co]) -> R_co:
+        try:
+            data = self._server.call(op.model_dump_json().encode() + b"\n")
+        except _wire.ServerGone as exc:
+            raise StateError(f"pool {self.pool_id}: {exc}; the controller is gone") from exc
+        except ValueError as exc:
+            raise StateError(f"pool {self.pool_id}: unreadable reply from its server") from exc
+        if data is None:  # no server: do it here
+            with self.transaction() as pool:
+                return op.apply(pool)
+        if "error" in data:
+            raise StateError(f"pool {self.pool_id}: {data['error']}")
+        return op.parse_reply(data["ok"])
 
     def _read_raw(self) -> bytes | None:
         try:
@@ -386,7 +443,7 @@ class JsonStore:
         with self._locked():
             if self.path.exists():
                 raise StateError(f"pool {self.pool_id} already exists in {self.dir.path}")
-            self._write(pool)
+            self._write(pool.model_dump_json().encode())
 
     def remove(self) -> None:
         # the lock file stays: a waiter may hold its inode; `vmpool gc` removes stale ones

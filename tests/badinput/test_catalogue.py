@@ -6,7 +6,6 @@ README's troubleshooting section lists these cases.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -330,7 +329,14 @@ def test_cli_down_spares_a_live_pool_without_force(
     c.start()
     try:
         c.wait_until_ready(1, timeout=30)
-        before = json.loads(c.store.path.read_text())["machines"]
+        on_file = d.store(c.pool_id)
+
+        def machines_on_file() -> object:
+            pool = on_file.read_current()  # under the lock: the controller has written back
+            assert pool is not None
+            return pool.model_dump(mode="json")["machines"]
+
+        before = machines_on_file()
         proc = subprocess.run(
             [sys.executable, "-m", "vmpool.cli", "down", "--state-dir", str(d.path)],
             capture_output=True,
@@ -340,6 +346,6 @@ def test_cli_down_spares_a_live_pool_without_force(
         assert proc.returncode == 1
         assert "live session" in proc.stderr and "--force" in proc.stderr
         assert len(backend.list("")) == 1
-        assert json.loads(c.store.path.read_text())["machines"] == before
+        assert machines_on_file() == before
     finally:
         c.stop(lease_timeout=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -197,6 +198,12 @@ def test_gc_sweeps_litter_of_dead_sessions_but_not_of_live_ones(
         (d.path / name).write_text("")
         os.utime(d.path / name, (stale, stale))
     (d.path / "fresh-pool.lock").write_text("")  # young: a creator may hold it right now
+    dead_server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead_server.bind(str(d.path / "gone-pool.sock"))  # its controller was killed: nobody answers
+    dead_server.close()
+    live_server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live_server.bind(str(d.path / "live-pool.sock"))
+    live_server.listen(1)
     with SessionFile(d.path, "deadsn").update() as rec:
         rec.owner = dead_process
     with SessionFile(d.path, "livesn").update() as rec:
@@ -209,4 +216,5 @@ def test_gc_sweeps_litter_of_dead_sessions_but_not_of_live_ones(
     sweep_litter(d, report, dry_run=False)
     assert sorted(report.files_removed) == sorted(dry.files_removed)
     left = sorted(p.name for p in d.path.iterdir())
-    assert left == ["fresh-pool.lock", "livesn.session", "livesn.session.lock"]
+    live_server.close()
+    assert left == ["fresh-pool.lock", "live-pool.sock", "livesn.session", "livesn.session.lock"]

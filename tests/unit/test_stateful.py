@@ -98,13 +98,22 @@ class Arena:
         )
 
 
-@pytest.fixture
-def arena(tmp_path: Path, dead_process: ProcessRef) -> Iterator[Arena]:
+@pytest.fixture(params=[True, False], ids=["lease-server", "file-only"])
+def arena(
+    request: pytest.FixtureRequest, tmp_path: Path, dead_process: ProcessRef
+) -> Iterator[Arena]:
+    """The pool with its controller's lease server (workers' check-outs and check-ins go over
+    its socket, group-committed) or without one (each is a file transaction)."""
     directory = JsonStateDir(tmp_path / "state")
     backend = SimBackend(SimSettings(), directory.path)
     profile = Profile(name="default", pool=PoolSettings(size=SIZE, max_uses=5, backoff=0.0))
     controller = Controller(
-        directory=directory, backend=backend, profile=profile, size=SIZE, session="arena"
+        directory=directory,
+        backend=backend,
+        profile=profile,
+        size=SIZE,
+        session="arena",
+        serve=request.param,
     )
     controller.start()
     controller.wait_until_ready(SIZE, 20)
@@ -145,7 +154,9 @@ def arena(tmp_path: Path, dead_process: ProcessRef) -> Iterator[Arena]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        served = controller.server.stats.ops if controller.server else 0
         controller.stop(lease_timeout=2)
+    assert (served > 0) is request.param
     assert a.violations.read_text() == ""
     assert backend.list("") == []
 
@@ -198,7 +209,7 @@ class PoolMachine(RuleBasedStateMachine):
             return
         assert len(lease.names) == count == len(set(lease.names))
         claim(self.arena.claims, lease.names, me, self.arena.violations, self.store.path)
-        pool = self.store.read()
+        pool = self.store.read_current()
         assert pool is not None
         for name in lease.names:
             m = pool.machine(name)
@@ -237,7 +248,7 @@ class PoolMachine(RuleBasedStateMachine):
     def reclaim(self) -> None:
         with self.store.transaction() as pool:
             leases.reclaim(pool, self.arena.policy, self.arena.alive, time.time())
-        pool = self.store.read()
+        pool = self.store.read_current()
         assert pool is not None
         for lease in self.dead_leases:
             for name in lease.names:
@@ -314,7 +325,7 @@ class PoolMachine(RuleBasedStateMachine):
     def every_machine_is_recorded_or_reapable(self) -> None:
         a = self.arena
         listed = {m.name: m for m in a.backend.list(PREFIX + "-")}
-        pool = self.store.read()
+        pool = self.store.read_current()
         assert pool is not None
         recorded = {m.name for m in pool.machines}
         still = {m.name for m in a.backend.list(PREFIX + "-")}

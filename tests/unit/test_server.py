@@ -1,0 +1,166 @@
+"""The controller's lease server: check-outs and check-ins over its socket, and the fallbacks."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmpool import ops
+from vmpool.backends.sim import SimBackend
+from vmpool.client import PoolClient
+from vmpool.config import Profile
+from vmpool.controller import Controller, policy_for
+from vmpool.errors import PoolUnavailable
+from vmpool.ownership import ProcessRef, current_process
+from vmpool.state import Holder, JsonStateDir, MachineState, Request
+
+Start = Callable[..., Controller]
+
+
+@pytest.fixture
+def start(
+    state_dir: JsonStateDir, make_profile: Callable[..., Profile]
+) -> Iterator[Callable[..., Controller]]:
+    made: list[Controller] = []
+
+    def go(directory: JsonStateDir = state_dir, *, serve: bool = True, **pool: Any) -> Controller:
+        profile = make_profile(backoff=0.0, checkin_policy="reuse", pre_ping=False, **pool)
+        backend = SimBackend(profile.sim, directory.path)
+        c = Controller(
+            directory=directory,
+            backend=backend,
+            profile=profile,
+            size=pool.get("size", 2),
+            session="srv001",
+            serve=serve,
+        )
+        c.start()
+        made.append(c)
+        c.wait_until_ready(c.size, 20)
+        return c
+
+    yield go
+    for c in made:
+        c.stop(lease_timeout=0)
+
+
+def worker_client(c: Controller) -> PoolClient:
+    """A client as a worker process makes one: its own store object on the state directory."""
+    return PoolClient(
+        c.directory.store(c.pool_id), c.backend, policy_for(c.profile, c.backend), pre_ping=False
+    )
+
+
+def test_checkouts_and_checkins_go_through_the_server(start: Start) -> None:
+    c = start(size=2)
+    assert c.server is not None and c.server.path.exists()
+    client = worker_client(c)
+    lease = client.checkout(2, timeout=5)
+    assert sorted(lease.names) == sorted(m.name for m in c.snapshot().machines)
+    assert all(lease.addresses[n] for n in lease.names)
+    assert client.checkin(lease) == {n: "reuse" for n in lease.names}
+    assert c.server.stats.ops == 2
+    pool = c.directory.store(c.pool_id).read_current()
+    assert pool is not None
+    assert [m.uses for m in pool.machines] == [1, 1]
+    assert all(m.state is MachineState.READY and m.holder is None for m in pool.machines)
+
+
+def test_without_a_server_clients_use_the_file(start: Start) -> None:
+    c = start(size=1, serve=False)
+    assert c.server is None and not c.store.socket_path.exists()
+    client = worker_client(c)
+    client.checkin(client.checkout(1, timeout=5))
+    pool = c.directory.store(c.pool_id).read()
+    assert pool is not None and pool.stats.checkouts == 1
+
+
+def test_stale_socket_is_ignored_by_clients_and_replaced_by_the_server(start: Start) -> None:
+    c = start(size=1, serve=False)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(c.store.socket_path))  # bound, never listening, then gone: refuses
+    stale.close()
+    client = worker_client(c)
+    client.checkin(client.checkout(1, timeout=5))  # falls back to the file
+    c.stop(lease_timeout=0)
+    c2 = start(size=1)  # a new controller claims the path
+    assert c2.server is not None
+    worker_client(c2).checkin(worker_client(c2).checkout(1, timeout=5))
+    assert c2.server.stats.ops == 2
+
+
+def test_long_state_dir_path_is_served(tmp_path: Path, start: Start) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    c = start(JsonStateDir(deep), size=1)
+    assert len(str(c.store.socket_path)) > 108
+    client = worker_client(c)
+    client.checkin(client.checkout(1, timeout=5))
+    assert c.server is not None and c.server.stats.ops == 2
+
+
+def _request(name: str = "r1") -> ops.CheckoutStep:
+    holder = Holder(**current_process().model_dump(), worker="raw")
+    req = Request(id=name, holder=holder, since=0.0)
+    return ops.CheckoutStep(request=req, now=1.0)
+
+
+def _raw_call(path: Path, *lines: bytes) -> list[dict[str, Any]]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(b"".join(lines))
+        data = b""
+        while data.count(b"\n") < len(lines):
+            chunk = s.recv(65536)
+            assert chunk, "server closed the connection"
+            data += chunk
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_malformed_request_gets_an_error_and_the_rest_is_served(start: Start) -> None:
+    c = start(size=1)
+    assert c.server is not None
+    bad, good = _raw_call(
+        c.server.path, b'{"kind": "explode"}\n', _request().model_dump_json().encode() + b"\n"
+    )
+    assert "not a lease operation" in bad["error"]
+    assert good["ok"]["granted"] == [c.snapshot().machines[0].name]
+
+
+def test_operation_that_raises_is_dropped_alone(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = start(size=2)
+    assert c.server is not None
+
+    def broken(self: ops.CheckoutStep, pool: Any) -> Any:
+        if self.request.id == "bad":
+            pool.machines[0].state = MachineState.BROKEN  # a half-made change: rolled back
+            raise RuntimeError("bug in an operation")
+        return original(self, pool)
+
+    original = ops.CheckoutStep.apply
+    monkeypatch.setattr(ops.CheckoutStep, "apply", broken)
+    one, bad, two = _raw_call(
+        c.server.path,
+        *(_request(r).model_dump_json().encode() + b"\n" for r in ("one", "bad", "two")),
+    )
+    assert "bug in an operation" in bad["error"]
+    assert len(one["ok"]["granted"]) == len(two["ok"]["granted"]) == 1
+    pool = c.snapshot()
+    assert sorted(m.state for m in pool.machines) == [MachineState.LEASED] * 2
+
+
+def test_pool_of_a_dead_controller_grants_nothing(start: Start, dead_process: ProcessRef) -> None:
+    c = start(size=1, serve=False)
+    with c.store.transaction() as pool:
+        pool.owner = dead_process  # as if the controller had been SIGKILLed
+    with pytest.raises(PoolUnavailable, match=r"controller .* is gone"):
+        worker_client(c).checkout(1, timeout=5)
+    with c.store.transaction() as pool:
+        pool.owner = c.me

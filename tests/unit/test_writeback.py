@@ -1,0 +1,134 @@
+"""The owner's write-back store: transactions in memory, the file current when unlocked."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from vmpool.errors import StateError
+from vmpool.state import JsonStateDir, Pool
+from vmpool.writeback import WriteBackStore
+
+
+def _pool(pool_id: str) -> Pool:
+    return Pool(
+        id=pool_id,
+        backend="sim",
+        size=1,
+        session="s1",
+        name_prefix="vmpool",
+        config_hash="h",
+        created_at=0.0,
+    )
+
+
+@pytest.fixture
+def owned(state_dir: JsonStateDir) -> Iterator[WriteBackStore]:
+    state_dir.store("p1").create(_pool("p1"))
+    store = WriteBackStore(state_dir, "p1")
+    yield store
+    store.close()
+
+
+def _wait_for(predicate: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.001)
+
+
+def test_changes_are_seen_at_once_and_written_back_soon(
+    owned: WriteBackStore, state_dir: JsonStateDir
+) -> None:
+    with owned.transaction() as pool:
+        pool.next_serial = 7
+    read = owned.read()
+    assert read is not None and read.next_serial == 7
+    on_file = state_dir.store("p1")
+    _wait_for(lambda: (p := on_file.read()) is not None and p.next_serial == 7)
+
+
+def test_many_transactions_share_few_writes(owned: WriteBackStore) -> None:
+    for i in range(200):
+        with owned.transaction() as pool:
+            pool.next_serial = i
+    owned.close()
+    assert owned.read() is not None and owned.read().next_serial == 199  # type: ignore[union-attr]
+    assert 1 <= owned.writes < 50, owned.writes
+
+
+def test_another_writer_finds_the_file_current(
+    owned: WriteBackStore, state_dir: JsonStateDir
+) -> None:
+    # the owner keeps changing the record while another store (another process, the CLI)
+    # read-modify-writes the file: no change of either side may be lost
+    other = state_dir.store("p1")
+    stop = threading.Event()
+    done = {"owner": 0}
+
+    def owner() -> None:
+        while not stop.is_set():
+            with owned.transaction() as pool:
+                pool.stats.checkouts += 1
+            done["owner"] += 1
+
+    t = threading.Thread(target=owner)
+    t.start()
+    try:
+        for _ in range(20):
+            with other.transaction() as pool:
+                pool.stats.reset += 1
+    finally:
+        stop.set()
+        t.join()
+    owned.close()
+    final = other.read()
+    assert final is not None
+    assert final.stats.reset == 20
+    assert final.stats.checkouts == done["owner"]
+
+
+def test_a_failed_transaction_changes_nothing(owned: WriteBackStore) -> None:
+    with owned.transaction() as pool:
+        pool.next_serial = 1
+    with pytest.raises(RuntimeError), owned.transaction() as pool:
+        pool.next_serial = 99
+        pool.queue.clear()
+        raise RuntimeError("boom")
+    with owned.transaction() as pool:
+        assert pool.next_serial == 1
+
+
+def test_lock_is_let_go_when_idle(owned: WriteBackStore, state_dir: JsonStateDir) -> None:
+    with owned.transaction() as pool:
+        pool.next_serial = 3
+    started = time.monotonic()
+    current = state_dir.store("p1").read_current()  # waits for the lock
+    assert current is not None and current.next_serial == 3
+    assert time.monotonic() - started < 2.0
+
+
+def test_remove_while_held_does_not_come_back(
+    owned: WriteBackStore, state_dir: JsonStateDir
+) -> None:
+    for i in range(50):
+        with owned.transaction() as pool:
+            pool.next_serial = i
+    owned.remove()
+    time.sleep(0.05)  # a write-back in flight would have landed by now
+    assert not (state_dir.path / "p1.json").exists()
+    with pytest.raises(StateError, match="does not exist"), owned.transaction():
+        pass
+
+
+def test_after_close_transactions_go_to_the_file(
+    owned: WriteBackStore, state_dir: JsonStateDir
+) -> None:
+    owned.close()
+    with owned.transaction() as pool:
+        pool.next_serial = 5
+    on_file = state_dir.store("p1").read()
+    assert on_file is not None and on_file.next_serial == 5

@@ -1,0 +1,111 @@
+"""The lease server's socket: where it is, and the client end (one JSON line each way).
+
+Kept free of the state models so that the store (vmpool.state) and the server (vmpool.server)
+can both use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+#: sun_path holds 108 bytes with its NUL; longer paths are reached through /proc/self/fd
+_SUN_PATH_MAX = 107
+#: after a failed connect, use the file and try the socket again this much later
+RETRY_AFTER = 1.0
+
+
+class ServerGone(Exception):
+    """The server closed the connection after the request was sent: its outcome is unknown."""
+
+
+@contextlib.contextmanager
+def reachable(path: Path) -> Iterator[str]:
+    """A name for ``path`` that fits in an AF_UNIX address, for bind() or connect()."""
+    name = os.fsencode(path)
+    if len(name) <= _SUN_PATH_MAX:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+class Connection:
+    """A client's connection to one pool's lease server, opened on first use.
+
+    ``call`` returns the decoded reply, or None when no server answers (the caller then runs
+    the operation itself against the file); raises ServerGone when the server went away with a
+    request in flight.
+    """
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+        self._retry_at = 0.0
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def _connect(self, *, now_or_never: bool = False) -> socket.socket | None:
+        now = time.monotonic()
+        if now < self._retry_at and not now_or_never:
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            with reachable(self.path) as where:
+                sock.connect(where)
+        except OSError:  # no server (missing, refused, stale socket of a dead controller)
+            sock.close()
+            self._retry_at = now + RETRY_AFTER
+            return None
+        self._buffer = b""
+        return sock
+
+    def call(self, line: bytes) -> Any | None:
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child must not share its parent's socket
+                self._sock, self._pid = None, os.getpid()
+            for attempt in range(2):
+                if self._sock is None:
+                    self._sock = self._connect(now_or_never=attempt > 0)
+                    if self._sock is None:
+                        return None
+                try:
+                    self._sock.sendall(line)
+                    break
+                except OSError:
+                    # closed before reading it all: the server acts on whole lines only, so
+                    # the request was not applied; one fresh connection may take it
+                    self.close()
+            else:
+                return None
+            assert self._sock is not None
+            try:
+                while b"\n" not in self._buffer:
+                    chunk = self._sock.recv(65536)
+                    if not chunk:
+                        raise ServerGone(f"{self.path}: server closed the connection")
+                    self._buffer += chunk
+            except (OSError, ServerGone) as exc:
+                self.close()
+                raise ServerGone(f"{self.path}: no reply from the lease server ({exc})") from exc
+            reply, _, self._buffer = self._buffer.partition(b"\n")
+        return json.loads(reply)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None

@@ -1,0 +1,122 @@
+"""The lease operations a client asks of its pool, as data that runs wherever the record lives.
+
+``StateStore.run(op)`` applies an op to the pool record in one transaction: in this process under
+the file lock, or in the controller's lease server (vmpool.server), which commits the ops of many
+clients in one write. Either way the decisions are vmpool.leases'; an op only bundles the steps of
+one round trip and says what goes back.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, TypeAdapter
+
+from vmpool import leases
+from vmpool.ownership import ProcessRef, hostname, is_alive
+from vmpool.state import Holder, Pool, Request
+
+
+class MachineView(BaseModel):
+    """What a client needs of a granted machine: where it is, when it was last known healthy."""
+
+    address: str | None = None
+    checked_at: float | None = None
+
+
+class CheckoutReply(BaseModel):
+    #: the machines granted (the request has left the line), or None while it waits
+    granted: list[str] | None = None
+    #: why the pool cannot serve this request at all (the request is not in the line)
+    problem: str | None = None
+    machines: dict[str, MachineView] = Field(default_factory=dict)
+
+
+class CheckoutStep(BaseModel):
+    """Join the line (first step) or look again (later steps); take the grant if served."""
+
+    kind: Literal["checkout"] = "checkout"
+    request: Request
+    join: bool = True
+    #: join at the head of the line (a request re-asked after a failed pre-ping)
+    front: bool = False
+    #: reclaim leases of dead processes first, under this policy
+    reclaim: leases.Policy | None = None
+    now: float
+
+    def parse_reply(self, data: Any) -> CheckoutReply:
+        return CheckoutReply.model_validate(data)
+
+    def apply(self, pool: Pool) -> CheckoutReply:
+        if self.reclaim is not None:
+            leases.reclaim(pool, self.reclaim, is_alive, self.now)
+        problem = leases.unavailable(pool, self.request.count, _alive_or_me)
+        if problem is not None:
+            return CheckoutReply(problem=problem)
+        if self.join and not any(r.id == self.request.id for r in pool.queue):
+            # a copy (the holder is frozen): the record must not share the op's mutable parts,
+            # for the server may apply the op again (a batch is redone without an op that raised)
+            request = self.request.model_copy(update={"granted": list(self.request.granted)})
+            leases.enqueue(pool, request, front=self.front)
+        leases.serve_queue(pool, self.now)
+        try:
+            granted = leases.take_grant(pool, self.request.id)
+        except LookupError:
+            return CheckoutReply(
+                problem=f"pool {pool.id}: check-out request {self.request.id} vanished "
+                "(the controller dropped it: is the pool shutting down?)"
+            )
+        views = {}
+        for name in granted or []:
+            m = pool.machine(name)
+            views[name] = MachineView(address=m.address, checked_at=m.checked_at)
+        return CheckoutReply(granted=granted, machines=views)
+
+
+class CheckinReply(BaseModel):
+    actions: dict[str, leases.Action] = Field(default_factory=dict)
+    #: machines whose reset falls to the caller (no spare: the controller will not do it)
+    mine: list[str] = Field(default_factory=list)
+
+
+class CheckinStep(BaseModel):
+    """Return leased machines under the pool's policy (vmpool.leases.checkin)."""
+
+    kind: Literal["checkin"] = "checkin"
+    names: list[str]
+    holder: Holder
+    policy: leases.Policy
+    failed: bool = False
+    dirty: list[str] = Field(default_factory=list)
+    now: float
+
+    def parse_reply(self, data: Any) -> CheckinReply:
+        return CheckinReply.model_validate(data)
+
+    def apply(self, pool: Pool) -> CheckinReply:
+        actions = leases.checkin(
+            pool,
+            self.names,
+            self.holder,
+            self.policy,
+            failed=self.failed,
+            dirty=set(self.dirty),
+            now=self.now,
+        )
+        me = (self.holder.host, self.holder.pid, self.holder.pid_start)
+        mine = []
+        for name, action in actions.items():
+            actor = pool.machine(name).actor
+            if action == "reset" and actor and (actor.host, actor.pid, actor.pid_start) == me:
+                mine.append(name)
+        return CheckinReply(actions=actions, mine=mine)
+
+
+def _alive_or_me(ref: ProcessRef) -> bool:
+    # the server runs in the owner's process: no need to ask the process table
+    return (ref.pid == os.getpid() and ref.host == hostname()) or is_alive(ref)
+
+
+Op = Annotated[CheckoutStep | CheckinStep, Field(discriminator="kind")]
+OP_ADAPTER: TypeAdapter[CheckoutStep | CheckinStep] = TypeAdapter(Op)

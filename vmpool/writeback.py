@@ -1,0 +1,221 @@
+"""The pool owner's store: it keeps the lock and the record in memory while busy, and writes back.
+
+The controller's process makes most of a pool's transactions: its own (warm-up, replacement,
+reclaim) and, through the lease server (vmpool.server), every worker's check-out and check-in.
+As file transactions (lock, read, parse, change, write, fsync, rename: about 1 ms each here) eight
+busy workers queue behind one another. This store takes the pool's lock once and keeps it while
+transactions keep coming; each transaction changes the record in memory (one that raises is
+rolled back to the last good image) and a background thread writes the record back atomically
+(temp file, fsync, rename) ``flush_delay`` seconds after it changed: many transactions per write.
+
+The lock is let go only when the file is current: after ``idle_release`` seconds without a
+transaction, or after ``max_hold`` seconds (then a short pause lets a waiting process in). So the
+CLI, a reaper, or a client without a server always read-modify-write a current file.
+
+What this gives up: a transaction is acknowledged up to ``flush_delay`` (plus one write) before
+it is on disk. If the controller's process dies in that window, its last grants are missing from
+the file; a pool whose owner is dead therefore serves no more check-outs
+(vmpool.leases.unavailable) and is reaped as a whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import IO
+
+from vmpool.errors import StateError
+from vmpool.state import JsonStateDir, JsonStore, Pool
+
+log = logging.getLogger(__name__)
+
+#: after a forced release (max_hold), wait this long before taking the lock again
+_COOLDOWN = 0.002
+#: after a failed write, try again this much later
+_RETRY_WRITE = 0.1
+
+
+class WriteBackStore(JsonStore):
+    """A JsonStore for the pool's owner: in-memory transactions, the file written back."""
+
+    def __init__(
+        self,
+        directory: JsonStateDir,
+        pool_id: str,
+        *,
+        flush_delay: float = 0.002,
+        idle_release: float = 0.005,
+        max_hold: float = 0.1,
+    ) -> None:
+        super().__init__(directory, pool_id)
+        self.flush_delay = flush_delay
+        self.idle_release = idle_release
+        self.max_hold = max_hold
+        self._cond = threading.Condition()
+        self._fh: IO[str] | None = None  # the pool's lock, while held
+        self._pool: Pool | None = None  # the record, current while the lock is held
+        self._image = b""  # the record as of the last transaction
+        self._on_disk = b""  # what the file holds (last read or written by us)
+        self._held_since = 0.0
+        self._last_change = 0.0
+        self._cooldown_until = 0.0
+        self._closed = False
+        self._writing = False  # a write-back is in progress outside the mutex
+        self._nap = threading.Event()  # never set: a sleep that tests' patched time.sleep spares
+        #: how many times the record was written back (for benchmarks and tests)
+        self.writes = 0
+        self._flusher = threading.Thread(
+            target=self._flush_loop, name=f"vmpool-writeback-{pool_id}", daemon=True
+        )
+        self._flusher.start()
+
+    # -- StateStore ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Pool]:
+        with self._cond:
+            if self._closed:
+                with super().transaction() as pool:
+                    yield pool
+                return
+            pool = self._hold()
+            try:
+                yield pool
+            except BaseException:
+                self._pool = self._parse(self._image)  # roll back to the last good image
+                raise
+            image = pool.model_dump_json().encode()
+            if image != self._image:
+                self._image = image
+                self._last_change = time.monotonic()
+                self._cond.notify_all()
+
+    def read(self) -> Pool | None:
+        with self._cond:
+            if self._fh is not None:
+                return self._parse(self._image)
+        return super().read()
+
+    def read_current(self) -> Pool | None:
+        return self.read()
+
+    def remove(self) -> None:
+        with self._cond:
+            while self._writing:  # or its rename would bring the file back
+                self._cond.wait()
+            if self._fh is None:
+                super().remove()
+                return
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self._on_disk = self._image = b""
+            self._pool = None
+            self._let_go()
+
+    def close(self) -> None:
+        """Write back what is pending, let the lock go, and stop the writer thread. Later
+        transactions are plain file transactions."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._flusher.join(30)
+        with self._cond:
+            if self._fh is not None:
+                if self._image != self._on_disk:
+                    self._write(self._image)
+                    self._on_disk = self._image
+                    self.writes += 1
+                self._let_go()
+
+    # -- the lock and the image ------------------------------------------------------------------
+    def _hold(self) -> Pool:
+        """Take the lock and load the record if not already held (caller holds _cond)."""
+        if self._fh is not None and self._pool is not None:
+            return self._pool
+        pause = self._cooldown_until - time.monotonic()
+        if pause > 0:
+            self._nap.wait(pause)
+        fh = self._acquire()
+        try:
+            raw = self._read_raw()
+            if raw is None:
+                raise StateError(f"pool {self.pool_id} does not exist in {self.dir.path}")
+            if self._pool is None or raw != self._on_disk:
+                self._pool = self._parse(raw)
+        except BaseException:
+            self._release(fh)
+            raise
+        self._fh = fh
+        self._image = self._on_disk = raw
+        self._held_since = self._last_change = time.monotonic()
+        self._cond.notify_all()
+        return self._pool
+
+    def _let_go(self, *, pause: bool = False) -> None:
+        """Release the lock; the file must be current (caller holds _cond)."""
+        if self._fh is not None:
+            self._release(self._fh)
+            self._fh = None
+        if pause:
+            self._cooldown_until = time.monotonic() + _COOLDOWN
+
+    def _flush_loop(self) -> None:
+        while not self._closed:
+            try:
+                self._flush_once()
+            except Exception:  # keep writing back whatever happens; never hold the lock forever
+                log.exception("pool %s: write-back failed", self.pool_id)
+                self._nap.wait(_RETRY_WRITE)
+
+    def _flush_once(self) -> None:
+        """One round: wait for a change (letting the lock go when idle), then write it back."""
+        with self._cond:
+            if self._closed:
+                return
+            if self._fh is None:
+                self._cond.wait()
+                return
+            now = time.monotonic()
+            if self._image == self._on_disk:
+                idle = now - self._last_change >= self.idle_release
+                if idle or now - self._held_since >= self.max_hold:
+                    self._let_go(pause=not idle)
+                else:
+                    self._cond.wait(
+                        min(self._last_change + self.idle_release, self._held_since + self.max_hold)
+                        - now
+                    )
+                return
+        self._nap.wait(self.flush_delay)  # let more transactions join this write
+        with self._cond:
+            if self._fh is None or self._closed:
+                return
+            image = self._image
+            if time.monotonic() - self._held_since >= self.max_hold:
+                # held long enough: write under the mutex, then let a waiting process in
+                if self._write_back(image):
+                    self._let_go(pause=True)
+                return
+            self._writing = True
+        # the usual case: write outside the mutex while transactions go on in memory; nobody
+        # else can write the file meanwhile, the lock is still ours
+        try:
+            self._write_back(image)
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+    def _write_back(self, image: bytes) -> bool:
+        try:
+            self._write(image)
+        except OSError as exc:
+            log.error("pool %s: cannot write %s back (%s); retrying", self.pool_id, self.path, exc)
+            self._nap.wait(_RETRY_WRITE)
+            return False
+        with self._cond:
+            self._on_disk = image
+            self.writes += 1
+        return True
