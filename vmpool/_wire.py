@@ -13,13 +13,23 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 #: sun_path holds 108 bytes with its NUL; longer paths are reached through /proc/self/fd
 _SUN_PATH_MAX = 107
 #: after a failed connect, use the file and try the socket again this much later
 RETRY_AFTER = 1.0
+
+
+_OK = b'{"ok":'
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The server's answer when it could not apply a request."""
+
+    message: str
 
 
 class ServerGone(Exception):
@@ -43,9 +53,9 @@ def reachable(path: Path) -> Iterator[str]:
 class Connection:
     """A client's connection to one pool's lease server, opened on first use.
 
-    ``call`` returns the decoded reply, or None when no server answers (the caller then runs
-    the operation itself against the file); raises ServerGone when the server went away with a
-    request in flight.
+    ``call`` returns the reply's JSON (for the operation to parse), a Failure, or None when no
+    server answers (the caller then runs the operation itself against the file); it raises
+    ServerGone when the server went away with a request in flight.
     """
 
     def __init__(self, path: Path, timeout: float) -> None:
@@ -73,7 +83,7 @@ class Connection:
         self._buffer = b""
         return sock
 
-    def call(self, line: bytes) -> Any | None:
+    def call(self, line: bytes) -> bytes | Failure | None:
         with self._lock:
             if self._pid != os.getpid():  # a forked child must not share its parent's socket
                 self._sock, self._pid = None, os.getpid()
@@ -102,7 +112,12 @@ class Connection:
                 self.close()
                 raise ServerGone(f"{self.path}: no reply from the lease server ({exc})") from exc
             reply, _, self._buffer = self._buffer.partition(b"\n")
-        return json.loads(reply)
+        if reply.startswith(_OK) and reply.endswith(b"}"):
+            return reply[len(_OK) : -1]
+        try:
+            return Failure(str(json.loads(reply)["error"]))
+        except (ValueError, KeyError, TypeError):
+            return Failure(f"unreadable reply: {reply[:200]!r}")
 
     def close(self) -> None:
         if self._sock is not None:

@@ -9,7 +9,6 @@ import contextlib
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -141,7 +140,7 @@ class PoolClient:
     ) -> tuple[list[str], str, Holder, dict[str, ops.MachineView]]:
         """Join the line and wait; returns the grant with what the caller needs of each machine
         (address, last health check) as of the grant, so it needs no extra read."""
-        request_id = uuid.uuid4().hex[:12]
+        request_id = os.urandom(6).hex()
         holder = self._holder(test)
         request = leases.new_request(holder, request_id, count, fresh, self.clock())
         holder = request.holder

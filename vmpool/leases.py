@@ -54,6 +54,9 @@ class Work:
     name: str
 
 
+_USABLE = frozenset({MachineState.READY, MachineState.LEASED})
+
+
 def _worst(a: Action, b: Action) -> Action:
     return a if _ORDER[a] >= _ORDER[b] else b
 
@@ -477,11 +480,10 @@ def record_deleted(pool: Pool, name: str, *, replaced: bool) -> None:
 
 
 def all_broken(pool: Pool) -> bool:
-    return (
-        pool.size > 0
-        and sum(1 for m in pool.machines if m.state is MachineState.BROKEN and m.slot < pool.size)
-        >= pool.size
-    )
+    if pool.size <= 0 or any(m.state in _USABLE for m in pool.machines):
+        return False  # the usual answer, without counting (on every check-out)
+    broken = sum(1 for m in pool.machines if m.state is MachineState.BROKEN and m.slot < pool.size)
+    return broken >= pool.size
 
 
 def counts(pool: Pool) -> dict[str, int]:

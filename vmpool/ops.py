@@ -9,7 +9,7 @@ one round trip and says what goes back.
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
 
@@ -45,8 +45,8 @@ class CheckoutStep(BaseModel):
     reclaim: leases.Policy | None = None
     now: float
 
-    def parse_reply(self, data: Any) -> CheckoutReply:
-        return CheckoutReply.model_validate(data)
+    def parse_reply(self, data: bytes) -> CheckoutReply:
+        return CheckoutReply.model_validate_json(data)
 
     def apply(self, pool: Pool) -> CheckoutReply:
         if self.reclaim is not None:
@@ -91,8 +91,8 @@ class CheckinStep(BaseModel):
     dirty: list[str] = Field(default_factory=list)
     now: float
 
-    def parse_reply(self, data: Any) -> CheckinReply:
-        return CheckinReply.model_validate(data)
+    def parse_reply(self, data: bytes) -> CheckinReply:
+        return CheckinReply.model_validate_json(data)
 
     def apply(self, pool: Pool) -> CheckinReply:
         actions = leases.checkin(

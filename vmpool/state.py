@@ -13,10 +13,11 @@ import os
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Protocol, TypeVar
 
 import platformdirs
 import portalocker
@@ -28,6 +29,8 @@ from vmpool.ownership import ProcessRef
 
 SCHEMA_VERSION = 1
 LOCK_TIMEOUT = 30.0
+#: a process waiting for a pool's lock re-announces itself this often (see announce_waiting)
+_ANNOUNCE_EVERY = 0.05
 
 
 class MachineState(StrEnum):
@@ -136,7 +139,7 @@ class Operation(Protocol[R_co]):
 
     def apply(self, pool: Pool) -> R_co: ...
 
-    def parse_reply(self, data: Any) -> R_co: ...
+    def parse_reply(self, data: bytes) -> R_co: ...
 
     def model_dump_json(self) -> str: ...
 
@@ -195,11 +198,20 @@ def _lock(path: Path, timeout: float) -> IO[str]:
     try:
         portalocker.lock(fh, portalocker.LOCK_EX | portalocker.LOCK_NB)
     except portalocker.LockException:
+        announce_waiting(fh)
         return _Waiter(fh).wait(timeout)
     except BaseException:
         fh.close()
         raise
     return fh
+
+
+def announce_waiting(fh: IO[str]) -> None:
+    """Tell the holder of a lock that someone waits: the lock file's mtime changes (its
+    contents are never used). An owner that keeps the lock (vmpool.writeback) watches it."""
+    now = time.time_ns()
+    with contextlib.suppress(OSError):
+        os.utime(fh.fileno(), ns=(now, now))
 
 
 class _Waiter:
@@ -229,8 +241,14 @@ class _Waiter:
 
     def wait(self, timeout: float) -> IO[str]:
         interrupted: BaseException | None = None
+        deadline = time.monotonic() + timeout
         try:
-            self.done.wait(timeout)
+            # announce again now and then: a holder that let go and took the lock back before
+            # this waiter ran has not seen the first announcement
+            while not self.done.wait(min(_ANNOUNCE_EVERY, max(deadline - time.monotonic(), 0))):
+                if time.monotonic() >= deadline:
+                    break
+                announce_waiting(self.fh)
         except BaseException as exc:  # e.g. KeyboardInterrupt: never leave the lock held
             interrupted = exc
         with self.guard:
@@ -424,14 +442,17 @@ class JsonStore:
             data = self._server.call(op.model_dump_json().encode() + b"\n")
         except _wire.ServerGone as exc:
             raise StateError(f"pool {self.pool_id}: {exc}; the controller is gone") from exc
-        except ValueError as exc:
-            raise StateError(f"pool {self.pool_id}: unreadable reply from its server") from exc
         if data is None:  # no server: do it here
             with self.transaction() as pool:
                 return op.apply(pool)
-        if "error" in data:
-            raise StateError(f"pool {self.pool_id}: {data['error']}")
-        return op.parse_reply(data["ok"])
+        if isinstance(data, _wire.Failure):
+            raise StateError(f"pool {self.pool_id}: {data.message}")
+        try:
+            return op.parse_reply(data)
+        except ValueError as exc:  # pydantic's ValidationError included
+            raise StateError(
+                f"pool {self.pool_id}: unreadable reply from its server: {data[:200]!r}"
+            ) from exc
 
     def _read_raw(self) -> bytes | None:
         try:

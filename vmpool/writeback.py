@@ -9,7 +9,8 @@ rolled back to the last good image) and a background thread writes the record ba
 (temp file, fsync, rename) ``flush_delay`` seconds after it changed: many transactions per write.
 
 The lock is let go only when the file is current: after ``idle_release`` seconds without a
-transaction, or after ``max_hold`` seconds (then a short pause lets a waiting process in). So the
+transaction, or, when another process is blocked on it, at most ``max_hold`` seconds after it was
+taken (then a short pause lets that process in). So the
 CLI, a reaper, or a client without a server always read-modify-write a current file.
 
 What this gives up: a transaction is acknowledged up to ``flush_delay`` (plus one write) before
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -60,6 +62,7 @@ class WriteBackStore(JsonStore):
         self._image = b""  # the record as of the last transaction
         self._on_disk = b""  # what the file holds (last read or written by us)
         self._held_since = 0.0
+        self._lock_mtime = 0  # the lock file's mtime when taken: a waiter changes it
         self._last_change = 0.0
         self._cooldown_until = 0.0
         self._closed = False
@@ -148,6 +151,7 @@ class WriteBackStore(JsonStore):
             self._release(fh)
             raise
         self._fh = fh
+        self._lock_mtime = os.fstat(fh.fileno()).st_mtime_ns
         self._image = self._on_disk = raw
         self._held_since = self._last_change = time.monotonic()
         self._cond.notify_all()
@@ -180,7 +184,7 @@ class WriteBackStore(JsonStore):
             now = time.monotonic()
             if self._image == self._on_disk:
                 idle = now - self._last_change >= self.idle_release
-                if idle or now - self._held_since >= self.max_hold:
+                if idle or (self._held_too_long(now) and self._someone_waits()):
                     self._let_go(pause=not idle)
                 else:
                     self._cond.wait(
@@ -193,8 +197,8 @@ class WriteBackStore(JsonStore):
             if self._fh is None or self._closed:
                 return
             image = self._image
-            if time.monotonic() - self._held_since >= self.max_hold:
-                # held long enough: write under the mutex, then let a waiting process in
+            if self._held_too_long(time.monotonic()) and self._someone_waits():
+                # another process waits for the lock: write under the mutex and let it in
                 if self._write_back(image):
                     self._let_go(pause=True)
                 return
@@ -207,6 +211,21 @@ class WriteBackStore(JsonStore):
             with self._cond:
                 self._writing = False
                 self._cond.notify_all()
+
+    def _someone_waits(self) -> bool:
+        """A process blocked on the lock has announced itself (vmpool.state.announce_waiting)."""
+        assert self._fh is not None
+        try:
+            return os.fstat(self._fh.fileno()).st_mtime_ns != self._lock_mtime
+        except OSError:
+            return True
+
+    def _held_too_long(self, now: float) -> bool:
+        """Held ``max_hold`` seconds; the clock restarts when nobody turns out to be waiting."""
+        if now - self._held_since < self.max_hold:
+            return False
+        self._held_since = now
+        return True
 
     def _write_back(self, image: bytes) -> bool:
         try:
