@@ -95,7 +95,8 @@ def pool_tables(
             "size": size,
             "checkin_policy": checkin_policy,
             "pre_ping": pre_ping,
-            # the per-test ways make no networks either: compare like with like
+            # the per-test ways make no networks either: compare like with like (the suite's
+            # --pool-network passes network=True for the pool ways, the configuration default)
             "network": False,
             "checkout_timeout": 900.0,
             "ready_timeout": 300.0,

@@ -434,6 +434,12 @@ def _parser() -> argparse.ArgumentParser:
         "--sim-model", default="podman", choices=sorted(SIM_MODELS), help="sim latencies"
     )
     p.add_argument("--no-pre-ping", action="store_true", help="(c) with [pool] pre_ping = false")
+    p.add_argument(
+        "--pool-network",
+        action="store_true",
+        help="(c) with [pool] network = true, the configuration default: each pool makes its own "
+        "private network (by default the pool ways run without one, as (a) and (b) make none)",
+    )
     p.add_argument("--qemu-accel", default="tcg", choices=["auto", "kvm", "tcg"])
     p.add_argument(
         "--qemu-warmup",
@@ -492,6 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pre_ping=not args.no_pre_ping,
             qemu_accel=args.qemu_accel,
             qemu_warmup=args.qemu_warmup,
+            network=args.pool_network and way in POOL_WAYS,
         )
         write_pool_toml(root / f"pool-{way}.toml", tables[way])
     config = root / "pool-b.toml"
@@ -503,6 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f" (sim model {args.sim_model!r}: {model})" if model is not None else "")
         + f", {args.tests} tests, -n {args.workers}, pool size {args.pool_size or args.workers}"
         + ("" if not args.no_pre_ping else ", pre_ping off")
+        + (", pool network on" if args.pool_network else "")
         + (f", qemu warmup {args.qemu_warmup}" if args.qemu_warmup else ""),
         flush=True,
     )
@@ -516,6 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "workers": args.workers,
         "pool_size": args.pool_size or args.workers,
         "pre_ping": not args.no_pre_ping,
+        "pool_network": args.pool_network,
         "qemu_warmup": args.qemu_warmup,
         "a_sleep": args.sleep,
         "a_guard": guard,

@@ -476,15 +476,26 @@ class Controller:
         except VmPoolError as exc:
             log.warning("teardown: could not list machines: %s", exc)
         failed = []
-        with concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(self.settings.warmup_parallelism, 1)
-        ) as ex:
-            for name, fut in [(n, ex.submit(self.backend.delete, n)) for n in sorted(names)]:
-                try:
-                    fut.result()
-                except VmPoolError as exc:
-                    failed.append(name)
-                    log.error("teardown: could not delete %s: %s", name, exc)
+        delete_many = getattr(self.backend, "delete_many", None)
+        if delete_many is not None and names:
+            # one tool process for the whole pool, where the backend can (podman, docker)
+            try:
+                errors: dict[str, str] = delete_many(sorted(names))
+            except VmPoolError as exc:
+                errors = dict.fromkeys(names, str(exc))
+            for name, error in sorted(errors.items()):
+                failed.append(name)
+                log.error("teardown: could not delete %s: %s", name, error)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(self.settings.warmup_parallelism, 1)
+            ) as ex:
+                for name, fut in [(n, ex.submit(self.backend.delete, n)) for n in sorted(names)]:
+                    try:
+                        fut.result()
+                    except VmPoolError as exc:
+                        failed.append(name)
+                        log.error("teardown: could not delete %s: %s", name, exc)
         network = final.network if final else None
         if network:
             try:

@@ -36,6 +36,19 @@ def podman(*args: str) -> _proc.ProcResult:
     return _proc.run(["podman", *args], timeout=60)
 
 
+def _spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    """Record the argv of every tool process the backend runs from now on."""
+    calls: list[tuple[str, ...]] = []
+    real_run = _proc.run
+
+    def spy(argv: Sequence[str], **kwargs: Any) -> _proc.ProcResult:
+        calls.append(tuple(argv))
+        return real_run(argv, **kwargs)
+
+    monkeypatch.setattr(_proc, "run", spy)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def image() -> str:
     if shutil.which("podman") is None:
@@ -135,14 +148,7 @@ def test_runtime_verdict_is_cached_for_the_next_process(
 ) -> None:
     first = PodmanBackend(PodmanSettings(image=image), tmp_path).run_options()
     assert (tmp_path / "podman" / "runtime.json").is_file()
-    calls: list[tuple[str, ...]] = []
-    real_run = _proc.run
-
-    def spy(argv: Sequence[str], **kwargs: Any) -> _proc.ProcResult:
-        calls.append(tuple(argv))
-        return real_run(argv, **kwargs)
-
-    monkeypatch.setattr(_proc, "run", spy)
+    calls = _spy(monkeypatch)
     second = PodmanBackend(PodmanSettings(image=image), tmp_path).run_options()
     assert second == first
     assert not [c for c in calls if c[1:2] == ("run",)], calls
@@ -225,6 +231,7 @@ def test_reset_returns_to_the_snapshot(backend: PodmanBackend, machine: str) -> 
 def test_reset_twice_with_a_new_snapshot_leaves_one_warm_image(
     backend: PodmanBackend, machine: str
 ) -> None:
+    backend.exec(machine, ["touch", "/root/first"], timeout=10)  # changed: a commit is made
     backend.snapshot(machine)
     backend.reset(machine)
     first = podman("image", "inspect", "--format", "{{.Id}}", warm_image_name(machine))
@@ -239,6 +246,7 @@ def test_reset_twice_with_a_new_snapshot_leaves_one_warm_image(
 def test_reset_works_from_the_warm_image_when_the_record_is_lost(
     backend: PodmanBackend, machine: str, state_dir: Path
 ) -> None:
+    backend.exec(machine, ["touch", "/root/ready"], timeout=10)  # changed: a commit is made
     backend.snapshot(machine)
     (state_dir / "podman" / f"{machine}.json").unlink()
     backend.exec(machine, ["touch", "/tmp/x"], timeout=10)
@@ -246,6 +254,19 @@ def test_reset_works_from_the_warm_image_when_the_record_is_lost(
     assert backend.exec(machine, ["test", "-e", "/tmp/x"], timeout=10).returncode == 1
     [info] = backend.list(machine)
     assert info.labels["vmpool.session"] == "podmantest"
+
+
+def test_snapshot_of_an_unchanged_container_commits_nothing_and_reset_restores_it(
+    backend: PodmanBackend, machine: str
+) -> None:
+    backend.snapshot(machine)
+    assert podman("image", "exists", warm_image_name(machine)).returncode == 1
+    backend.exec(machine, ["sh", "-c", "echo dirty > /tmp/x"], timeout=10)
+    backend.reset(machine)
+    assert backend.exec(machine, ["test", "-e", "/tmp/x"], timeout=10).returncode == 1
+    assert backend.exec(machine, ["hostname"], timeout=10).stdout.strip() == machine
+    [info] = backend.list(machine)
+    assert info.running and info.labels["vmpool.session"] == "podmantest"
 
 
 def test_reset_without_snapshot_is_an_error(backend: PodmanBackend, machine: str) -> None:
@@ -346,3 +367,65 @@ def test_networks_are_listed_with_labels_and_deleted_idempotently(
     backend.delete_network(name)
     assert backend.list_networks(name) == []
     assert podman("network", "exists", name).returncode == 1
+
+
+# -- teardown in two tool calls, and the remembered check -----------------------------------
+def test_delete_many_removes_machines_and_warm_images_in_two_calls(
+    backend: PodmanBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = [unique(str(i)) for i in range(3)]
+    try:
+        for name in names:
+            backend.create(MachineSpec(name, SESSION_LABELS))
+            backend.start(name)
+            backend.wait_ready(name, timeout=30)
+            backend.exec(name, ["touch", "/root/changed"], timeout=10)  # a warm image is committed
+            backend.snapshot(name)
+        missing = unique("never")  # podman 4.3's `rm -f a b missing` alone removes nothing
+        calls = _spy(monkeypatch)
+        assert backend.delete_many([*names, missing]) == {}
+        assert [c[1:3] for c in calls] == [("rm", "-f"), ("image", "rm")], calls
+        for name in names:
+            assert backend.list(name) == []
+            warm = warm_image_name(name)
+            assert _proc.run(["podman", "image", "exists", warm], timeout=30).returncode == 1
+    finally:
+        monkeypatch.undo()
+        for name in names:
+            backend.delete(name)
+
+
+def test_delete_many_of_nothing_runs_nothing(
+    backend: PodmanBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _spy(monkeypatch)
+    assert backend.delete_many([]) == {}
+    assert calls == []
+
+
+def test_delete_of_a_never_snapshotted_machine_skips_the_image_removal(
+    backend: PodmanBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = unique()
+    backend.create(MachineSpec(name, SESSION_LABELS))
+    backend.start(name)
+    calls = _spy(monkeypatch)
+    backend.delete(name)
+    assert [c[1] for c in calls] == ["rm"]
+    assert backend.list(name) == []
+
+
+def test_a_passing_check_is_remembered(
+    backend: PodmanBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend.check()
+    calls = _spy(monkeypatch)
+    backend.check()
+    assert calls == []
+
+
+def test_a_failing_check_is_not_remembered(tmp_path: Path) -> None:
+    backend = PodmanBackend(PodmanSettings(image=f"localhost/{unique('img')}:latest"), tmp_path)
+    for _ in range(2):
+        with pytest.raises(Exception, match="not found"):
+            backend.check()

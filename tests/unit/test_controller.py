@@ -231,6 +231,60 @@ def test_teardown_waits_for_a_lease_then_proceeds(start_pool: Factory) -> None:
     assert backend.list("") == []
 
 
+class BatchSim(SimBackend):
+    """The sim with a ``delete_many`` that records its calls and can refuse one machine."""
+
+    def __init__(self, settings: SimSettings, state_dir: Path, refuse: str = "") -> None:
+        super().__init__(settings, state_dir)
+        self.batches: list[list[str]] = []
+        self.refuse = refuse
+
+    def delete_many(self, names: list[str]) -> dict[str, str]:
+        self.batches.append(list(names))
+        errors = {}
+        for name in names:
+            if name == self.refuse:
+                errors[name] = "refused"
+            else:
+                self.delete(name)
+        return errors
+
+
+def _batch_pool(
+    state_dir: JsonStateDir, make_profile: Callable[..., Profile], refuse: str = ""
+) -> tuple[Controller, BatchSim]:
+    profile = make_profile(sim=None, backoff=0.0)
+    backend = BatchSim(profile.sim, state_dir.path, refuse)
+    controller = Controller(
+        directory=state_dir, backend=backend, profile=profile, size=3, session="s1"
+    )
+    controller.start()
+    controller.wait_until_ready(3, 10)
+    return controller, backend
+
+
+def test_teardown_deletes_the_pool_in_one_batch_where_the_backend_can(
+    state_dir: JsonStateDir, make_profile: Callable[..., Profile]
+) -> None:
+    controller, backend = _batch_pool(state_dir, make_profile)
+    controller.stop()
+    assert len(backend.batches) == 1 and len(backend.batches[0]) == 3
+    assert backend.list("") == []
+    assert state_dir.pool_ids() == []
+
+
+def test_machines_a_batch_could_not_delete_stay_in_the_record_for_gc(
+    state_dir: JsonStateDir, make_profile: Callable[..., Profile]
+) -> None:
+    controller, _ = _batch_pool(state_dir, make_profile)
+    refused = controller.snapshot().machines[0].name
+    controller.backend.refuse = refused  # type: ignore[attr-defined]
+    controller.stop()
+    [pool_id] = state_dir.pool_ids()
+    left = state_dir.store(pool_id).read()
+    assert left is not None and [m.name for m in left.machines] == [refused]
+
+
 # -- keep and adopt -----------------------------------------------------------------------------
 def test_kept_pool_is_left_ready_without_an_owner(
     start_pool: Factory, state_dir: JsonStateDir

@@ -1,7 +1,8 @@
 """Podman (or docker) containers as machines, and the busybox image they run by default.
 
 One module drives either CLI (``[podman] tool``). The OCI runtime and the ``--ulimit`` values a
-container needs are detected once per tool version, by running a throwaway container, and cached
+container needs are detected once per tool binary (its path, size and modification time, so an
+upgrade invalidates the verdict), by running a throwaway container, and cached
 in ``<state_dir>/<tool>/runtime.json``. Reset is "commit when ready, recreate from the commit":
 each machine's recipe (options and command) is kept in ``<state_dir>/<tool>/<name>.json`` so any
 process sharing the state directory can recreate it exactly. A snapshot holds the filesystem, not
@@ -64,6 +65,11 @@ _ESSENTIAL_APPLETS = (
 )
 _PREFIX_RE = re.compile(r"^[a-z0-9-]*$")
 _CACHE_FILE = "runtime.json"
+#: ``diff`` lines of a container that wrote nothing: the tool's own mount points' directories
+_MOUNT_POINT_DIRS = frozenset({"C /etc", "C /run"})
+#: check() passes are remembered this long: the plugin's preparation and the controller's start
+#: both ask, moments apart, and each ask costs a process
+_CHECK_TTL = 60.0
 #: Set on every exec so the processes of a timed-out one can be found and killed.
 _EXEC_ENV = "VMPOOL_EXEC_ID"
 # aliases: inside PodmanBackend the name `list` is the protocol's method, not the builtin
@@ -133,14 +139,22 @@ class PodmanBackend:
         self._dir = Path(state_dir) / settings.tool
         self._options: RunOptions | None = None
         self._options_lock = threading.Lock()
+        self._checked_at: float | None = None
 
     # -- the protocol --------------------------------------------------------------------------
     def check(self) -> None:
-        """Raise BackendUnavailable when the tool, the image or a working runtime is missing."""
+        """Raise BackendUnavailable when the tool, the image or a working runtime is missing.
+
+        A pass is remembered for ``_CHECK_TTL`` seconds by this object; a failure never is.
+        """
+        now = time.monotonic()
+        if self._checked_at is not None and now - self._checked_at < _CHECK_TTL:
+            return
         image = self.settings.image
         if not _image_exists(self.settings, image, what="check"):
             raise BackendUnavailable(_missing_image_message(self._tool, image))
         self.run_options()
+        self._checked_at = now
 
     def create(self, spec: MachineSpec) -> None:
         name = validate_name(spec.name)
@@ -202,10 +216,25 @@ class PodmanBackend:
         return ExecResult(result.returncode, result.stdout, result.stderr)
 
     def snapshot(self, name: str) -> None:
-        """Commit the (ready) container to its warm image, which reset() recreates it from."""
+        """Commit the (ready) container to its warm image, which reset() recreates it from.
+
+        A container that has written nothing since it was made from its image needs no commit:
+        reset() recreates it from that image itself (a commit would be an identical copy).
+        """
         validate_name(name)
         record = self._load_record(name) or self._record_from_inspect(name)
+        if record.warm_image is None and self._unchanged(name):
+            record.warm_image, record.warm_image_id = record.image, None
+            record.ip = self.address(name) if record.network else None
+            self._write_record(record)
+            log.debug("snapshot %s: unchanged since %s, no commit", name, record.image)
+            return
         warm = warm_image_name(name)
+        if record.warm_image != warm:
+            # written ahead of the commit: delete() removes warm images only of machines whose
+            # record names one, so a commit cut short must not leave an image nobody knows of
+            record.warm_image = warm
+            self._write_record(record)
         commit = ["commit", "-q", name, warm] if self._tool == "podman" else ["commit", name, warm]
         result = self._run(*commit).check(f"snapshot {name}")
         image_id = _last_line(result.stdout)
@@ -216,6 +245,15 @@ class PodmanBackend:
         record.ip = self.address(name) if record.network else None
         self._write_record(record)
         log.debug("snapshot %s -> %s (%s) in %.3fs", name, warm, image_id, result.duration)
+
+    def _unchanged(self, name: str) -> bool:
+        """True when the container's filesystem differs from its image only by the directories
+        holding the mount points the tool manages (/etc/hosts, /etc/hostname, /run/...)."""
+        result = self._run("diff", name)
+        if result.returncode != 0:
+            return False
+        changes = {line.strip() for line in result.stdout.splitlines() if line.strip()}
+        return changes <= _MOUNT_POINT_DIRS
 
     def reset(self, name: str) -> None:
         """Replace the container by a fresh one from its warm image (same name and options)."""
@@ -246,11 +284,48 @@ class PodmanBackend:
         validate_name(name)
         self._remove_container(name)
         record = self._load_record(name)
-        self._remove_image(warm_image_name(name), missing_ok=True)
+        if _may_have_warm_image(record):
+            self._remove_image(warm_image_name(name), missing_ok=True)
         if record is not None:
             self._drop_stale_images(record, keep_current=False)
         with contextlib.suppress(FileNotFoundError):
             self._record_path(name).unlink()
+
+    def delete_many(self, names: Iterable[str]) -> dict[str, str]:
+        """``delete()`` each of ``names`` with one ``rm`` and one ``image rm`` for them all.
+
+        Returns ``{name: error}`` for the machines that could not be removed (empty: all gone).
+        A tool process costs about as much as the removal itself, so a pool's teardown makes
+        two, not two per machine.
+        """
+        names = sorted({validate_name(n) for n in names})
+        if not names:
+            return {}
+        errors: dict[str, str] = {}
+        # --ignore: podman 4.3's `rm -f` given several names, one of them missing, exits 0 and
+        # removes none of them
+        args = ["rm", "-f", "-t", "0", "--ignore"] if self._tool == "podman" else ["rm", "-f"]
+        result = self._run(*args, *names)
+        if result.returncode != 0:
+            # which one failed (or was merely missing: docker says so)? ask one by one
+            for name in names:
+                try:
+                    self._remove_container(name)
+                except BackendError as exc:
+                    errors[name] = str(exc)
+        gone = [n for n in names if n not in errors]
+        records = {n: self._load_record(n) for n in gone}
+        images = [warm_image_name(n) for n in gone if _may_have_warm_image(records[n])]
+        images += [i for r in records.values() if r is not None for i in r.stale_images]
+        if images:
+            rm = ["image", "rm", "--ignore"] if self._tool == "podman" else ["image", "rm"]
+            if self._run(*rm, *images).returncode != 0:
+                for image in images:  # as delete(): best effort, an image left is not a machine
+                    self._remove_image(image, missing_ok=True)
+        for name in gone:
+            with contextlib.suppress(FileNotFoundError):
+                self._record_path(name).unlink()
+        return errors
 
     def list(self, prefix: str) -> _MachineInfos:
         _validate_prefix(prefix)
@@ -332,9 +407,12 @@ class PodmanBackend:
         s = self.settings
         if s.runtime is not None and s.ulimits is not None:
             return RunOptions(s.runtime, _ulimit_items(s.ulimits))
-        version = _last_line(self._run("--version").check("version").stdout)
+        # the binary's identity costs a stat(), `--version` a process on every session start
+        binary = _binary_identity(self._tool)
+        if binary is None:  # not on PATH: let the tool's own error say what to install
+            binary = _last_line(self._run("--version").check("version").stdout)
         key = json.dumps(
-            {"tool": self._tool, "version": version, "runtime": s.runtime, "ulimits": s.ulimits},
+            {"tool": self._tool, "binary": binary, "runtime": s.runtime, "ulimits": s.ulimits},
             sort_keys=True,
         )
         cache = self._read_cache()
@@ -349,7 +427,7 @@ class PodmanBackend:
         options = self._probe_options()
         cache[key] = options.to_json()
         self._write_json(self._dir / _CACHE_FILE, cache)
-        log.info("%s %s: using %s", self._tool, version, options.argv() or "the defaults")
+        log.info("%s (%s): using %s", self._tool, binary, options.argv() or "the defaults")
         return options
 
     def _probe_options(self) -> RunOptions:
@@ -690,6 +768,25 @@ def _is_static_elf(data: bytes) -> bool:
 
 
 # -- small parsers --------------------------------------------------------------------------------
+def _may_have_warm_image(record: _Record | None) -> bool:
+    """False only when the machine's record shows it was never snapshotted (no image to remove);
+    without a record, removing is the safe guess."""
+    return record is None or (record.warm_image is not None and record.warm_image != record.image)
+
+
+def _binary_identity(tool: str) -> str | None:
+    """``tool``'s resolved path, size and mtime (changed by an upgrade), or None if not found."""
+    path = shutil.which(tool)
+    if path is None:
+        return None
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+    except OSError:
+        return None
+    return f"{real}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def _have_runc() -> bool:
     return shutil.which("runc") is not None or any(Path(p).exists() for p in _RUNC_PATHS)
 
