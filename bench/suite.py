@@ -447,6 +447,12 @@ def _parser() -> argparse.ArgumentParser:
         help="[qemu] warmup: clone a saved running state, or boot every machine "
         "(default: the backend's own default)",
     )
+    p.add_argument(
+        "--per-test-qemu-warmup",
+        choices=["clone", "boot"],
+        help="[qemu] warmup for (a) and (b) only: `boot` is the per-test pattern as users write "
+        "it (a cold boot per test), while the pool ways keep --qemu-warmup (default: the same)",
+    )
     p.add_argument("--modules", type=int, default=8, help="test modules the suite is split into")
     p.add_argument("--no-ttft", action="store_true", help="skip the time-to-first-test runs")
     p.add_argument(
@@ -497,7 +503,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sim_model=args.sim_model,
             pre_ping=not args.no_pre_ping,
             qemu_accel=args.qemu_accel,
-            qemu_warmup=args.qemu_warmup,
+            qemu_warmup=args.qemu_warmup
+            if way in POOL_WAYS
+            else (args.per_test_qemu_warmup or args.qemu_warmup),
             network=args.pool_network and way in POOL_WAYS,
         )
         write_pool_toml(root / f"pool-{way}.toml", tables[way])
@@ -511,7 +519,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         + f", {args.tests} tests, -n {args.workers}, pool size {args.pool_size or args.workers}"
         + ("" if not args.no_pre_ping else ", pre_ping off")
         + (", pool network on" if args.pool_network else "")
-        + (f", qemu warmup {args.qemu_warmup}" if args.qemu_warmup else ""),
+        + (f", qemu warmup {args.qemu_warmup}" if args.qemu_warmup else "")
+        + (
+            f", per-test ways' qemu warmup {args.per_test_qemu_warmup}"
+            if args.per_test_qemu_warmup
+            else ""
+        ),
         flush=True,
     )
     timeout = 900.0 + args.tests * 60.0
@@ -526,6 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pre_ping": not args.no_pre_ping,
         "pool_network": args.pool_network,
         "qemu_warmup": args.qemu_warmup,
+        "per_test_qemu_warmup": args.per_test_qemu_warmup,
         "a_sleep": args.sleep,
         "a_guard": guard,
         "repeat": args.repeat,
