@@ -724,9 +724,14 @@ def parse_outcome(text: str, returncode: int | None, duration: float, hung: bool
             setattr(out, key, int(m.group(1)))
     internal = [line for line in lines if line.startswith("INTERNALERROR>")]
     if internal:
-        if any("gateway_bootstrap" in line for line in internal):
-            # a worker killed while execnet was still bootstrapping it: xdist gives up the
-            # session (its limitation); vmpool still has to clean up after it
+        if any(
+            "gateway_bootstrap" in line
+            or ("connection already closed" in line and "<Gateway" in line)
+            for line in internal
+        ):
+            # a worker killed while execnet was still bootstrapping it (or before xdist had
+            # sent it its first message): xdist gives up the session (its limitation); vmpool
+            # still has to clean up after it
             out.xdist_aborted = True
         else:
             out.unexpected.append("INTERNALERROR: " + internal[-1][:300])
