@@ -2,14 +2,14 @@
 
 Clients (xdist workers) send lease operations (vmpool.ops) as JSON lines to ``<pool>.sock`` in
 the state directory. The server applies every operation that arrived meanwhile in **one**
-transaction of the pool's state store (lock, one read, no parse when the file still holds what
-it wrote last, one write + fsync + rename), then answers each. This group commit is what lets
+transaction of the controller's store, a vmpool.writeback.WriteBackStore (the record in memory
+under the pool's lock, written back within milliseconds), then answers each. That is what lets
 eight processes check machines out and in within milliseconds: with a file transaction per
-operation they queue behind one another's parse and fsync.
+operation (lock, read, parse, write, fsync, rename) they queue behind one another.
 
-The file stays the record: the server takes the same lock as everyone else, so the CLI, the
-reaper and clients without a server (no socket, or a stale one) work on it directly and safely.
-"""
+The file stays the record: the write-back store lets the lock go only with the file current, so
+the CLI, the reaper and clients without a server (no socket, or a stale one) work on it directly
+and safely."""
 
 from __future__ import annotations
 
