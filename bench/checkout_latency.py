@@ -2,12 +2,14 @@
 
     python bench/checkout_latency.py                      # 8 processes, 64 machines
     python bench/checkout_latency.py --procs 8 --machines 64 --iterations 2000 --json out.json
+    python bench/checkout_latency.py --no-server          # every operation a file transaction
 
 A zero-latency sim pool of ``--machines`` machines is warmed by a real Controller (which keeps
-running, as in a session), with ``checkin_policy = "reuse"`` and pre-ping off so no backend work
-is timed: what is measured is vmpool's own protocol (lock, read, decide, atomic write). Then
-``--procs`` processes each run ``--iterations`` check-out + check-in cycles of one machine at
-once, all contending for the same state file. The target is p99(check-out + check-in) <= 2 ms.
+running, as in a session, with its lease server), with ``checkin_policy = "reuse"`` and pre-ping
+off so no backend work is timed: what is measured is vmpool's own protocol (the round trip to the
+lease server, the decision, the write-back; or, with ``--no-server``, lock, read, decide, atomic
+write). Then ``--procs`` processes each run ``--iterations`` check-out + check-in cycles of one
+machine at once, all contending for the same pool. The target is p99(check-out + check-in) <= 2 ms.
 ``--hold-ms`` keeps each machine about that long (0.5-1.5x, so processes do not march in
 lock-step) between check-out and check-in, like a test's run time; 0, the default, is the worst
 case: every process hammers the store back to back.
