@@ -50,6 +50,39 @@ def reachable(path: Path) -> Iterator[str]:
         os.close(fd)
 
 
+def connect(path: Path, timeout: float) -> socket.socket | None:
+    """A connected client socket to the server at ``path``, or None when nobody answers there
+    (no socket, connection refused: the stale socket of a dead controller)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        with reachable(path) as where:
+            sock.connect(where)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def answers(path: Path) -> bool:
+    """Whether a live server listens at ``path``."""
+    sock = connect(path, 2.0)
+    if sock is None:
+        return False
+    sock.close()
+    return True
+
+
+def ok_line(payload: bytes) -> bytes:
+    """The reply line carrying ``payload`` (the operation's reply as JSON)."""
+    return _OK + payload + b"}\n"
+
+
+def error_line(message: str) -> bytes:
+    """The reply line saying the request could not be applied."""
+    return json.dumps({"error": message}).encode() + b"\n"
+
+
 class Connection:
     """A client's connection to one pool's lease server, opened on first use.
 
@@ -71,13 +104,8 @@ class Connection:
         now = time.monotonic()
         if now < self._retry_at and not now_or_never:
             return None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            with reachable(self.path) as where:
-                sock.connect(where)
-        except OSError:  # no server (missing, refused, stale socket of a dead controller)
-            sock.close()
+        sock = connect(self.path, self.timeout)
+        if sock is None:
             self._retry_at = now + RETRY_AFTER
             return None
         self._buffer = b""

@@ -164,14 +164,9 @@ class PoolClient:
                         if granted is None:
                             late = leases.timeout_error(pool, now - request.since, count, now)
                         else:
-                            views = {
-                                n: ops.MachineView(
-                                    address=pool.machine(n).address,
-                                    checked_at=pool.machine(n).checked_at,
-                                )
-                                for n in granted
-                            }
-                            reply = ops.CheckoutReply(granted=granted, machines=views)
+                            reply = ops.CheckoutReply(
+                                granted=granted, machines=ops.views(pool, granted)
+                            )
                     if late is not None:
                         raise late
                     break

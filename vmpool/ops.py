@@ -25,6 +25,15 @@ class MachineView(BaseModel):
     checked_at: float | None = None
 
 
+def views(pool: Pool, names: list[str]) -> dict[str, MachineView]:
+    """What a client learns of the machines it was granted."""
+    out = {}
+    for name in names:
+        m = pool.machine(name)
+        out[name] = MachineView(address=m.address, checked_at=m.checked_at)
+    return out
+
+
 class CheckoutReply(BaseModel):
     #: the machines granted (the request has left the line), or None while it waits
     granted: list[str] | None = None
@@ -67,11 +76,7 @@ class CheckoutStep(BaseModel):
                 problem=f"pool {pool.id}: check-out request {self.request.id} vanished "
                 "(the controller dropped it: is the pool shutting down?)"
             )
-        views = {}
-        for name in granted or []:
-            m = pool.machine(name)
-            views[name] = MachineView(address=m.address, checked_at=m.checked_at)
-        return CheckoutReply(granted=granted, machines=views)
+        return CheckoutReply(granted=granted, machines=views(pool, granted or []))
 
 
 class CheckinReply(BaseModel):

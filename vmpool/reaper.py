@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmpool._wire import reachable
+from vmpool._wire import answers
 from vmpool.backends.base import LABEL_POOL, Backend, MachineInfo
 from vmpool.errors import StateError, VmPoolError
 from vmpool.ownership import is_alive, owner_from_labels
@@ -144,7 +143,7 @@ def sweep_litter(
                 doomed.append(p)
         elif name.endswith(".sock"):
             # a lease server's socket outlives a killed controller; a live one answers
-            if not _answers(p):
+            if not answers(p):
                 doomed.append(p)
         elif name.endswith(".session"):
             session = SessionFile(path, name[: -len(".session")])
@@ -161,17 +160,6 @@ def sweep_litter(
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         report.files_removed.append(p.name)
-
-
-def _answers(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(2.0)
-        try:
-            with reachable(path) as where:
-                probe.connect(where)
-        except OSError:
-            return False
-    return True
 
 
 def _verdict(labels: dict[str, str] | object, protected: set[str]) -> str:

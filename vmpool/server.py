@@ -14,7 +14,6 @@ and safely."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import selectors
@@ -86,16 +85,10 @@ class LeaseServer:
         """Remove a stale socket left by a dead server; False if a live one answers there."""
         if not os.path.lexists(self.path):
             return True
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            with _wire.reachable(self.path) as where:
-                probe.connect(where)
-        except OSError:
+        if not _wire.answers(self.path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
             return True
-        finally:
-            probe.close()
         log.warning("a lease server already answers at %s; not starting another", self.path)
         return False
 
@@ -196,7 +189,7 @@ class LeaseServer:
             try:
                 ops[i] = OP_ADAPTER.validate_json(line)
             except ValidationError as exc:
-                replies[i] = _error(f"not a lease operation: {exc.errors()[0]['msg']}")
+                replies[i] = _wire.error_line(f"not a lease operation: {exc.errors()[0]['msg']}")
         failed: set[int] = set()
         while True:
             done: dict[int, bytes] = {}
@@ -212,15 +205,15 @@ class LeaseServer:
                             # redo the others without this one
                             log.exception("lease operation failed: %s", op)
                             failed.add(i)
-                            replies[i] = _error(f"{type(exc).__name__}: {exc}")
+                            replies[i] = _wire.error_line(f"{type(exc).__name__}: {exc}")
                             raise _Retry from exc
-                        done[i] = b'{"ok":' + reply.model_dump_json().encode() + b"}\n"
+                        done[i] = _wire.ok_line(reply.model_dump_json().encode())
             except _Retry:
                 continue
             except StateError as exc:
                 for i in ops:
                     if i not in failed:
-                        replies[i] = _error(str(exc))
+                        replies[i] = _wire.error_line(str(exc))
             else:
                 for i, line in done.items():
                     replies[i] = line
@@ -234,7 +227,3 @@ class LeaseServer:
                 conn.sendall(answer)
             except (BlockingIOError, OSError):  # a client that does not read its replies
                 self._drop(sel, conn, buffers)
-
-
-def _error(message: str) -> bytes:
-    return json.dumps({"error": message}).encode() + b"\n"
