@@ -130,6 +130,12 @@ class PodmanSettings(_Strict):
     cpus: float | None = Field(None, gt=0, description="--cpus.")
     extra_args: list[str] = Field(default_factory=list, description="Extra `run` arguments.")
     command_timeout: float = Field(60.0, gt=0, description="Timeout for each podman command.")
+    exec_agent: bool = Field(
+        True,
+        description="Run commands through a small sh agent started once per container (about "
+        "2 ms each, not a `podman exec`, about 0.15 s); it shows in the container's process list. "
+        "false: every command is a `podman exec`.",
+    )
 
 
 class QemuSettings(_Strict):

@@ -429,3 +429,120 @@ def test_a_failing_check_is_not_remembered(tmp_path: Path) -> None:
     for _ in range(2):
         with pytest.raises(Exception, match="not found"):
             backend.check()
+
+
+# -- the exec agent ---------------------------------------------------------------------------
+def _agent_pid(machine: str) -> str:
+    """The pid of the exec agent in ``machine``, found with a plain `podman exec`."""
+    out = podman("exec", machine, "ps", "-o", "pid,args").check("ps").stdout
+    pids = [line.split()[0] for line in out.splitlines() if "agent.sh" in line]
+    assert pids, out
+    return min(pids, key=int)  # the agent itself; higher pids are its per-command subshells
+
+
+def test_commands_go_through_the_exec_agent_not_a_tool_process(
+    backend: PodmanBackend, machine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _spy(monkeypatch)
+    results = [backend.exec(machine, ["sh", "-c", f"echo {i}; exit {i}"], timeout=10)
+               for i in range(5)]
+    assert [(r.returncode, r.stdout) for r in results] == [(i, f"{i}\n") for i in range(5)]
+    assert calls == []
+
+
+def test_the_agent_passes_argv_verbatim(backend: PodmanBackend, machine: str) -> None:
+    argv = ["printf", "%s|", "it's", "two  words", "new\nline", "$HOME", "*", '"q"', ""]
+    result = backend.exec(machine, argv, timeout=10)
+    assert result.stdout == "it's|two  words|new\nline|$HOME|*|\"q\"||"
+
+
+def test_the_agent_runs_commands_as_podman_exec_does(
+    backend: PodmanBackend, machine: str
+) -> None:
+    probe = ["sh", "-c", 'id; pwd; echo "$PATH $HOME"; hostname; cat /proc/self/cgroup']
+    via_agent = backend.exec(machine, probe, timeout=10)
+    via_podman = podman("exec", machine, *probe)
+    assert via_agent.ok and via_podman.returncode == 0
+    assert via_agent.stdout == via_podman.stdout
+
+
+def test_a_command_that_is_not_found_exits_127(backend: PodmanBackend, machine: str) -> None:
+    result = backend.exec(machine, ["no-such-command-here"], timeout=10)
+    assert result.returncode == 127
+    assert "no-such-command-here" in result.stderr
+
+
+def test_a_timed_out_command_is_killed_with_its_children_through_the_agent(
+    backend: PodmanBackend, machine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _spy(monkeypatch)
+    with pytest.raises(ExecTimeout):
+        backend.exec(machine, ["sh", "-c", "sleep 41 & sleep 42"], timeout=1)
+    assert calls == []
+
+    def gone() -> None:
+        out = backend.exec(machine, ["ps", "-o", "args"], timeout=10).stdout
+        if "sleep 41" in out or "sleep 42" in out:
+            raise BackendError(f"still running:\n{out}")
+
+    probe_until(gone, timeout=5, what="the timed-out command to be killed")
+
+
+def test_a_daemon_started_by_a_command_does_not_keep_the_agent_s_fifo(
+    backend: PodmanBackend, machine: str
+) -> None:
+    backend.exec(machine, ["sh", "-c", "sleep 300 >/dev/null 2>&1 &"], timeout=10)
+    podman("exec", machine, "kill", "-9", _agent_pid(machine)).check("kill agent")
+    # with the agent dead nobody may read requests: the daemon must not hold the FIFO open
+    result = backend.exec(machine, ["echo", "still answered"], timeout=10)
+    assert result.stdout == "still answered\n"
+
+
+def test_a_killed_agent_is_started_again_by_the_next_command(
+    backend: PodmanBackend, machine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    podman("exec", machine, "kill", "-9", _agent_pid(machine)).check("kill agent")
+    calls = _spy(monkeypatch)
+    assert backend.exec(machine, ["echo", "one"], timeout=10).stdout == "one\n"
+    assert [c[1:3] for c in calls] == [("exec", "-d")]  # the restart, then the agent ran it
+    assert backend.exec(machine, ["echo", "two"], timeout=10).stdout == "two\n"
+    assert len(calls) == 1
+
+
+def test_the_agent_is_back_after_a_reset(
+    backend: PodmanBackend, machine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend.exec(machine, ["touch", "/root/before"], timeout=10)
+    backend.snapshot(machine)
+    backend.reset(machine)
+    calls = _spy(monkeypatch)
+    assert backend.exec(machine, ["ls", "/root"], timeout=10).stdout == "before\n"
+    assert calls == []
+
+
+def test_without_the_agent_every_command_is_a_podman_exec(
+    image: str, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = PodmanBackend(PodmanSettings(image=image, exec_agent=False), state_dir)
+    name = unique()
+    try:
+        backend.create(MachineSpec(name, SESSION_LABELS))
+        backend.start(name)
+        backend.wait_ready(name, timeout=30)
+        calls = _spy(monkeypatch)
+        assert backend.exec(name, ["ls", "/"], timeout=10).ok
+        assert [c[1] for c in calls] == ["exec"]
+        assert ".vmpool" not in backend.exec(name, ["ls", "-a", "/"], timeout=10).stdout
+    finally:
+        monkeypatch.undo()
+        backend.delete(name)
+
+
+def test_delete_removes_the_agent_directory(backend: PodmanBackend, state_dir: Path) -> None:
+    name = unique()
+    backend.create(MachineSpec(name, SESSION_LABELS))
+    backend.start(name)
+    backend.wait_ready(name, timeout=30)
+    assert (state_dir / "podman" / "exec" / name / "in").exists()
+    backend.delete(name)
+    assert not (state_dir / "podman" / "exec" / name).exists()

@@ -39,6 +39,8 @@ from vmpool.backends.base import (
     probe_until,
     validate_name,
 )
+from vmpool.backends.exec_agent import MOUNT_POINT as _AGENT_MOUNT
+from vmpool.backends.exec_agent import ExecAgent
 from vmpool.config import PodmanSettings
 from vmpool.errors import BackendError, BackendUnavailable, ExecTimeout, VmPoolError
 
@@ -65,8 +67,13 @@ _ESSENTIAL_APPLETS = (
 )
 _PREFIX_RE = re.compile(r"^[a-z0-9-]*$")
 _CACHE_FILE = "runtime.json"
-#: ``diff`` lines of a container that wrote nothing: the tool's own mount points' directories
-_MOUNT_POINT_DIRS = frozenset({"C /etc", "C /run"})
+#: ``diff`` lines of a container that wrote nothing: the mount points' directories (the tool's
+#: own, and the exec agent's)
+_MOUNT_POINT_DIRS = frozenset({"C /etc", "C /run", f"A {_AGENT_MOUNT}"})
+#: after the exec agent could not be started in a container, use `exec` this long before retrying
+_AGENT_RETRY = 30.0
+#: how long a just-started agent may take to open its request FIFO
+_AGENT_START = 2.0
 #: check() passes are remembered this long: the plugin's preparation and the controller's start
 #: both ask, moments apart, and each ask costs a process
 _CHECK_TTL = 60.0
@@ -140,6 +147,9 @@ class PodmanBackend:
         self._options: RunOptions | None = None
         self._options_lock = threading.Lock()
         self._checked_at: float | None = None
+        #: machine -> when starting its exec agent last failed (monotonic)
+        self._agent_failed: dict[str, float] = {}
+        self._nap = threading.Event()  # never set: a sleep that tests' patched time.sleep spares
 
     # -- the protocol --------------------------------------------------------------------------
     def check(self) -> None:
@@ -162,6 +172,10 @@ class PodmanBackend:
             validate_name(spec.network)
         options = self._container_options(name, spec.labels, spec.network)
         command = list(self.settings.command)
+        agent = self._agent(name)
+        if agent is not None:
+            agent.prepare()
+        self._agent_failed.pop(name, None)
         self._run("create", *options, self.settings.image, *command).check(f"create {name}")
         self._write_record(
             _Record(name, self.settings.image, options, command, network=spec.network)
@@ -178,6 +192,7 @@ class PodmanBackend:
             # each probe gets the time left (at least a moment), so a hung exec cannot overrun
             left = max(deadline - time.monotonic(), 0.5)
             try:
+                # exec() starts the exec agent first, so a ready machine has one listening
                 result = self.exec(name, ["true"], timeout=min(left, self.settings.command_timeout))
             except BackendError:
                 self._raise_if_exited(name)
@@ -201,6 +216,11 @@ class PodmanBackend:
         validate_name(name)
         if not argv:
             raise ValueError("exec needs a command")
+        agent = self._agent(name)
+        if agent is not None and self._agent_ready(name, agent):
+            answer = agent.run(argv, timeout)
+            if answer is not None:
+                return answer
         token = uuid.uuid4().hex
         try:
             result = self._run("exec", "--env", f"{_EXEC_ENV}={token}", name, *argv,
@@ -266,6 +286,7 @@ class PodmanBackend:
         if record is None or not record.warm_image:
             raise BackendError(f"reset {name}: no snapshot recorded; snapshot() it first")
         self._remove_container(name)
+        self._agent_failed.pop(name, None)  # the new container gets its agent in wait_ready
         run = ["run", "-d", *record.options]
         result = None
         if record.ip:
@@ -288,8 +309,7 @@ class PodmanBackend:
             self._remove_image(warm_image_name(name), missing_ok=True)
         if record is not None:
             self._drop_stale_images(record, keep_current=False)
-        with contextlib.suppress(FileNotFoundError):
-            self._record_path(name).unlink()
+        self._forget(name)
 
     def delete_many(self, names: Iterable[str]) -> dict[str, str]:
         """``delete()`` each of ``names`` with one ``rm`` and one ``image rm`` for them all.
@@ -323,8 +343,7 @@ class PodmanBackend:
                 for image in images:  # as delete(): best effort, an image left is not a machine
                     self._remove_image(image, missing_ok=True)
         for name in gone:
-            with contextlib.suppress(FileNotFoundError):
-                self._record_path(name).unlink()
+            self._forget(name)
         return errors
 
     def list(self, prefix: str) -> _MachineInfos:
@@ -496,7 +515,47 @@ class PodmanBackend:
             options += ["--memory", s.memory]
         if s.cpus:
             options += ["--cpus", f"{s.cpus:g}"]
+        agent = self._agent(name)
+        if agent is not None:
+            options += ["--volume", f"{agent.dir}:{_AGENT_MOUNT}"]
         return options + list(s.extra_args)
+
+    # -- the exec agent (vmpool.backends.exec_agent) ---------------------------------------------
+    def _agent(self, name: str) -> ExecAgent | None:
+        return ExecAgent(self._dir / "exec" / name) if self.settings.exec_agent else None
+
+    def _agent_ready(self, name: str, agent: ExecAgent) -> bool:
+        """Whether ``agent`` listens, starting it (one ``exec -d``) if it should and does not.
+
+        A container made without one (no FIFO) never gets one; after a failed start, commands
+        go through ``exec`` for ``_AGENT_RETRY`` seconds before the next try.
+        """
+        if agent.listening():
+            return True
+        if not (agent.dir / "in").exists():
+            return False
+        failed = self._agent_failed.get(name)
+        if failed is not None and time.monotonic() - failed < _AGENT_RETRY:
+            return False
+        result = self._run("exec", "-d", name, "sh", agent.script)
+        if result.returncode == 0:
+            deadline = time.monotonic() + _AGENT_START
+            while time.monotonic() < deadline:
+                if agent.listening():
+                    self._agent_failed.pop(name, None)
+                    return True
+                self._nap.wait(0.005)
+        log.info("no exec agent in %s (commands use `%s exec`): %s", name, self._tool,
+                 result.stderr.strip()[-300:] or "it did not start listening")
+        self._agent_failed[name] = time.monotonic()
+        return False
+
+    def _forget(self, name: str) -> None:
+        """Drop what this backend keeps of a removed machine: its record and agent directory."""
+        with contextlib.suppress(FileNotFoundError):
+            self._record_path(name).unlink()
+        shutil.rmtree(self._dir / "exec" / name, ignore_errors=True)
+        self._agent_failed.pop(name, None)
 
     def _is_tool_error(self, name: str, result: _proc.ProcResult) -> bool:
         """Did the tool fail (no such container, not running) rather than the command in it?"""

@@ -1,0 +1,99 @@
+"""The exec agent's host end and its sh script, run here on the host (no container needed).
+
+The script is the one containers run, with its directory moved from /.vmpool to a temporary one.
+The real thing, in podman containers, is in tests/backends/test_podman.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmpool.backends.exec_agent import MOUNT_POINT, SCRIPT, ExecAgent
+from vmpool.errors import BackendError, ExecTimeout
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[ExecAgent]:
+    """An agent directory with the agent running on the host."""
+    agent = ExecAgent(tmp_path / "exec")
+    agent.prepare()
+    script = SCRIPT.replace(f"d={MOUNT_POINT}\n", f"d={agent.dir}\n")
+    assert script != SCRIPT
+    proc = subprocess.Popen(["sh", "-c", script])
+    deadline = time.monotonic() + 10
+    while not agent.listening():
+        assert time.monotonic() < deadline and proc.poll() is None, "agent did not start"
+        time.sleep(0.01)
+    yield agent
+    proc.kill()
+    proc.wait(10)
+
+
+def test_runs_a_command_and_cleans_up_after_it(agent: ExecAgent) -> None:
+    result = agent.run(["sh", "-c", "echo out; echo err >&2; exit 5"], timeout=10)
+    assert result is not None
+    assert (result.returncode, result.stdout, result.stderr) == (5, "out\n", "err\n")
+    assert sorted(p.name for p in agent.dir.iterdir()) == ["agent.sh", "in"]
+
+
+def test_without_a_listening_agent_nothing_runs(tmp_path: Path) -> None:
+    idle = ExecAgent(tmp_path / "idle")
+    idle.prepare()
+    assert not idle.listening()
+    assert idle.run(["touch", str(tmp_path / "ran")], timeout=5) is None
+    assert not (tmp_path / "ran").exists()
+    assert sorted(p.name for p in idle.dir.iterdir()) == ["agent.sh", "in"]
+    assert ExecAgent(tmp_path / "never-made").run(["true"], timeout=5) is None
+
+
+def test_timeout_kills_the_command_and_its_children(agent: ExecAgent, tmp_path: Path) -> None:
+    marker = tmp_path / "late"
+    with pytest.raises(ExecTimeout):
+        agent.run(["sh", "-c", f"(sleep 2; touch {marker}) & sleep 30"], timeout=0.5)
+    time.sleep(2.5)
+    assert not marker.exists()  # the background child was killed too
+
+
+def test_commands_in_threads_get_their_own_results(agent: ExecAgent) -> None:
+    results: dict[int, str] = {}
+
+    def one(i: int) -> None:
+        result = agent.run(["sh", "-c", f"sleep 0.1; echo {i}"], timeout=10)
+        assert result is not None
+        results[i] = result.stdout
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: f"{i}\n" for i in range(8)}
+
+
+def test_output_replaced_by_a_symlink_is_not_followed(
+    agent: ExecAgent, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("host secret\n")
+    # the command (in a container: anything in it) swaps its own output file for a symlink
+    script = f'for f in "{agent.dir}"/*.out; do rm "$f"; ln -s "{secret}" "$f"; done'
+    with pytest.raises(BackendError, match="cannot read") as info:
+        agent.run(["sh", "-c", script], timeout=10)
+    assert "host secret" not in str(info.value)
+
+
+def test_a_request_line_that_is_not_an_id_is_ignored(agent: ExecAgent, tmp_path: Path) -> None:
+    victim = tmp_path / "victim.sh"
+    victim.write_text(f"touch {tmp_path / 'pwned'}\n")
+    fd = os.open(agent.dir / "in", os.O_WRONLY | os.O_NONBLOCK)
+    os.write(fd, f"run ../{victim.stem}\n".encode())
+    os.close(fd)
+    assert agent.run(["true"], timeout=10) is not None  # the agent read past that line
+    assert not (tmp_path / "pwned").exists()
