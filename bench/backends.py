@@ -108,6 +108,43 @@ def reset_vs_replace(backend: Backend, prefix: str, resets: int, replaces: int) 
     return out
 
 
+#: the calls whose medians make a sim latency model (bench._common.SIM_MODELS)
+CALLS = ("create", "start", "wait_ready", "exec", "reset", "delete")
+
+
+def call_latencies(backend: Backend, prefix: str, rounds: int) -> dict[str, float]:
+    """Median seconds of each backend call over ``rounds`` machines, made one after another.
+
+    Each round: create, start, wait_ready, snapshot (untimed), 5 execs, a write (untimed),
+    reset, delete. These medians are what the sim model of a backend is made of.
+    """
+    times: dict[str, list[float]] = {c: [] for c in CALLS}
+    for i in range(rounds):
+        name = f"{prefix}-call-{i}"
+        try:
+            _call_round(backend, name, times)
+        finally:
+            with contextlib.suppress(VmPoolError):
+                backend.delete(name)
+    return {c: round(statistics.median(v), 3) for c, v in times.items() if v}
+
+
+def _call_round(backend: Backend, name: str, times: dict[str, list[float]]) -> None:
+    def timed(call: str, fn: Callable[[], object]) -> None:
+        times[call].append(_timed(fn))
+
+    timed("create", lambda: backend.create(MachineSpec(name, {})))
+    timed("start", lambda: backend.start(name))
+    timed("wait_ready", lambda: backend.wait_ready(name, _READY_TIMEOUT))
+    for _ in range(5):
+        timed("exec", lambda: backend.exec(name, ["echo", "x"], 60.0))
+    if backend.capabilities.reset:
+        backend.snapshot(name)
+        backend.exec(name, ["touch", _DIRT], 60.0)
+        timed("reset", lambda: backend.reset(name))
+    timed("delete", lambda: backend.delete(name))
+
+
 def measure(
     backend_name: str, root: Path, n: int, resets: int, replaces: int, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -140,6 +177,8 @@ def measure(
         print(f" {row[f'warm_{n}']['ready']:.2f}s; reset vs replace ...", end="", flush=True)
         rr = reset_vs_replace(backend, prefix, resets, replaces)
         row.update(rr)
+        print(" calls ...", end="", flush=True)
+        row["calls"] = call_latencies(backend, prefix, args.calls)
         row["reset_median"] = statistics.median(rr["resets"]) if rr["resets"] else None
         row["replace_median"] = statistics.median(rr["replaces"]) if rr["replaces"] else None
         if row["reset_median"] and row["replace_median"]:
@@ -193,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-N", type=int, default=4, help="machines for the warm-N column (default 4)")
     p.add_argument("--resets", type=int, default=5, help="timed resets (median shown)")
     p.add_argument("--replaces", type=int, default=3, help="timed replacements (median shown)")
+    p.add_argument(
+        "--calls", type=int, default=5, help="machines for the per-call medians (default 5)"
+    )
     p.add_argument("--sim-model", default="podman", choices=sorted(SIM_MODELS))
     p.add_argument("--qemu-accel", default="tcg", choices=["auto", "kvm", "tcg"])
     p.add_argument(
@@ -220,6 +262,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  {name}: failed: {exc}", file=sys.stderr)
         print()
         print(table(rows, args.N))
+        print()
+        print("Per-call medians in seconds (what a sim latency model is made of):\n")
+        print(
+            markdown_table(
+                ["backend", *CALLS],
+                [
+                    [name, *(f"{r['calls'].get(c, float('nan')):.3f}" for c in CALLS)]
+                    for name, r in rows.items()
+                    if "calls" in r
+                ],
+            )
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
         if args.json:
