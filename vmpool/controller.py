@@ -37,6 +37,8 @@ from vmpool.writeback import WriteBackStore
 log = logging.getLogger(__name__)
 
 _TICK = 0.05
+#: the kinds of work that delete a machine (run on their own budget, see leases.plan)
+_DELETIONS = frozenset({"replace", "retire"})
 _IDLE_TICK = 0.25
 _RECLAIM_EVERY = 0.5
 #: wait_ready is called in slices this long so a teardown can interrupt warm-up
@@ -108,10 +110,15 @@ class Controller:
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._wake = threading.Event()
-        self._inflight = 0
+        self._inflight = 0  # creates and resets under way
+        self._deleting = 0  # deletions of replaced or retired machines under way
         self._inflight_lock = threading.Lock()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.settings.warmup_parallelism, thread_name_prefix="vmpool-warm"
+        )
+        # a budget of their own: a replacement's successor never waits for its deletion
+        self._delete_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.settings.warmup_parallelism, thread_name_prefix="vmpool-delete"
         )
         self._thread: threading.Thread | None = None
         self._last_reclaim = 0.0
@@ -240,6 +247,7 @@ class Controller:
     def _tick(self) -> bool:
         with self._inflight_lock:
             capacity = self.settings.warmup_parallelism - self._inflight
+            delete_capacity = self.settings.warmup_parallelism - self._deleting
         with self.store.transaction() as pool:
             now = self.clock()
             if now - self._last_reclaim >= _RECLAIM_EVERY:
@@ -255,6 +263,7 @@ class Controller:
                 now,
                 capacity=max(capacity, 0),
                 name_for=lambda serial: machine_name(self.pool_id, serial),
+                delete_capacity=max(delete_capacity, 0),
             )
             network = pool.network
             slots = {m.name: m.slot for m in pool.machines}
@@ -262,9 +271,14 @@ class Controller:
                 m.state not in (MachineState.READY, MachineState.BROKEN) for m in pool.machines
             )
         for item in work:
+            deletion = item.kind in _DELETIONS
             with self._inflight_lock:
-                self._inflight += 1
-            self._executor.submit(self._do, item, slots.get(item.name, 0), network)
+                if deletion:
+                    self._deleting += 1
+                else:
+                    self._inflight += 1
+            executor = self._delete_executor if deletion else self._executor
+            executor.submit(self._do, item, slots.get(item.name, 0), network)
         return busy or bool(work)
 
     def _do(self, item: leases.Work, slot: int, network: str | None) -> None:
@@ -279,7 +293,10 @@ class Controller:
             log.exception("vmpool: %s of %s failed unexpectedly", item.kind, item.name)
         finally:
             with self._inflight_lock:
-                self._inflight -= 1
+                if item.kind in _DELETIONS:
+                    self._deleting -= 1
+                else:
+                    self._inflight -= 1
             self._wake.set()
 
     def _create(self, name: str, slot: int, network: str | None) -> None:
@@ -436,6 +453,8 @@ class Controller:
         if self._thread is not None:
             self._thread.join()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        # deletions not begun are left to teardown (_destroy), which deletes the whole record
+        self._delete_executor.shutdown(wait=True, cancel_futures=True)
 
         final = None
         with contextlib.suppress(StateError):

@@ -365,17 +365,31 @@ def plan(
     *,
     capacity: int,
     name_for: Callable[[int], str],
+    delete_capacity: int | None = None,
 ) -> list[Work]:
-    """Claim up to ``capacity`` pieces of work for the controller ``me``."""
-    work: list[Work] = []
+    """Claim work for the controller ``me``: up to ``capacity`` creates and resets, and up to
+    ``delete_capacity`` deletions (replace, retire) besides; None: deletions share ``capacity``.
 
-    def claim(m: Machine, kind: Literal["reset", "replace", "retire"]) -> None:
+    With a budget of their own, the deletions of replaced machines never hold back the creation
+    of their successors, which are what waiting check-outs need (the slot of a machine being
+    replaced is free at once)."""
+    work: list[Work] = []
+    deletes: list[Work] = []
+    shared = delete_capacity is None
+
+    def full(kind: str) -> bool:
+        if kind in ("replace", "retire") and not shared:
+            return len(deletes) >= (delete_capacity or 0)
+        return len(work) + (len(deletes) if shared else 0) >= capacity
+
+    def claim(m: Machine, kind: Literal["reset", "replace", "retire"]) -> bool:
+        if full(kind):
+            return False
         m.actor = me
-        work.append(Work(kind, m.name))
+        (work if kind == "reset" else deletes).append(Work(kind, m.name))
+        return True
 
     for m in pool.machines:
-        if len(work) >= capacity:
-            return work
         if m.actor is not None:
             continue
         if m.state is MachineState.REPLACING:
@@ -385,30 +399,31 @@ def plan(
         elif m.state is MachineState.READY and m.holder is None:
             stale = m.config_hash != pool.config_hash
             old = policy.max_age is not None and now - m.created_at >= policy.max_age
-            if m.slot >= pool.size:
+            kind: Literal["retire", "replace"] | None = (
+                "retire" if m.slot >= pool.size else "replace" if stale or old else None
+            )
+            if kind is not None and claim(m, kind):
                 m.state = MachineState.REPLACING
-                claim(m, "retire")
-            elif stale or old:
-                m.state = MachineState.REPLACING
-                claim(m, "replace")
 
     # a fresh request at the head of the line: reset used machines for it
     head = next((r for r in pool.queue if not r.granted), None)
     if head is not None and head.fresh:
         fresh = len(_free(pool, True))
         for m in _free(pool, False):
-            if fresh >= head.count or len(work) >= capacity:
+            if fresh >= head.count:
                 break
             if m.uses_since_reset > 0:
-                m.state = MachineState.RESETTING if policy.can_reset else MachineState.REPLACING
-                claim(m, "reset" if policy.can_reset else "replace")
+                again: Literal["reset", "replace"] = "reset" if policy.can_reset else "replace"
+                if not claim(m, again):
+                    break
+                m.state = MachineState.RESETTING if again == "reset" else MachineState.REPLACING
                 fresh += 1
 
     if pool.closing:
-        return work
+        return deletes + work
     occupied = {m.slot for m in pool.machines if m.state in _OCCUPYING}
     for slot in range(pool.size):
-        if len(work) >= capacity:
+        if full("create"):
             break
         if slot in occupied:
             continue
@@ -428,7 +443,7 @@ def plan(
             )
         )
         work.append(Work("create", name))
-    return work
+    return deletes + work
 
 
 def record_ready(pool: Pool, name: str, address: str | None, now: float) -> None:

@@ -305,6 +305,22 @@ def test_replacement_is_created_while_the_old_machine_is_deleted() -> None:
     assert pool.machine("m1").slot == pool.machine(name).slot
 
 
+def test_deletions_have_a_budget_of_their_own_so_successors_are_not_held_back() -> None:
+    pool = make_pool(size=2)
+    names = [checkout(pool, pid=10)[0], checkout(pool, pid=11)[0]]
+    for pid, name in zip((10, 11), names, strict=True):
+        checkin(pool, [name], pid=pid, failed=True)
+    shared = pool.model_copy(deep=True)
+    # one slot of work shared: the first deletion takes it, both successors wait
+    assert plan(shared, capacity=1) == [leases.Work("replace", names[0])]
+    work = leases.plan(
+        pool, leases.Policy(), CONTROLLER, NOW, capacity=1, delete_capacity=1,
+        name_for=lambda serial: f"m{serial}",
+    )
+    assert work == [leases.Work("replace", names[0]), leases.Work("create", "m2")]
+    assert pool.machine(names[1]).actor is None  # left, unclaimed, for the next round
+
+
 def test_dirty_machine_is_at_least_reset() -> None:
     pool = make_pool(size=2)
     names = checkout(pool, pid=10, count=2)
