@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import random
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -96,6 +97,38 @@ def _profile(size: int) -> Profile:
         ),
         sim=SimSettings(),
     )
+
+
+def _echo(sock: Any) -> None:
+    """The far end of the floor measurement: send back whatever arrives."""
+    while data := sock.recv(64):
+        sock.sendall(data)
+
+
+def floor(iterations: int, hold: float) -> dict[str, float]:
+    """Round trips of one byte between two processes over a Unix socket pair, ``hold`` seconds
+    apart: what any design that asks another process pays, twice per cycle (out and in), on this
+    host (idle CPUs of a VM are slow to wake)."""
+    ctx = multiprocessing.get_context("spawn")
+    here, there = socket.socketpair()
+    echo = ctx.Process(target=_echo, args=(there,))
+    echo.start()
+    there.close()
+    rng = random.Random(0)
+    rtts = []
+    try:
+        for i in range(iterations + _WARMUP_CYCLES):
+            if hold:
+                time.sleep(rng.uniform(0.5, 1.5) * hold)
+            t0 = time.perf_counter()
+            here.sendall(b"x")
+            here.recv(64)
+            if i >= _WARMUP_CYCLES:
+                rtts.append(time.perf_counter() - t0)
+    finally:
+        here.close()
+        echo.join(10)
+    return _summary(rtts)
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -198,6 +231,7 @@ def run(
         "state_file_bytes": state_bytes,
         "pool_checkouts": stats.checkouts,
         "server": None if served is None else dataclasses.asdict(served),
+        "floor_round_trip_ms": floor(iterations, hold_ms / 1000),
         "host": host_facts(),
     }
 
@@ -223,6 +257,9 @@ def report(result: dict[str, Any]) -> str:
             if result["server"]
             else "no lease server: every operation is a file transaction\n"
         )
+        + "floor: a bare one-byte round trip between two processes, same spacing: "
+        f"p50 {result['floor_round_trip_ms']['p50']:.3f} ms, "
+        f"p99 {result['floor_round_trip_ms']['p99']:.3f} ms (a cycle makes two)\n"
         + f"p99(checkout+checkin) <= {result['target_ms']:g} ms: {verdict} "
         f"({result['ms']['checkout+checkin']['p99']:.3f} ms)"
     )
