@@ -546,3 +546,21 @@ def test_delete_removes_the_agent_directory(backend: PodmanBackend, state_dir: P
     assert (state_dir / "podman" / "exec" / name / "in").exists()
     backend.delete(name)
     assert not (state_dir / "podman" / "exec" / name).exists()
+
+
+def test_an_exec_before_start_does_not_keep_the_agent_away_after_it(
+    backend: PodmanBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = unique()
+    try:
+        backend.create(MachineSpec(name, SESSION_LABELS))
+        with pytest.raises(BackendError):
+            backend.exec(name, ["true"], timeout=10)  # not running: no agent, and no exec
+        backend.start(name)
+        backend.wait_ready(name, timeout=30)
+        calls = _spy(monkeypatch)
+        assert backend.exec(name, ["echo", "up"], timeout=10).stdout == "up\n"
+        assert calls == []
+    finally:
+        monkeypatch.undo()
+        backend.delete(name)

@@ -183,6 +183,7 @@ class PodmanBackend:
 
     def start(self, name: str) -> None:
         self._run("start", validate_name(name)).check(f"start {name}")
+        self._agent_failed.pop(name, None)  # an agent start that failed while it was stopped
 
     def wait_ready(self, name: str, timeout: float) -> None:
         validate_name(name)
