@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -564,3 +566,17 @@ def test_an_exec_before_start_does_not_keep_the_agent_away_after_it(
     finally:
         monkeypatch.undo()
         backend.delete(name)
+
+
+def test_a_container_stopped_mid_command_is_a_backend_error_at_once(
+    backend: PodmanBackend, machine: str
+) -> None:
+    stopper = threading.Timer(0.5, lambda: podman("stop", "-t", "0", machine))
+    stopper.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(BackendError, match="stopped while the command ran"):
+            backend.exec(machine, ["sleep", "20"], timeout=15)
+        assert time.monotonic() - started < 5
+    finally:
+        stopper.join()

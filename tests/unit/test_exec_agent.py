@@ -6,6 +6,7 @@ The real thing, in podman containers, is in tests/backends/test_podman.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
@@ -97,3 +98,26 @@ def test_a_request_line_that_is_not_an_id_is_ignored(agent: ExecAgent, tmp_path:
     os.close(fd)
     assert agent.run(["true"], timeout=10) is not None  # the agent read past that line
     assert not (tmp_path / "pwned").exists()
+
+
+def test_an_agent_killed_mid_command_is_an_error_at_once_not_a_timeout(
+    tmp_path: Path,
+) -> None:
+    agent = ExecAgent(tmp_path / "exec")
+    agent.prepare()
+    script = SCRIPT.replace(f"d={MOUNT_POINT}\n", f"d={agent.dir}\n")
+    # its own process group, so the agent and the subshells it forks can be killed together
+    # (as when the container stops)
+    proc = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    try:
+        while not agent.listening():
+            time.sleep(0.01)
+        threading.Timer(0.5, os.killpg, (proc.pid, 9)).start()
+        started = time.monotonic()
+        with pytest.raises(BackendError, match="stopped while the command ran"):
+            agent.run(["sleep", "20"], timeout=15)
+        assert time.monotonic() - started < 3
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        proc.wait(10)

@@ -62,6 +62,8 @@ done
 """
 
 _FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
+#: while a command runs, check this often that the agent is still there
+_LIVENESS = 0.5
 
 
 class ExecAgent:
@@ -143,9 +145,12 @@ class ExecAgent:
                 return None
             raise BackendError(f"exec agent in {self.dir}: {exc}") from exc
 
-    @staticmethod
-    def _wait(reader: int, timeout: float) -> int | None:
-        """The exit status the agent writes to the done FIFO; None on timeout."""
+    def _wait(self, reader: int, timeout: float) -> int | None:
+        """The exit status the agent writes to the done FIFO; None on timeout.
+
+        Every ``_LIVENESS`` seconds without an answer it checks that the agent still listens: a
+        container stopped (or an agent killed, with its subshells) mid-command never answers,
+        and that is a BackendError now, not a timeout much later."""
         deadline = time.monotonic() + timeout
         poller = select.poll()
         poller.register(reader, select.POLLIN)
@@ -154,7 +159,7 @@ class ExecAgent:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            events = poller.poll(left * 1000)
+            events = poller.poll(min(left, _LIVENESS) * 1000)
             try:
                 chunk = os.read(reader, 64)
             except BlockingIOError:  # the agent opened the FIFO and has not written yet
@@ -162,6 +167,11 @@ class ExecAgent:
             if not chunk:
                 if events:  # opened and closed without a status: the agent died mid-way
                     raise BackendError("exec agent went away before the command finished")
+                if not self.listening():
+                    raise BackendError(
+                        "exec agent stopped while the command ran (the container stopped, or "
+                        "something in it killed the agent); the command's outcome is unknown"
+                    )
                 continue
             data += chunk
         try:
