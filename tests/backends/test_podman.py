@@ -580,3 +580,18 @@ def test_a_container_stopped_mid_command_is_a_backend_error_at_once(
         assert time.monotonic() - started < 5
     finally:
         stopper.join()
+
+
+def test_a_state_directory_with_a_colon_runs_commands_without_the_agent(
+    image: str, tmp_path: Path
+) -> None:
+    backend = PodmanBackend(PodmanSettings(image=image), tmp_path / "a:b")
+    name = unique()
+    try:
+        backend.create(MachineSpec(name, SESSION_LABELS))
+        backend.start(name)
+        backend.wait_ready(name, timeout=30)
+        assert backend.exec(name, ["echo", "fine"], timeout=10).stdout == "fine\n"
+        assert not (tmp_path / "a:b" / "podman" / "exec").exists()
+    finally:
+        backend.delete(name)

@@ -149,6 +149,7 @@ class PodmanBackend:
         self._checked_at: float | None = None
         #: machine -> when starting its exec agent last failed (monotonic)
         self._agent_failed: dict[str, float] = {}
+        self._agent_path_warned = False
         self._nap = threading.Event()  # never set: a sleep that tests' patched time.sleep spares
 
     # -- the protocol --------------------------------------------------------------------------
@@ -523,7 +524,16 @@ class PodmanBackend:
 
     # -- the exec agent (vmpool.backends.exec_agent) ---------------------------------------------
     def _agent(self, name: str) -> ExecAgent | None:
-        return ExecAgent(self._dir / "exec" / name) if self.settings.exec_agent else None
+        if not self.settings.exec_agent:
+            return None
+        directory = self._dir / "exec" / name
+        if ":" in str(directory):  # --volume SRC:DST cannot say it
+            if not self._agent_path_warned:
+                log.warning("no exec agent: its directory %s has a ':' (commands use `%s exec`)",
+                            directory, self._tool)
+                self._agent_path_warned = True
+            return None
+        return ExecAgent(directory)
 
     def _agent_ready(self, name: str, agent: ExecAgent) -> bool:
         """Whether ``agent`` listens, starting it (one ``exec -d``) if it should and does not.
