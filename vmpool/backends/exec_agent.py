@@ -128,7 +128,10 @@ class ExecAgent:
             status = self._wait(reader, timeout)
             if status is None:
                 self._kill(rid)
-                raise ExecTimeout(f"exec {shlex.join(argv)} timed out after {timeout:g}s")
+                raise ExecTimeout(
+                    f"{shlex.join(argv)} in {self.dir.name} did not finish within {timeout:g}s "
+                    "(killed, with what it started)"
+                )
             return ExecResult(status, self._read(f"{rid}.out"), self._read(f"{rid}.err"))
         finally:
             # unlink before closing: an agent still about to report finds no FIFO (and writes a
@@ -169,8 +172,9 @@ class ExecAgent:
                     raise BackendError("exec agent went away before the command finished")
                 if not self.listening():
                     raise BackendError(
-                        "exec agent stopped while the command ran (the container stopped, or "
-                        "something in it killed the agent); the command's outcome is unknown"
+                        f"{self.dir.name}: exec agent stopped while the command ran (the "
+                        "container stopped, or something in it killed the agent); the "
+                        "command's outcome is unknown"
                     )
                 continue
             data += chunk
