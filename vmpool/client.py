@@ -226,6 +226,15 @@ class PoolClient:
     def checkin(self, lease: Lease, *, failed: bool = False) -> dict[str, leases.Action]:
         """Return the machines: reuse, reset (here and now, or by the controller when the pool
         has a spare) or replace (the controller's job)."""
+        # what this process keeps open to a machine (qemu's guest-agent connection) would
+        # block its next holder
+        release = getattr(self.backend, "release", None)
+        if release is not None:
+            for name in lease.names:
+                try:
+                    release(name)
+                except VmPoolError as exc:
+                    log.warning("releasing %s: %s", name, exc)
         reply = self.store.run(
             ops.CheckinStep(
                 names=lease.names,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from vmpool.backends import qemu as qemu_backend
 from vmpool.backends.base import Backend, MachineSpec
 from vmpool.backends.qemu import QemuBackend, _valid_template
 from vmpool.backends.qemu_image import MANIFEST_FILE, build_image, find_image
@@ -248,6 +251,49 @@ def test_exec_timeout_raises_and_kills_the_command(backend: QemuBackend, pair: P
     assert time.monotonic() - started < 5
     left = backend.exec(pair.a, ["sh", "-c", "ps | grep -c '[s]leep 300'"], timeout=30)
     assert left.stdout.strip() == "0"
+
+
+@qemu
+@needs_qemu
+def test_commands_share_one_agent_connection_until_release(
+    backend: QemuBackend, pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend.release(pair.a)
+    opened: list[Path] = []
+    real_connect = qemu_backend._Agent.connect
+
+    def connect(path: Path, deadline: float) -> qemu_backend._Agent:
+        opened.append(path)
+        return real_connect(path, deadline)
+
+    monkeypatch.setattr(qemu_backend._Agent, "connect", connect)
+    for i in range(4):
+        assert backend.exec(pair.a, ["echo", str(i)], 30).stdout == f"{i}\n"
+    assert len(opened) == 1
+    backend.release(pair.a)
+    assert backend.exec(pair.a, ["true"], 30).ok
+    assert len(opened) == 2
+    backend.release(pair.a)
+
+
+@qemu
+@needs_qemu
+def test_after_release_another_process_runs_commands_at_once(
+    backend: QemuBackend, pair: Pair, image_dir: Path, state_dir: Path, template_dir: Path
+) -> None:
+    assert backend.exec(pair.a, ["true"], 30).ok  # this process now holds the connection
+    backend.release(pair.a)
+    code = (
+        "import sys; from pathlib import Path; "
+        "from vmpool.backends.qemu import QemuBackend; from vmpool.config import QemuSettings; "
+        f"b = QemuBackend(QemuSettings(image_dir=Path({str(image_dir)!r})), "
+        f"Path({str(state_dir)!r}), template_dir=Path({str(template_dir)!r})); "
+        f"print(b.exec({pair.a!r}, ['echo', 'other'], 10).stdout, end='')"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert (other.returncode, other.stdout) == (0, "other\n"), other.stderr
 
 
 @qemu

@@ -460,6 +460,29 @@ def test_checkin_with_reset_restores_the_snapshot(start_pool: Factory) -> None:
     client.checkin(again)
 
 
+def test_checkin_first_releases_what_the_backend_keeps_open_to_the_machines(
+    start_pool: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    controller, backend = start_pool(2, checkin_policy="reuse")
+    controller.wait_until_ready(2, 10)
+    events: list[str] = []
+    real_run = controller.store.run
+
+    def run(op: Any) -> Any:
+        events.append(op.kind)
+        return real_run(op)
+
+    monkeypatch.setattr(backend, "release", lambda name: events.append(f"release {name}"),
+                        raising=False)
+    client = client_for(controller)
+    monkeypatch.setattr(client.store, "run", run)
+    lease = client.checkout(2, timeout=5)
+    events.clear()
+    client.checkin(lease)
+    # released before the check-in reaches the pool: the next holder finds the machines free
+    assert events == [*(f"release {n}" for n in lease.names), "checkin"]
+
+
 def test_checkin_after_failure_replaces_machine(start_pool: Factory) -> None:
     controller, backend = start_pool(1)
     controller.wait_until_ready(1, 10)

@@ -72,6 +72,8 @@ _IMG_TIMEOUT = 60.0
 _QMP_TIMEOUT = 10.0
 _SNAPSHOT_TIMEOUT = 120.0
 _RESYNC_TIMEOUT = 15.0
+#: a kept guest-agent connection that does not answer a guest-sync this fast is replaced
+_CACHED_SYNC_TIMEOUT = 2.0
 _STOP_TIMEOUT = 5.0
 _PROBE_STEP_TIMEOUT = 5.0
 _KILL_GRACE = 1.0
@@ -189,6 +191,10 @@ class QemuBackend:
         self._accel_lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        #: guest-agent connections kept open between one process's commands to a machine, until
+        #: release() (check-in), reset, delete or a new wait: qemu-ga pauses 100 ms after every
+        #: disconnect (its virtio-serial EOF handling), which made each command cost ~115 ms
+        self._agents: dict[str, _Agent] = {}
         #: template keys whose build failed in this process: their machines boot, no retry
         self._template_failed: set[str] = set()
 
@@ -293,6 +299,7 @@ class QemuBackend:
         run_dir = self._existing(name)
         deadline = time.monotonic() + timeout
         record = self._record(run_dir)
+        self._drop_agent(name)  # the probe opens its own connection; qemu-ga takes one at a time
         if record.clone_pending:
             with self._exclusive(name, deadline):
                 record = self._finish_clone(run_dir, self._record(run_dir), deadline)
@@ -307,15 +314,41 @@ class QemuBackend:
         record = self._record(run_dir)
         deadline = time.monotonic() + timeout
         with self._exclusive(name, deadline):
+            agent = self._agents.pop(name, None)
             try:
-                with _Agent.open(_qga_sock(record), deadline) as agent:
+                if agent is not None:
+                    try:  # still the same guest and still answering? (a sync is ~1 ms)
+                        agent.sync(min(deadline, time.monotonic() + _CACHED_SYNC_TIMEOUT))
+                    except (OSError, BackendError):
+                        agent.close()
+                        agent = None
+                if agent is None:
+                    agent = _Agent.connect(_qga_sock(record), deadline)
                     agent.sync(deadline)
-                    return _guest_exec(agent, name, list(argv), timeout, deadline)
+                result = _guest_exec(agent, name, list(argv), timeout, deadline)
             except OSError as exc:
+                if agent is not None:
+                    agent.close()
                 raise BackendError(
                     f"qemu machine {name}: guest agent unreachable: {exc}"
                     f"{self._died_hint(run_dir)}"
                 ) from exc
+            except BaseException:
+                if agent is not None:
+                    agent.close()
+                raise
+            self._agents[name] = agent
+            return result
+
+    def release(self, name: str) -> None:
+        """Let go of the guest-agent connection this process keeps to ``name`` (at check-in),
+        so that the next process to use the machine can connect."""
+        self._drop_agent(name)
+
+    def _drop_agent(self, name: str) -> None:
+        agent = self._agents.pop(name, None)
+        if agent is not None:
+            agent.close()
 
     def snapshot(self, name: str) -> None:
         """``savevm`` the running machine under the tag reset() loads."""
@@ -328,6 +361,7 @@ class QemuBackend:
         run_dir = self._existing(name)
         record = self._record(run_dir)
         with self._exclusive(name, time.monotonic() + _SNAPSHOT_TIMEOUT):
+            self._drop_agent(name)
             # one QMP session: loadvm, then whether the guest runs (loadvm resumes only a guest
             # that ran before, and leaves it stopped when it fails)
             output, status = self._qmp_all(
@@ -362,6 +396,7 @@ class QemuBackend:
     def delete(self, name: str) -> None:
         """Quit (or kill) qemu and remove the run directory; a missing machine is success."""
         validate_name(name)
+        self._drop_agent(name)
         run_dir = self._run_dir(name)
         if not run_dir.exists():
             self._remove_files(run_dir)
@@ -1099,15 +1134,27 @@ class _Agent:
         self._buf = b""
 
     @classmethod
-    @contextlib.contextmanager
-    def open(cls, path: Path, deadline: float) -> Iterator[_Agent]:
+    def connect(cls, path: Path, deadline: float) -> _Agent:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(max(deadline - time.monotonic(), 0.01))
             sock.connect(str(path))
-            yield cls(sock)
-        finally:
+        except BaseException:
             sock.close()
+            raise
+        return cls(sock)
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, path: Path, deadline: float) -> Iterator[_Agent]:
+        agent = cls.connect(path, deadline)
+        try:
+            yield agent
+        finally:
+            agent.close()
+
+    def close(self) -> None:
+        self._sock.close()
 
     def send(self, command: str, arguments: Mapping[str, object] | None = None) -> None:
         message: dict[str, object] = {"execute": command}
