@@ -42,6 +42,18 @@ MOUNT_POINT = "/.vmpool"
 #: set on every command the agent runs, so a timed-out one can be found with its children
 EXEC_ENV = "VMPOOL_EXEC_ID"
 
+
+
+def kill_script(token: str) -> str:
+    """sh that SIGKILLs every process whose environment carries ``EXEC_ENV=<token>`` (a
+    command's whole tree: what it started inherits the variable)."""
+    return (
+        "for p in /proc/[0-9]*; do "
+        f'grep -qs "{EXEC_ENV}={token}" "$p/environ" && kill -9 "${{p#/proc/}}"; '
+        "done; true"
+    )
+
+
 SCRIPT = f"""\
 # vmpool exec agent (vmpool.backends.exec_agent): runs the commands put in {MOUNT_POINT}
 d={MOUNT_POINT}
@@ -53,10 +65,7 @@ while read -r verb id <&3; do
         sh "$d/$id.sh" </dev/null >"$d/$id.out" 2>"$d/$id.err"
         s=$?; [ -p "$d/$id.done" ] && echo $s >"$d/$id.done"
       ) 3<&- & ;;
-    kill)
-      for p in /proc/[0-9]*; do
-        grep -qs "{EXEC_ENV}=$id" "$p/environ" && kill -9 "${{p#/proc/}}"
-      done ;;
+    kill) {kill_script("$id")} ;;
   esac
 done
 """

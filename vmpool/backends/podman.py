@@ -39,8 +39,8 @@ from vmpool.backends.base import (
     probe_until,
     validate_name,
 )
+from vmpool.backends.exec_agent import EXEC_ENV, ExecAgent, kill_script
 from vmpool.backends.exec_agent import MOUNT_POINT as _AGENT_MOUNT
-from vmpool.backends.exec_agent import ExecAgent
 from vmpool.config import PodmanSettings
 from vmpool.errors import BackendError, BackendUnavailable, ExecTimeout, VmPoolError
 
@@ -77,8 +77,6 @@ _AGENT_START = 2.0
 #: check() passes are remembered this long: the plugin's preparation and the controller's start
 #: both ask, moments apart, and each ask costs a process
 _CHECK_TTL = 60.0
-#: Set on every exec so the processes of a timed-out one can be found and killed.
-_EXEC_ENV = "VMPOOL_EXEC_ID"
 # aliases: inside PodmanBackend the name `list` is the protocol's method, not the builtin
 _MachineInfos = list[MachineInfo]
 _Argv = list[str]
@@ -225,7 +223,7 @@ class PodmanBackend:
                 return answer
         token = uuid.uuid4().hex
         try:
-            result = self._run("exec", "--env", f"{_EXEC_ENV}={token}", name, *argv,
+            result = self._run("exec", "--env", f"{EXEC_ENV}={token}", name, *argv,
                                timeout=timeout)
         except ExecTimeout:
             # killing the client leaves the command running in the container; end it too
@@ -585,13 +583,8 @@ class PodmanBackend:
 
     def _kill_exec(self, name: str, token: str) -> None:
         """Best effort: SIGKILL the processes of a timed-out exec (found by its env token)."""
-        script = (
-            "for d in /proc/[0-9]*; do "
-            f'grep -qs "{_EXEC_ENV}={token}" "$d/environ" && kill -9 "${{d#/proc/}}"; '
-            "done; true"
-        )
         try:
-            result = self._run("exec", name, "sh", "-c", script, timeout=10)
+            result = self._run("exec", name, "sh", "-c", kill_script(token), timeout=10)
         except VmPoolError as exc:
             log.warning("could not stop timed-out command in %s: %s", name, exc)
             return

@@ -299,7 +299,7 @@ class QemuBackend:
         run_dir = self._existing(name)
         deadline = time.monotonic() + timeout
         record = self._record(run_dir)
-        self._drop_agent(name)  # the probe opens its own connection; qemu-ga takes one at a time
+        self.release(name)  # the probe opens its own connection; qemu-ga takes one at a time
         if record.clone_pending:
             with self._exclusive(name, deadline):
                 record = self._finish_clone(run_dir, self._record(run_dir), deadline)
@@ -341,11 +341,8 @@ class QemuBackend:
             return result
 
     def release(self, name: str) -> None:
-        """Let go of the guest-agent connection this process keeps to ``name`` (at check-in),
-        so that the next process to use the machine can connect."""
-        self._drop_agent(name)
-
-    def _drop_agent(self, name: str) -> None:
+        """Let go of the guest-agent connection this process keeps to ``name`` (at check-in,
+        and before anything here opens its own), so that another one can connect."""
         agent = self._agents.pop(name, None)
         if agent is not None:
             agent.close()
@@ -361,7 +358,7 @@ class QemuBackend:
         run_dir = self._existing(name)
         record = self._record(run_dir)
         with self._exclusive(name, time.monotonic() + _SNAPSHOT_TIMEOUT):
-            self._drop_agent(name)
+            self.release(name)
             # one QMP session: loadvm, then whether the guest runs (loadvm resumes only a guest
             # that ran before, and leaves it stopped when it fails)
             output, status = self._qmp_all(
@@ -396,7 +393,7 @@ class QemuBackend:
     def delete(self, name: str) -> None:
         """Quit (or kill) qemu and remove the run directory; a missing machine is success."""
         validate_name(name)
-        self._drop_agent(name)
+        self.release(name)
         run_dir = self._run_dir(name)
         if not run_dir.exists():
             self._remove_files(run_dir)
