@@ -440,6 +440,12 @@ def _parser() -> argparse.ArgumentParser:
         help="(c) with [pool] network = true, the configuration default: each pool makes its own "
         "private network (by default the pool ways run without one, as (a) and (b) make none)",
     )
+    p.add_argument(
+        "--warm-during-collection",
+        action="store_true",
+        help="(c) with [pool] warm_during_collection = true: machines are made from the first "
+        "pool test collected, not once collection is final",
+    )
     p.add_argument("--qemu-accel", default="tcg", choices=["auto", "kvm", "tcg"])
     p.add_argument(
         "--qemu-warmup",
@@ -507,6 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if way in POOL_WAYS
             else (args.per_test_qemu_warmup or args.qemu_warmup),
             network=args.pool_network and way in POOL_WAYS,
+            warm_during_collection=args.warm_during_collection and way in POOL_WAYS,
         )
         write_pool_toml(root / f"pool-{way}.toml", tables[way])
     config = root / "pool-b.toml"

@@ -109,7 +109,11 @@ class ControllerRole:
                 if name not in self.controllers and name not in self.errors:
                     self._start_profile(name)
             for name in rec.early:
-                if name not in self._backends and name not in self.errors:
+                if name in self.controllers or name in self.errors:
+                    continue
+                if self.cfg.profile(name).pool.warm_during_collection:
+                    self._start_profile(name)  # the user traded the usage-error rule for speed
+                elif name not in self._backends:
                     self._prepare_profile(name)
             self._stop.wait(_POLL)
 

@@ -89,6 +89,14 @@ class PoolSettings(_Strict):
     network: bool = Field(
         True, description="Give the pool a private network when the backend supports one."
     )
+    warm_during_collection: bool = Field(
+        False,
+        description="Start making machines at the first pool test collected, while collection "
+        "goes on: the first test starts sooner. A usage error found later in the collection "
+        "(count too large, unknown profile) then comes after machines were made; they are "
+        "destroyed before pytest exits with code 4. false: machines are made once collection "
+        "is final and valid (only checks, reaping and templates overlap collection).",
+    )
 
 
 class SimSettings(_Strict):

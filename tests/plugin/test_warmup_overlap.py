@@ -1,10 +1,14 @@
 """Warm-up preparation starts at the first pool test collected, overlapping the rest of
 collection; machines are made only once collection is final (a usage error found later in the
-same collection must come before any machine)."""
+same collection must come before any machine), unless ``warm_during_collection`` trades that rule
+for an earlier first test."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+import pytest
 
 if TYPE_CHECKING:
     from conftest import Harness
@@ -81,3 +85,63 @@ def test_with_a_keyword_filter_demand_waits_for_the_final_selection(harness: Har
     result.assert_outcomes(passed=1)
     assert harness.creates() == 0, "a machine was warmed for a deselected test"
     harness.assert_nothing_left()
+
+
+#: collected second: waits (bounded) for the first machine to be made, and records whether it was
+#: while this module was still being collected
+WAITS_FOR_A_MACHINE = """
+import time
+from pathlib import Path
+
+import pytest
+
+CREATES = Path({creates!r})
+deadline = time.monotonic() + 20
+while not CREATES.exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+with open({verdict!r}, "a") as fh:
+    fh.write("machine\\n" if CREATES.exists() else "no machine\\n")
+
+{tests}
+"""
+
+
+def _early_warm_suite(harness: Harness, tests: str) -> Path:
+    verdict = harness.path / "verdict"
+    (harness.path / "pool.toml").write_text("[pool]\nwarm_during_collection = true\n")
+    harness.pytester.makepyfile(
+        test_a_pool="""
+        def test_uses_a_machine(pool_vm):
+            assert pool_vm.exec("true").returncode == 0
+        """,
+        test_b_slow=WAITS_FOR_A_MACHINE.format(
+            creates=str(harness.sim_root / "creates"), verdict=str(verdict), tests=tests
+        ),
+    )
+    return verdict
+
+
+@pytest.mark.parametrize("mode", [["-n", "2"], ["-p", "no:xdist"]], ids=["xdist", "single"])
+def test_warm_during_collection_makes_machines_while_later_modules_are_collected(
+    harness: Harness, mode: list[str]
+) -> None:
+    verdict = _early_warm_suite(harness, "def test_plain():\n    pass\n")
+    result = harness.run(*mode)
+    result.assert_outcomes(passed=2)
+    assert "machine" in verdict.read_text().splitlines(), verdict.read_text()
+    harness.assert_nothing_left()
+
+
+@pytest.mark.parametrize("mode", [["-n", "2"], ["-p", "no:xdist"]], ids=["xdist", "single"])
+def test_a_usage_error_after_machines_were_made_early_still_leaves_nothing(
+    harness: Harness, mode: list[str]
+) -> None:
+    verdict = _early_warm_suite(
+        harness, "@pytest.mark.vm(count=5)\ndef test_too_many(pool_vms):\n    pass\n"
+    )
+    result = harness.run(*mode, "--vm-pool-size", "2")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, harness.output(result)
+    assert "test_b_slow.py::test_too_many" in harness.output(result)
+    assert "machine" in verdict.read_text().splitlines()  # made during collection ...
+    assert harness.creates() > 0
+    harness.assert_nothing_left()  # ... and destroyed before pytest exited
