@@ -68,6 +68,7 @@ def _worker(
     for _ in range(_WARMUP_CYCLES):  # imports, page cache, first-call costs
         client.checkin(client.checkout(1, timeout=60))
     start.wait()
+    cpu0 = time.process_time()
     clock = time.perf_counter
     rng = random.Random(index)
     samples = []
@@ -81,7 +82,7 @@ def _worker(
         client.checkin(lease)
         t3 = clock()
         samples.append((t1 - t0, t3 - t2))
-    results.put((index, samples))
+    results.put((index, samples, time.process_time() - cpu0))
 
 
 def _profile(size: int) -> Profile:
@@ -129,6 +130,44 @@ def floor(iterations: int, hold: float) -> dict[str, float]:
         here.close()
         echo.join(10)
     return _summary(rtts)
+
+
+def _spin(rounds: int, cycle_cpu: float, results: Any) -> None:
+    """Back-to-back cycles of ``cycle_cpu`` seconds of pure CPU work; send back their times."""
+
+    def burn(n: int) -> int:
+        x = 0
+        for i in range(n):
+            x += i
+        return x
+
+    n = 10_000
+    t0 = time.process_time()
+    burn(n)
+    n = max(1, int(n * cycle_cpu / max(time.process_time() - t0, 1e-6)))
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        burn(n)
+        times.append(time.perf_counter() - t0)
+    results.put(times)
+
+
+def cpu_floor(procs: int, cycle_cpu: float, rounds: int) -> dict[str, float]:
+    """``procs`` processes each running ``rounds`` back-to-back cycles of ``cycle_cpu`` seconds
+    of CPU and nothing else (no IPC, nothing shared): the scheduler's share of any design whose
+    cycle costs that much CPU in each process."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    spinners = [ctx.Process(target=_spin, args=(rounds, cycle_cpu, results)) for _ in range(procs)]
+    for p in spinners:
+        p.start()
+    times: list[float] = []
+    for _ in spinners:
+        times.extend(results.get(timeout=600))
+    for p in spinners:
+        p.join(60)
+    return _summary(times)
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -202,8 +241,11 @@ def run(
         t0 = time.perf_counter()
         start.set()
         samples: list[tuple[float, float]] = []
+        cpu = 0.0
         for _ in workers:
-            samples.extend(results.get(timeout=600)[1])
+            _index, got, used = results.get(timeout=600)
+            samples.extend(got)
+            cpu += used
         wall = time.perf_counter() - t0
         for w in workers:
             w.join(60)
@@ -232,6 +274,10 @@ def run(
         "pool_checkouts": stats.checkouts,
         "server": None if served is None else dataclasses.asdict(served),
         "floor_round_trip_ms": floor(iterations, hold_ms / 1000),
+        "client_cpu_per_cycle_ms": cpu / len(samples) * 1000,
+        "floor_cpu_only_ms": (
+            None if hold_ms else cpu_floor(procs, cpu / len(samples), iterations)
+        ),
         "host": host_facts(),
     }
 
@@ -260,6 +306,14 @@ def report(result: dict[str, Any]) -> str:
         + "floor: a bare one-byte round trip between two processes, same spacing: "
         f"p50 {result['floor_round_trip_ms']['p50']:.3f} ms, "
         f"p99 {result['floor_round_trip_ms']['p99']:.3f} ms (a cycle makes two)\n"
+        + (
+            f"floor: {result['procs']} processes doing only the clients' CPU per cycle "
+            f"({result['client_cpu_per_cycle_ms'] * 1000:.0f} us, no IPC, nothing shared) back to "
+            f"back: p50 {result['floor_cpu_only_ms']['p50']:.3f} ms, "
+            f"p99 {result['floor_cpu_only_ms']['p99']:.3f} ms\n"
+            if result["floor_cpu_only_ms"]
+            else ""
+        )
         + f"p99(checkout+checkin) <= {result['target_ms']:g} ms: {verdict} "
         f"({result['ms']['checkout+checkin']['p99']:.3f} ms)"
     )
