@@ -19,7 +19,10 @@ from typing import Any
 from vmpool import config as vmconfig
 from vmpool.backends import make_backend
 from vmpool.backends.base import Backend
+from vmpool.controller import Controller
 from vmpool.errors import VmPoolError
+from vmpool.ownership import new_session_id
+from vmpool.state import JsonStateDir
 
 #: Latency models for ``--backend sim``, in seconds per backend call.
 SIM_MODELS: dict[str, dict[str, float]] = {
@@ -117,6 +120,31 @@ def pool_tables(
         # [qemu] warmup ("clone" or "boot") is written only when asked for
         "qemu": {"accel": qemu_accel, "warmup": qemu_warmup},
     }
+
+
+def time_warmup(config: Path, state: Path, size: int, timeout: float) -> dict[str, float]:
+    """Warm a pool in this process (a Controller alone, no pytest) and tear it down: seconds
+    from start() until the first and until all ``size`` machines were ready, and teardown."""
+    cfg, backend = load_backend(config, state)
+    controller = Controller(
+        directory=JsonStateDir(state),
+        backend=backend,
+        profile=cfg.default,
+        size=size,
+        session=new_session_id(),
+    )
+    t0 = time.monotonic()
+    controller.start()
+    try:
+        controller.wait_until_ready(1, timeout)
+        first = time.monotonic() - t0
+        controller.wait_until_ready(size, timeout)
+        every = time.monotonic() - t0
+    finally:
+        t1 = time.monotonic()
+        controller.stop(keep=False, lease_timeout=0)
+        teardown = time.monotonic() - t1
+    return {"first": round(first, 3), "all": round(every, 3), "teardown": round(teardown, 3)}
 
 
 def load_backend(config_path: Path, state_dir: Path) -> tuple[vmconfig.Config, Backend]:

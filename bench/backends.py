@@ -30,14 +30,12 @@ from bench._common import (
     markdown_table,
     pool_tables,
     sweep,
+    time_warmup,
     unique_prefix,
     write_pool_toml,
 )
 from vmpool.backends.base import Backend, MachineSpec
-from vmpool.controller import Controller
 from vmpool.errors import BackendUnavailable, VmPoolError
-from vmpool.ownership import new_session_id
-from vmpool.state import JsonStateDir
 
 _READY_TIMEOUT = 300.0
 _DIRT = "vmpool-bench-dirty"
@@ -51,24 +49,8 @@ def _timed(fn: Callable[[], object]) -> float:
 
 def warm(config: Path, state: Path, size: int) -> dict[str, float]:
     """Seconds from Controller.start() until ``size`` machines are ready, and teardown."""
-    cfg, backend = load_backend(config, state)
-    controller = Controller(
-        directory=JsonStateDir(state),
-        backend=backend,
-        profile=cfg.default,
-        size=size,
-        session=new_session_id(),
-    )
-    t0 = time.monotonic()
-    controller.start()
-    try:
-        controller.wait_until_ready(size, _READY_TIMEOUT)
-        ready = time.monotonic() - t0
-    finally:
-        t1 = time.monotonic()
-        controller.stop(keep=False, lease_timeout=0)
-        teardown = time.monotonic() - t1
-    return {"ready": round(ready, 3), "teardown": round(teardown, 3)}
+    timed = time_warmup(config, state, size, _READY_TIMEOUT)
+    return {"ready": timed["all"], "teardown": timed["teardown"]}
 
 
 def _bring_up(backend: Backend, name: str) -> None:

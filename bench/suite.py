@@ -30,7 +30,6 @@ import statistics
 import sys
 import tempfile
 import textwrap
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,12 +43,10 @@ from bench._common import (
     pool_tables,
     run_pytest,
     sweep,
+    time_warmup,
     unique_prefix,
     write_pool_toml,
 )
-from vmpool.controller import Controller
-from vmpool.ownership import new_session_id
-from vmpool.state import JsonStateDir
 
 WAYS = ("a", "b", "reuse", "reset", "replace", "d")
 LABELS = {
@@ -304,24 +301,8 @@ def summarise(run: PytestRun, times: list[dict[str, Any]]) -> dict[str, Any]:
 
 def warmup_time(config: Path, state: Path, size: int, timeout: float) -> dict[str, float]:
     """Warm a pool in this process (the controller alone, no pytest): first and all ready."""
-    cfg, backend = load_backend(config, state)
-    controller = Controller(
-        directory=JsonStateDir(state),
-        backend=backend,
-        profile=cfg.default,
-        size=size,
-        session=new_session_id(),
-    )
-    t0 = time.monotonic()
-    controller.start()
-    try:
-        controller.wait_until_ready(1, timeout)
-        first = time.monotonic() - t0
-        controller.wait_until_ready(size, timeout)
-        every = time.monotonic() - t0
-    finally:
-        controller.stop(keep=False, lease_timeout=0)
-    return {"first": round(first, 3), "all": round(every, 3)}
+    timed = time_warmup(config, state, size, timeout)
+    return {"first": timed["first"], "all": timed["all"]}
 
 
 def _fmt(x: float | None, unit: str = "s") -> str:
