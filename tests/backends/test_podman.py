@@ -595,3 +595,26 @@ def test_a_state_directory_with_a_colon_runs_commands_without_the_agent(
         assert not (tmp_path / "a:b" / "podman" / "exec").exists()
     finally:
         backend.delete(name)
+
+
+def test_commands_racing_to_restart_a_killed_agent_start_only_one(
+    backend: PodmanBackend, machine: str
+) -> None:
+    podman("exec", machine, "kill", "-9", _agent_pid(machine)).check("kill agent")
+    others = [PodmanBackend(backend.settings, backend._dir.parent) for _ in range(3)]
+    results: list[str] = []
+
+    def run(b: PodmanBackend, i: int) -> None:
+        results.append(b.exec(machine, ["echo", str(i)], timeout=20).stdout)
+
+    threads = [threading.Thread(target=run, args=(b, i)) for i, b in enumerate([backend, *others])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [f"{i}\n" for i in range(4)]
+    out = podman("exec", machine, "ps", "-o", "pid,ppid,args").check("ps").stdout
+    agents = [line.split() for line in out.splitlines() if line.endswith("sh /.vmpool/agent.sh")]
+    parents = {pid for pid, _ppid, *_ in agents}
+    # the agent itself, not its per-command subshells (forks of it, whose parent is an agent)
+    assert len([a for a in agents if a[1] not in parents]) == 1, out

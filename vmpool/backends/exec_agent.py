@@ -31,8 +31,10 @@ import shlex
 import stat
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import portalocker
 
 from vmpool.backends.base import ExecResult
 from vmpool.errors import BackendError, ExecTimeout
@@ -97,6 +99,19 @@ class ExecAgent:
             fh.write(SCRIPT)
         with contextlib.suppress(FileExistsError):
             os.mkfifo(self.dir / "in", 0o600)
+
+    @contextlib.contextmanager
+    def starting(self, timeout: float) -> Iterator[bool]:
+        """Hold the right to start the agent (a lock beside it; True) or give up after
+        ``timeout`` (False). Two agents on one FIFO would each read parts of the same lines, so
+        whoever starts one first checks, under this lock, that none listens yet."""
+        try:
+            with portalocker.Lock(
+                str(self.dir / "start.lock"), mode="a", timeout=timeout, check_interval=0.005
+            ):
+                yield True
+        except portalocker.exceptions.LockException:
+            yield False
 
     def listening(self) -> bool:
         """Whether an agent has the request FIFO open."""

@@ -546,14 +546,19 @@ class PodmanBackend:
         failed = self._agent_failed.get(name)
         if failed is not None and time.monotonic() - failed < _AGENT_RETRY:
             return False
-        result = self._run("exec", "-d", name, "sh", agent.script)
-        if result.returncode == 0:
-            deadline = time.monotonic() + _AGENT_START
-            while time.monotonic() < deadline:
-                if agent.listening():
-                    self._agent_failed.pop(name, None)
-                    return True
-                self._nap.wait(0.005)
+        with agent.starting(self.settings.command_timeout) as mine:
+            if not mine:
+                return agent.listening()  # another process kept the lock; it may have started one
+            if agent.listening():  # another process (or thread) started it meanwhile
+                return True
+            result = self._run("exec", "-d", name, "sh", agent.script)
+            if result.returncode == 0:
+                deadline = time.monotonic() + _AGENT_START
+                while time.monotonic() < deadline:
+                    if agent.listening():
+                        self._agent_failed.pop(name, None)
+                        return True
+                    self._nap.wait(0.005)
         log.info("no exec agent in %s (commands use `%s exec`): %s", name, self._tool,
                  result.stderr.strip()[-300:] or "it did not start listening")
         self._agent_failed[name] = time.monotonic()
