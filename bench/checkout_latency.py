@@ -334,6 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="no lease server: every operation is a file transaction (the fallback path)",
     )
+    parser.add_argument(
+        "--cpu-floor-us",
+        type=float,
+        metavar="US",
+        help="only run the scheduler floor: --procs processes doing US microseconds of CPU per "
+        "cycle, back to back, nothing else (what a design with that cycle cost could reach)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     parser.add_argument(
         "--state-root", type=Path, help="where the temporary state directory goes (system temp)"
@@ -341,6 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.machines <= 256:
         parser.error("--machines must be 1..256 (the pool size limit)")
+    if args.cpu_floor_us is not None:
+        got = cpu_floor(args.procs, args.cpu_floor_us / 1e6, args.iterations)
+        print(
+            f"{args.procs} processes x {args.iterations} cycles of {args.cpu_floor_us:g} us of "
+            f"CPU, back to back: p50 {got['p50']:.3f} ms, p90 {got['p90']:.3f} ms, "
+            f"p99 {got['p99']:.3f} ms, max {got['max']:.3f} ms"
+        )
+        return 0
     result = run(
         args.procs,
         args.machines,
