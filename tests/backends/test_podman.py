@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from vmpool import _proc
+from vmpool.backends import podman as podman_backend
 from vmpool.backends.base import Backend, MachineSpec, probe_until
 from vmpool.backends.podman import (
     DEFAULT_IMAGE,
@@ -618,3 +619,32 @@ def test_commands_racing_to_restart_a_killed_agent_start_only_one(
     parents = {pid for pid, _ppid, *_ in agents}
     # the agent itself, not its per-command subshells (forks of it, whose parent is an agent)
     assert len([a for a in agents if a[1] not in parents]) == 1, out
+
+
+def test_a_container_whose_user_cannot_run_the_agent_uses_podman_exec_without_retrying(
+    image: str, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = PodmanSettings(image=image, extra_args=["--user", "1234:1234"])
+    backend = PodmanBackend(settings, state_dir)
+    name = unique()
+    try:
+        backend.create(MachineSpec(name, SESSION_LABELS))
+        backend.start(name)
+        backend.wait_ready(name, timeout=30)
+        assert backend.exec(name, ["id", "-u"], timeout=10).stdout == "1234\n"
+
+        class AnHourLater:  # the podman module's clock, moved past any retry delay
+            def __getattr__(self, attr: str) -> Any:
+                return getattr(time, attr)
+
+            @staticmethod
+            def monotonic() -> float:
+                return time.monotonic() + 3600
+
+        monkeypatch.setattr(podman_backend, "time", AnHourLater())
+        calls = _spy(monkeypatch)
+        assert backend.exec(name, ["id", "-u"], timeout=10).stdout == "1234\n"
+        assert [c[1] for c in calls] == ["exec"], calls  # not `exec -d` again: it cannot work
+    finally:
+        monkeypatch.undo()
+        backend.delete(name)

@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -70,7 +71,7 @@ _CACHE_FILE = "runtime.json"
 #: ``diff`` lines of a container that wrote nothing: the mount points' directories (the tool's
 #: own, and the exec agent's)
 _MOUNT_POINT_DIRS = frozenset({"C /etc", "C /run", f"A {_AGENT_MOUNT}"})
-#: after the exec agent could not be started in a container, use `exec` this long before retrying
+#: after `exec -d` of the agent failed in a container, use `exec` this long before retrying
 _AGENT_RETRY = 30.0
 #: how long a just-started agent may take to open its request FIFO
 _AGENT_START = 2.0
@@ -559,9 +560,16 @@ class PodmanBackend:
                         self._agent_failed.pop(name, None)
                         return True
                     self._nap.wait(0.005)
-        log.info("no exec agent in %s (commands use `%s exec`): %s", name, self._tool,
-                 result.stderr.strip()[-300:] or "it did not start listening")
-        self._agent_failed[name] = time.monotonic()
+        if result.returncode == 0:
+            # it started and never listened (a user who cannot use /.vmpool, no FIFO support):
+            # it will not work in this container; a new container (create, start, reset) tries
+            log.info("no exec agent in %s (commands use `%s exec`): it did not start listening",
+                     name, self._tool)
+            self._agent_failed[name] = math.inf
+        else:
+            log.info("no exec agent in %s (commands use `%s exec`) for now: %s", name,
+                     self._tool, result.stderr.strip()[-300:])
+            self._agent_failed[name] = time.monotonic()
         return False
 
     def _forget(self, name: str) -> None:
