@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -434,6 +435,19 @@ def test_a_failing_check_is_not_remembered(tmp_path: Path) -> None:
             backend.check()
 
 
+@contextlib.contextmanager
+def ready_machine(backend: PodmanBackend) -> Iterator[str]:
+    """A created, started and ready machine of ``backend`` (its own settings), deleted after."""
+    name = unique()
+    try:
+        backend.create(MachineSpec(name, SESSION_LABELS))
+        backend.start(name)
+        backend.wait_ready(name, timeout=30)
+        yield name
+    finally:
+        backend.delete(name)
+
+
 # -- the exec agent ---------------------------------------------------------------------------
 def _agent_pid(machine: str) -> str:
     """The pid of the exec agent in ``machine``, found with a plain `podman exec`."""
@@ -527,18 +541,11 @@ def test_without_the_agent_every_command_is_a_podman_exec(
     image: str, state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backend = PodmanBackend(PodmanSettings(image=image, exec_agent=False), state_dir)
-    name = unique()
-    try:
-        backend.create(MachineSpec(name, SESSION_LABELS))
-        backend.start(name)
-        backend.wait_ready(name, timeout=30)
+    with ready_machine(backend) as name:
         calls = _spy(monkeypatch)
         assert backend.exec(name, ["ls", "/"], timeout=10).ok
         assert [c[1] for c in calls] == ["exec"]
         assert ".vmpool" not in backend.exec(name, ["ls", "-a", "/"], timeout=10).stdout
-    finally:
-        monkeypatch.undo()
-        backend.delete(name)
 
 
 def test_delete_removes_the_agent_directory(backend: PodmanBackend, state_dir: Path) -> None:
@@ -587,15 +594,9 @@ def test_a_state_directory_with_a_colon_runs_commands_without_the_agent(
     image: str, tmp_path: Path
 ) -> None:
     backend = PodmanBackend(PodmanSettings(image=image), tmp_path / "a:b")
-    name = unique()
-    try:
-        backend.create(MachineSpec(name, SESSION_LABELS))
-        backend.start(name)
-        backend.wait_ready(name, timeout=30)
+    with ready_machine(backend) as name:
         assert backend.exec(name, ["echo", "fine"], timeout=10).stdout == "fine\n"
         assert not (tmp_path / "a:b" / "podman" / "exec").exists()
-    finally:
-        backend.delete(name)
 
 
 def test_commands_racing_to_restart_a_killed_agent_start_only_one(
@@ -626,11 +627,7 @@ def test_a_container_whose_user_cannot_run_the_agent_uses_podman_exec_without_re
 ) -> None:
     settings = PodmanSettings(image=image, extra_args=["--user", "1234:1234"])
     backend = PodmanBackend(settings, state_dir)
-    name = unique()
-    try:
-        backend.create(MachineSpec(name, SESSION_LABELS))
-        backend.start(name)
-        backend.wait_ready(name, timeout=30)
+    with ready_machine(backend) as name:
         assert backend.exec(name, ["id", "-u"], timeout=10).stdout == "1234\n"
 
         class AnHourLater:  # the podman module's clock, moved past any retry delay
@@ -645,6 +642,3 @@ def test_a_container_whose_user_cannot_run_the_agent_uses_podman_exec_without_re
         calls = _spy(monkeypatch)
         assert backend.exec(name, ["id", "-u"], timeout=10).stdout == "1234\n"
         assert [c[1] for c in calls] == ["exec"], calls  # not `exec -d` again: it cannot work
-    finally:
-        monkeypatch.undo()
-        backend.delete(name)
