@@ -87,7 +87,15 @@ def reap(
             store.remove()
             report.pools_removed.append(pool.id)
 
-    for info in _listed(report, f"{backend.name} machines", backend.list, prefix + "-"):
+    listed = _listed(report, f"{backend.name} machines", backend.list, prefix + "-")
+    forget = getattr(backend, "forget_missing", None)
+    if forget is not None and not any(e.startswith("listing") for e in report.errors):
+        # what a backend keeps beside machines removed outside vmpool (podman: recipes, agent
+        # directories); only when the listing worked, or every machine would look removed
+        report.files_removed += forget(
+            prefix + "-", {i.name for i in listed}, older_than=LITTER_AGE, dry_run=dry_run
+        )
+    for info in listed:
         if info.name in report.machines_deleted:
             continue
         verdict = _verdict(info.labels, protected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import threading
 import time
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from vmpool import _proc
+from vmpool import _proc, reaper
 from vmpool.backends import podman as podman_backend
 from vmpool.backends.base import Backend, MachineSpec, probe_until
 from vmpool.backends.podman import (
@@ -26,6 +27,7 @@ from vmpool.backends.podman import (
 )
 from vmpool.config import PodmanSettings
 from vmpool.errors import BackendError, BackendUnavailable, ExecTimeout
+from vmpool.state import JsonStateDir
 
 pytestmark = pytest.mark.podman
 
@@ -642,3 +644,34 @@ def test_a_container_whose_user_cannot_run_the_agent_uses_podman_exec_without_re
         calls = _spy(monkeypatch)
         assert backend.exec(name, ["id", "-u"], timeout=10).stdout == "1234\n"
         assert [c[1] for c in calls] == ["exec"], calls  # not `exec -d` again: it cannot work
+
+
+def test_gc_removes_what_a_container_removed_outside_vmpool_left_in_the_state_dir(
+    backend: PodmanBackend, state_dir: Path
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    prefix = f"vmpooltest-{run}"
+    names = [f"{prefix}-gone", f"{prefix}-kept", f"{prefix}-young"]
+    try:
+        for name in names:
+            backend.create(MachineSpec(name, {}))  # no owner labels: reaping leaves them be
+            backend.start(name)
+            backend.wait_ready(name, timeout=30)
+        for name in (names[0], names[2]):
+            podman("rm", "-f", "-t", "0", name).check("rm outside vmpool")
+        old = time.time() - reaper.LITTER_AGE - 60
+        for name in names[:2]:  # the young one's files were just touched: it may be mid-create
+            podman_dir = state_dir / "podman"
+            for path in (podman_dir / f"{name}.json", podman_dir / "exec" / name):
+                os.utime(path, (old, old))
+        report = reaper.reap(JsonStateDir(state_dir), backend, prefix)
+        assert sorted(report.files_removed) == [
+            f"podman/exec/{names[0]}", f"podman/{names[0]}.json"
+        ], report
+        for name in names[1:]:
+            assert (state_dir / "podman" / f"{name}.json").exists()
+            assert (state_dir / "podman" / "exec" / name).exists()
+        assert backend.exec(names[1], ["true"], timeout=10).ok  # the kept machine is untouched
+    finally:
+        for name in names:
+            backend.delete(name)

@@ -572,6 +572,33 @@ class PodmanBackend:
             self._agent_failed[name] = time.monotonic()
         return False
 
+    def forget_missing(
+        self, prefix: str, existing: set[str], *, older_than: float, dry_run: bool = False
+    ) -> _Argv:
+        """Remove the recipes and agent directories of machines named ``prefix…`` that are not
+        in ``existing`` (removed outside vmpool), once untouched for ``older_than`` seconds (a
+        machine being created has them a moment before it exists). Returns what went."""
+        _validate_prefix(prefix)
+        now = time.time()
+        gone: _Argv = []
+        leftovers = [(p.name[: -len(".json")], p) for p in self._dir.glob(f"{prefix}*.json")]
+        leftovers += [(p.name, p) for p in (self._dir / "exec").glob(f"{prefix}*")]
+        for name, path in leftovers:
+            try:
+                old = now - path.stat().st_mtime > older_than
+            except FileNotFoundError:
+                continue
+            if name in existing or not old:
+                continue
+            if not dry_run:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+            gone.append(str(path.relative_to(self._dir.parent)))
+        return gone
+
     def _forget(self, name: str) -> None:
         """Drop what this backend keeps of a removed machine: its record and agent directory."""
         with contextlib.suppress(FileNotFoundError):
