@@ -37,8 +37,6 @@ from vmpool.writeback import WriteBackStore
 log = logging.getLogger(__name__)
 
 _TICK = 0.05
-#: the kinds of work that delete a machine (run on their own budget, see leases.plan)
-_DELETIONS = frozenset({"replace", "retire"})
 _IDLE_TICK = 0.25
 _RECLAIM_EVERY = 0.5
 #: wait_ready is called in slices this long so a teardown can interrupt warm-up
@@ -271,13 +269,12 @@ class Controller:
                 m.state not in (MachineState.READY, MachineState.BROKEN) for m in pool.machines
             )
         for item in work:
-            deletion = item.kind in _DELETIONS
             with self._inflight_lock:
-                if deletion:
+                if item.deletes:
                     self._deleting += 1
                 else:
                     self._inflight += 1
-            executor = self._delete_executor if deletion else self._executor
+            executor = self._delete_executor if item.deletes else self._executor
             executor.submit(self._do, item, slots.get(item.name, 0), network)
         return busy or bool(work)
 
@@ -293,7 +290,7 @@ class Controller:
             log.exception("vmpool: %s of %s failed unexpectedly", item.kind, item.name)
         finally:
             with self._inflight_lock:
-                if item.kind in _DELETIONS:
+                if item.deletes:
                     self._deleting -= 1
                 else:
                     self._inflight -= 1

@@ -53,6 +53,11 @@ class Work:
     kind: Literal["create", "reset", "replace", "retire"]
     name: str
 
+    @property
+    def deletes(self) -> bool:
+        """Whether this work deletes its machine (it runs on the deletion budget, see plan)."""
+        return self.kind in ("replace", "retire")
+
 
 _USABLE = frozenset({MachineState.READY, MachineState.LEASED})
 
@@ -377,16 +382,17 @@ def plan(
     deletes: list[Work] = []
     shared = delete_capacity is None
 
-    def full(kind: str) -> bool:
-        if kind in ("replace", "retire") and not shared:
+    def full(item: Work) -> bool:
+        if item.deletes and not shared:
             return len(deletes) >= (delete_capacity or 0)
         return len(work) + (len(deletes) if shared else 0) >= capacity
 
     def claim(m: Machine, kind: Literal["reset", "replace", "retire"]) -> bool:
-        if full(kind):
+        item = Work(kind, m.name)
+        if full(item):
             return False
         m.actor = me
-        (work if kind == "reset" else deletes).append(Work(kind, m.name))
+        (deletes if item.deletes else work).append(item)
         return True
 
     for m in pool.machines:
@@ -423,7 +429,7 @@ def plan(
         return deletes + work
     occupied = {m.slot for m in pool.machines if m.state in _OCCUPYING}
     for slot in range(pool.size):
-        if full("create"):
+        if full(Work("create", "")):
             break
         if slot in occupied:
             continue

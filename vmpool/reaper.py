@@ -87,9 +87,10 @@ def reap(
             store.remove()
             report.pools_removed.append(pool.id)
 
+    errors = len(report.errors)
     listed = _listed(report, f"{backend.name} machines", backend.list, prefix + "-")
     forget = getattr(backend, "forget_missing", None)
-    if forget is not None and not any(e.startswith("listing") for e in report.errors):
+    if forget is not None and len(report.errors) == errors:
         # what a backend keeps beside machines removed outside vmpool (podman: recipes, agent
         # directories); only when the listing worked, or every machine would look removed
         report.files_removed += forget(
