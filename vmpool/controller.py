@@ -449,7 +449,9 @@ class Controller:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # a kept pool lets planned work run, queued or not: a reset cancelled before it began
+        # would leave its machine resetting, and _keep would delete it
+        self._executor.shutdown(wait=True, cancel_futures=not keep)
         # deletions not begun are left to teardown (_destroy), which deletes the whole record
         self._delete_executor.shutdown(wait=True, cancel_futures=True)
 
