@@ -6,6 +6,7 @@ Every function here mutates the ``Pool`` it is given and is meant to run inside
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,13 +79,14 @@ def enqueue(pool: Pool, request: Request, *, front: bool = False) -> None:
 def _free(pool: Pool, fresh: bool) -> list[Machine]:
     # a stale machine (made under another config, e.g. in an adopted pool) waits for plan()
     # to replace it: no test may run on it meanwhile
+    ready, size, config_hash = MachineState.READY, pool.size, pool.config_hash  # hot: hoisted
     return [
         m
         for m in pool.machines
-        if m.state is MachineState.READY
+        if m.state is ready
         and m.holder is None
-        and m.slot < pool.size
-        and m.config_hash == pool.config_hash
+        and m.slot < size
+        and m.config_hash == config_hash
         and (not fresh or m.uses_since_reset == 0)
     ]
 
@@ -102,7 +104,7 @@ def serve_queue(pool: Pool, now: float) -> None:
         if len(free) < req.count:
             return
         # prefer machines used least since their reset, then the oldest slot: spreads wear
-        chosen = sorted(free, key=lambda m: (m.uses_since_reset, m.slot))[: req.count]
+        chosen = heapq.nsmallest(req.count, free, key=lambda m: (m.uses_since_reset, m.slot))
         for m in chosen:
             m.state = MachineState.LEASED
             m.holder = req.holder.model_copy(update={"since": now})
