@@ -3,6 +3,7 @@
     python bench/checkout_latency.py                      # 8 processes, 64 machines
     python bench/checkout_latency.py --procs 8 --machines 64 --iterations 2000 --json out.json
     python bench/checkout_latency.py --no-server          # every operation a file transaction
+    python bench/checkout_latency.py --wait-checkin       # every check-in waits for its answer
 
 A zero-latency sim pool of ``--machines`` machines is warmed by a real Controller (which keeps
 running, as in a session, with its lease server), with ``checkin_policy = "reuse"`` and pre-ping
@@ -13,6 +14,11 @@ machine at once, all contending for the same pool. The target is p99(check-out +
 ``--hold-ms`` keeps each machine about that long (0.5-1.5x, so processes do not march in
 lock-step) between check-out and check-in, like a test's run time; 0, the default, is the worst
 case: every process hammers the store back to back.
+
+Check-ins are made as the ``pool_vm`` fixture makes them: ``PoolClient.checkin(wait=False)``,
+sent to the lease server without waiting for its answer (under the reuse policy nothing of it
+falls to the worker; the server applies it before the worker's next check-out, which is timed).
+``--wait-checkin`` times check-ins that wait for the answer instead.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ def _worker(
     pool_id: str,
     iterations: int,
     hold: float,
+    wait_checkin: bool,
     start: Any,
     results: Any,
 ) -> None:
@@ -66,7 +73,7 @@ def _worker(
         pre_ping=False,
     )
     for _ in range(_WARMUP_CYCLES):  # imports, page cache, first-call costs
-        client.checkin(client.checkout(1, timeout=60))
+        client.checkin(client.checkout(1, timeout=60), wait=wait_checkin)
     start.wait()
     cpu0 = time.process_time()
     clock = time.perf_counter
@@ -79,7 +86,7 @@ def _worker(
         if hold:
             time.sleep(rng.uniform(0.5, 1.5) * hold)
         t2 = clock()
-        client.checkin(lease)
+        client.checkin(lease, wait=wait_checkin)
         t3 = clock()
         samples.append((t1 - t0, t3 - t2))
     results.put((index, samples, time.process_time() - cpu0))
@@ -196,6 +203,7 @@ def run(
     hold_ms: float,
     state_root: Path | None,
     serve: bool = True,
+    wait_checkin: bool = False,
 ) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="vmpool-bench-", dir=state_root))
     directory = JsonStateDir(tmp / "state")
@@ -229,6 +237,7 @@ def run(
                     controller.pool_id,
                     iterations,
                     hold_ms / 1000,
+                    wait_checkin,
                     start,
                     results,
                 ),
@@ -263,6 +272,7 @@ def run(
         "machines": machines,
         "iterations_per_proc": iterations,
         "hold_ms": hold_ms,
+        "wait_checkin": wait_checkin,
         "cycles": len(samples),
         "wall_s": wall,
         "cycles_per_s": len(samples) / wall,
@@ -293,8 +303,13 @@ def report(result: dict[str, Any]) -> str:
         f"{result['procs']} processes x {result['iterations_per_proc']} cycles "
         f"(machine held {result['hold_ms']:g} ms) on a "
         f"{result['machines']}-machine zero-latency sim pool "
-        f"(state file {result['state_file_bytes']} bytes, {result['host']['cpus']} CPUs)\n\n"
-        f"{table}\n\n"
+        f"(state file {result['state_file_bytes']} bytes, {result['host']['cpus']} CPUs); "
+        + (
+            "check-ins wait for the pool's answer (--wait-checkin)"
+            if result["wait_checkin"]
+            else "check-ins sent without a wait, as the pool_vm fixture sends them"
+        )
+        + f"\n\n{table}\n\n"
         f"throughput: {result['cycles_per_s']:.0f} check-out+check-in cycles/s "
         f"({result['cycles']} cycles in {result['wall_s']:.2f} s)\n"
         + (
@@ -335,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         help="no lease server: every operation is a file transaction (the fallback path)",
     )
     parser.add_argument(
+        "--wait-checkin",
+        action="store_true",
+        help="check-ins wait for the pool's answer (by default they are sent without a wait, "
+        "as the pool_vm fixture does under the reuse policy)",
+    )
+    parser.add_argument(
         "--cpu-floor-us",
         type=float,
         metavar="US",
@@ -363,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         args.hold_ms,
         args.state_root,
         serve=not args.no_server,
+        wait_checkin=args.wait_checkin,
     )
     print(report(result))
     if args.json:

@@ -23,7 +23,9 @@ def _lease(request: pytest.FixtureRequest) -> Iterator[tuple[VM, ...]]:
         yield tuple(lease.vms)
     finally:
         failed = request.node.stash.get(call_failed_key, False)
-        client.checkin(lease, failed=failed)
+        # no wait for the pool's answer unless a reset may fall to this worker: the lease
+        # server applies the check-in before this worker's next check-out
+        client.checkin(lease, failed=failed, wait=False)
 
 
 @pytest.fixture

@@ -1,5 +1,8 @@
 """The lease server's socket: where it is, and the client end (one JSON line each way).
 
+A request line that starts with ``NO_REPLY`` is one the client does not wait for: the server
+applies it in order with the connection's other lines and sends nothing back.
+
 Kept free of the state models so that the store (vmpool.state) and the server (vmpool.server)
 can both use it.
 """
@@ -23,6 +26,8 @@ RETRY_AFTER = 1.0
 
 
 _OK = b'{"ok":'
+#: first byte of a request line that gets no reply (see Connection.post)
+NO_REPLY = b"!"
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,11 @@ def ok_line(payload: bytes) -> bytes:
     return _OK + payload + b"}\n"
 
 
+def is_ok(line: bytes) -> bool:
+    """Whether a reply line says the request was applied."""
+    return line.startswith(_OK)
+
+
 def error_line(message: str) -> bytes:
     """The reply line saying the request could not be applied."""
     return json.dumps({"error": message}).encode() + b"\n"
@@ -111,23 +121,34 @@ class Connection:
         self._buffer = b""
         return sock
 
+    def _send(self, line: bytes) -> bool:
+        """Send one request line (caller holds _lock); False when no server took it."""
+        if self._pid != os.getpid():  # a forked child must not share its parent's socket
+            self._sock, self._pid = None, os.getpid()
+        for attempt in range(2):
+            if self._sock is None:
+                self._sock = self._connect(now_or_never=attempt > 0)
+                if self._sock is None:
+                    return False
+            try:
+                self._sock.sendall(line)
+                return True
+            except OSError:
+                # closed before reading it all: the server acts on whole lines only, so the
+                # request was not applied; one fresh connection may take it
+                self.close()
+        return False
+
+    def post(self, line: bytes) -> bool:
+        """Send a request without waiting for its outcome; False when no server took it (the
+        caller then runs it itself). The server applies it before this connection's later
+        requests, and only logs it if it fails."""
+        with self._lock:
+            return self._send(NO_REPLY + line)
+
     def call(self, line: bytes) -> bytes | Failure | None:
         with self._lock:
-            if self._pid != os.getpid():  # a forked child must not share its parent's socket
-                self._sock, self._pid = None, os.getpid()
-            for attempt in range(2):
-                if self._sock is None:
-                    self._sock = self._connect(now_or_never=attempt > 0)
-                    if self._sock is None:
-                        return None
-                try:
-                    self._sock.sendall(line)
-                    break
-                except OSError:
-                    # closed before reading it all: the server acts on whole lines only, so
-                    # the request was not applied; one fresh connection may take it
-                    self.close()
-            else:
+            if not self._send(line):
                 return None
             assert self._sock is not None
             try:

@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, overload
 
 from vmpool import leases, ops
 from vmpool.backends.base import Backend, ExecResult
@@ -223,9 +224,27 @@ class PoolClient:
         with contextlib.suppress(OSError), open(self.wait_log, "a") as fh:
             fh.write(f"{self.clock():.3f} {waited:.6f} {self.worker}\n")
 
-    def checkin(self, lease: Lease, *, failed: bool = False) -> dict[str, leases.Action]:
+    @overload
+    def checkin(
+        self, lease: Lease, *, failed: bool = False, wait: Literal[True] = True
+    ) -> dict[str, leases.Action]: ...
+
+    @overload
+    def checkin(
+        self, lease: Lease, *, failed: bool = False, wait: bool
+    ) -> dict[str, leases.Action] | None: ...
+
+    def checkin(
+        self, lease: Lease, *, failed: bool = False, wait: bool = True
+    ) -> dict[str, leases.Action] | None:
         """Return the machines: reuse, reset (here and now, or by the controller when the pool
-        has a spare) or replace (the controller's job)."""
+        has a spare) or replace (the controller's job). Returns what was done with each.
+
+        ``wait=False`` does not wait for the pool's answer when none of it can fall to this
+        process (the policy cannot ask for a reset: a reuse, or a replacement, which is the
+        controller's job) and returns None: the lease server applies the check-in before this
+        process's next operation. Otherwise it waits as usual.
+        """
         # what this process keeps open to a machine (qemu's guest-agent connection) would
         # block its next holder
         release = getattr(self.backend, "release", None)
@@ -235,16 +254,18 @@ class PoolClient:
                     release(name)
                 except VmPoolError as exc:
                     log.warning("releasing %s: %s", name, exc)
-        reply = self.store.run(
-            ops.CheckinStep(
-                names=lease.names,
-                holder=lease.holder,
-                policy=self.policy,
-                failed=failed,
-                dirty=sorted(lease.dirty),
-                now=self.clock(),
-            )
+        step = ops.CheckinStep(
+            names=lease.names,
+            holder=lease.holder,
+            policy=self.policy,
+            failed=failed,
+            dirty=sorted(lease.dirty),
+            now=self.clock(),
         )
+        if not wait and not self.policy.may_reset(failed=failed, dirty=bool(lease.dirty)):
+            self.store.post(step)
+            return None
+        reply = self.store.run(step)
         actions, mine = reply.actions, reply.mine
         for name in mine:
             reset_machine(self.store, self.backend, name, self.clock)

@@ -41,6 +41,16 @@ class Policy:
     #: the backend restores snapshots; without it a reset becomes a replace
     can_reset: bool = True
 
+    def may_reset(self, *, failed: bool, dirty: bool) -> bool:
+        """Whether a check-in with this outcome can end in a reset (decide() can only make
+        it a replacement beyond that)."""
+        return self.asked(failed=failed, dirty=dirty) == "reset" and self.can_reset
+
+    def asked(self, *, failed: bool, dirty: bool) -> Action:
+        """What the policy asks for a machine back from a test, before max_uses and max_age."""
+        action: Action = self.failure if failed else self.checkin
+        return _worst(action, "reset") if dirty else action
+
     @property
     def needs_snapshot(self) -> bool:
         """Whether a machine can ever be reset: not when every check-in replaces it."""
@@ -225,9 +235,7 @@ def timeout_error(pool: Pool, waited: float, count: int, now: float) -> Checkout
 # -- check-in ----------------------------------------------------------------------------------
 def decide(machine: Machine, policy: Policy, *, failed: bool, dirty: bool, now: float) -> Action:
     """What to do with a machine coming back from a test."""
-    action: Action = policy.failure if failed else policy.checkin
-    if dirty:
-        action = _worst(action, "reset")
+    action = policy.asked(failed=failed, dirty=dirty)
     if policy.max_uses is not None and machine.uses >= policy.max_uses:
         action = "replace"
     if policy.max_age is not None and now - machine.created_at >= policy.max_age:

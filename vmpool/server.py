@@ -185,7 +185,11 @@ class LeaseServer:
     ) -> None:
         replies: list[bytes | None] = [None] * len(batch)
         ops: dict[int, CheckoutStep | CheckinStep] = {}
+        quiet = set()  # requests whose client does not wait for the reply
         for i, (_, line) in enumerate(batch):
+            if line.startswith(_wire.NO_REPLY):
+                quiet.add(i)
+                line = line[len(_wire.NO_REPLY) :]
             try:
                 ops[i] = OP_ADAPTER.validate_json(line)
             except ValidationError as exc:
@@ -221,8 +225,12 @@ class LeaseServer:
         self.stats.batches += 1
         self.stats.ops += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-        for (conn, _), answer in zip(batch, replies, strict=True):
+        for i, ((conn, _), answer) in enumerate(zip(batch, replies, strict=True)):
             assert answer is not None
+            if i in quiet:
+                if not _wire.is_ok(answer):
+                    log.warning("lease operation sent without a wait failed: %s", answer.decode())
+                continue
             try:
                 conn.sendall(answer)
             except (BlockingIOError, OSError):  # a client that does not read its replies

@@ -211,6 +211,12 @@ class StateStore(Protocol):
         """Apply ``op`` in one transaction (wherever the record is served) and return its reply."""
         ...
 
+    def post(self, op: Operation[object]) -> None:
+        """Apply ``op`` without waiting for its outcome where the record is served by another
+        thread or process (in order with this process's later operations; a failure is only
+        logged there), else run it here and now."""
+        ...
+
     def transaction(self) -> contextlib.AbstractContextManager[Pool]:
         """Lock, read, yield the record for changes, write it back if changed, unlock."""
         ...
@@ -511,6 +517,11 @@ class JsonStore:
             raise StateError(
                 f"pool {self.pool_id}: unreadable reply from its server: {data[:200]!r}"
             ) from exc
+
+    def post(self, op: Operation[object]) -> None:
+        if not self._server.post(op.model_dump_json().encode() + b"\n"):
+            with self.transaction() as pool:  # no server: do it here
+                op.apply(pool)
 
     def _read_raw(self) -> bytes | None:
         try:

@@ -314,7 +314,12 @@ def test_deletions_have_a_budget_of_their_own_so_successors_are_not_held_back() 
     # one slot of work shared: the first deletion takes it, both successors wait
     assert plan(shared, capacity=1) == [leases.Work("replace", names[0])]
     work = leases.plan(
-        pool, leases.Policy(), CONTROLLER, NOW, capacity=1, delete_capacity=1,
+        pool,
+        leases.Policy(),
+        CONTROLLER,
+        NOW,
+        capacity=1,
+        delete_capacity=1,
         name_for=lambda serial: f"m{serial}",
     )
     assert work == [leases.Work("replace", names[0]), leases.Work("create", "m2")]
@@ -715,3 +720,28 @@ def test_reset_stays_with_the_holder_when_no_controller_runs() -> None:
     [name] = checkout(pool, 7)
     checkin(pool, [name], 7)
     assert pool.machine(name).actor == ref(7)
+
+
+@pytest.mark.parametrize("checkin", ["reuse", "reset", "replace"])
+@pytest.mark.parametrize("failure", ["reuse", "reset", "replace"])
+@pytest.mark.parametrize("can_reset", [True, False])
+@pytest.mark.parametrize("worn", [False, True])
+def test_may_reset_is_exactly_whether_decide_can_reset(
+    checkin: leases.Action, failure: leases.Action, can_reset: bool, worn: bool
+) -> None:
+    # PoolClient.checkin(wait=False) skips the wait only when may_reset says no reset can
+    # fall to the holder: it must never say no when decide() then resets
+    policy = leases.Policy(checkin=checkin, failure=failure, max_uses=3, can_reset=can_reset)
+    m = Machine(
+        name="vmpool-s-0",
+        slot=0,
+        state=MachineState.LEASED,
+        config_hash="h",
+        created_at=0.0,
+        uses=3 if worn else 1,
+    )
+    for failed in (False, True):
+        for dirty in (False, True):
+            resets = leases.decide(m, policy, failed=failed, dirty=dirty, now=1.0) == "reset"
+            may = policy.may_reset(failed=failed, dirty=dirty)
+            assert may == resets if not worn else (may or not resets)

@@ -29,7 +29,8 @@ def start(
     made: list[Controller] = []
 
     def go(directory: JsonStateDir = state_dir, *, serve: bool = True, **pool: Any) -> Controller:
-        profile = make_profile(backoff=0.0, checkin_policy="reuse", pre_ping=False, **pool)
+        pool.setdefault("checkin_policy", "reuse")
+        profile = make_profile(backoff=0.0, pre_ping=False, **pool)
         backend = SimBackend(profile.sim, directory.path)
         c = Controller(
             directory=directory,
@@ -110,12 +111,13 @@ def _request(name: str = "r1") -> ops.CheckoutStep:
 
 
 def _raw_call(path: Path, *lines: bytes) -> list[dict[str, Any]]:
+    """Send ``lines`` on one connection; the replies to those not starting with ``!``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(str(path))
         s.sendall(b"".join(lines))
         data = b""
-        while data.count(b"\n") < len(lines):
+        while data.count(b"\n") < sum(not line.startswith(b"!") for line in lines):
             chunk = s.recv(65536)
             assert chunk, "server closed the connection"
             data += chunk
@@ -164,3 +166,55 @@ def test_pool_of_a_dead_controller_grants_nothing(start: Start, dead_process: Pr
         worker_client(c).checkout(1, timeout=5)
     with c.store.transaction() as pool:
         pool.owner = c.me
+
+
+# -- check-ins sent without a wait (PoolClient.checkin(wait=False), the fixture's way) ----------
+def test_checkin_without_a_wait_is_applied_before_the_next_checkout(start: Start) -> None:
+    c = start(size=1)
+    assert c.server is not None
+    client = worker_client(c)
+    for _ in range(20):  # one machine: each check-out needs the check-in sent just before it
+        lease = client.checkout(1, timeout=5)
+        assert client.checkin(lease, wait=False) is None
+    pool = c.directory.store(c.pool_id).read_current()
+    assert pool is not None and pool.stats.checkouts == 20
+    assert pool.machines[0].state is MachineState.READY and pool.machines[0].holder is None
+    assert c.server.stats.ops == 40
+
+
+def test_checkin_that_may_fall_to_this_process_still_waits(start: Start) -> None:
+    # a reset with no spare is the holder's to do, so the holder must hear of it
+    c = start(size=1, checkin_policy="reset")
+    client = worker_client(c)
+    lease = client.checkout(1, timeout=5)
+    assert client.checkin(lease, wait=False) == {lease.names[0]: "reset"}
+    assert c.snapshot().machines[0].state is MachineState.READY
+    assert c.snapshot().stats.reset == 1
+
+
+def test_checkin_without_a_wait_and_without_a_server_uses_the_file(start: Start) -> None:
+    c = start(size=1, serve=False)
+    client = worker_client(c)
+    assert client.checkin(client.checkout(1, timeout=5), wait=False) is None
+    pool = c.directory.store(c.pool_id).read()
+    assert pool is not None and pool.machines[0].state is MachineState.READY
+
+
+def test_request_without_a_wait_gets_no_reply_and_a_failure_is_logged(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    c = start(size=1)
+    assert c.server is not None
+    granted = _raw_call(c.server.path, _request("r1").model_dump_json().encode() + b"\n")
+    name = granted[0]["ok"]["granted"][0]
+    quiet_bad = b'!{"kind": "explode"}\n'
+    holder = Holder(**current_process().model_dump(), worker="raw")
+    policy = policy_for(c.profile, c.backend)
+    checkin = ops.CheckinStep(names=[name], holder=holder, policy=policy, now=2.0)
+    quiet_good = b"!" + checkin.model_dump_json().encode() + b"\n"
+    # only the last line is answered; the quiet ones before it are applied in order
+    (last,) = _raw_call(
+        c.server.path, quiet_bad, quiet_good, _request("r2").model_dump_json().encode() + b"\n"
+    )
+    assert last["ok"]["granted"] == [name]
+    assert "not a lease operation" in caplog.text
