@@ -314,7 +314,9 @@ def report(result: dict[str, Any]) -> str:
         f"({result['cycles']} cycles in {result['wall_s']:.2f} s)\n"
         + (
             f"lease server: {result['server']['ops']} operations in "
-            f"{result['server']['batches']} commits (largest {result['server']['largest_batch']})\n"
+            f"{result['server']['batches']} commits (largest {result['server']['largest_batch']}), "
+            f"{result['server']['cpu_s'] / max(result['server']['ops'], 1) * 1e6:.0f} us of its "
+            "thread's CPU per operation\n"
             if result["server"]
             else "no lease server: every operation is a file transaction\n"
         )
