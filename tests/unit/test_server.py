@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -218,3 +222,51 @@ def test_request_without_a_wait_gets_no_reply_and_a_failure_is_logged(
     )
     assert last["ok"]["granted"] == [name]
     assert "not a lease operation" in caplog.text
+
+
+_POST_AND_DIE = """
+import os, signal, sys
+from pathlib import Path
+from vmpool.backends.sim import SimBackend
+from vmpool.client import PoolClient
+from vmpool.config import SimSettings
+from vmpool.leases import Policy
+from vmpool.state import JsonStateDir
+
+directory = JsonStateDir(Path(sys.argv[1]))
+client = PoolClient(
+    directory.store(sys.argv[2]), SimBackend(SimSettings(), directory.path),
+    Policy(checkin="reuse"), pre_ping=False,
+)
+lease = client.checkout(1, test="t::dies", timeout=10)
+print(lease.names[0], flush=True)
+client.checkin(lease, wait=False)
+os.kill(os.getpid(), signal.SIGKILL)  # at once: nothing flushed, closed or waited for
+"""
+
+
+def test_checkin_without_a_wait_survives_its_sender_dying_at_once(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # no reclaim meanwhile: the machine must come back through the check-in itself
+    monkeypatch.setattr("vmpool.controller._RECLAIM_EVERY", 3600.0)
+    c = start(size=1)
+    proc = subprocess.run(
+        [sys.executable, "-c", _POST_AND_DIE, str(c.directory.path), c.pool_id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    name = proc.stdout.strip()
+
+    def returned() -> bool:
+        m = c.snapshot().machine(name)
+        return m.state is MachineState.READY and m.holder is None
+
+    deadline = time.monotonic() + 10
+    while not returned():
+        assert time.monotonic() < deadline, c.snapshot().machine(name)
+        time.sleep(0.01)
+    assert c.snapshot().stats.reclaimed == 0
+    assert c.snapshot().machine(name).uses == 1
