@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 _TICK = 0.05
 _IDLE_TICK = 0.25
 _RECLAIM_EVERY = 0.5
+#: teardown lists the pool's machines again after deleting them, up to this many times
+_TEARDOWN_ROUNDS = 3
 #: wait_ready is called in slices this long so a teardown can interrupt warm-up
 _READY_SLICE = 2.0
 
@@ -485,14 +487,20 @@ class Controller:
         for name in doomed:
             self._discard(name)
 
-    def _destroy(self, final: Pool | None) -> None:
-        names = {m.name for m in final.machines} if final else set()
+    def _ours_listed(self) -> set[str]:
+        """This pool's machines as the backend lists them (by the pool label)."""
         try:
-            for info in self.backend.list(self.pool_id + "-"):
-                if info.labels.get(LABEL_POOL) == self.pool_id:
-                    names.add(info.name)
+            return {
+                info.name
+                for info in self.backend.list(self.pool_id + "-")
+                if info.labels.get(LABEL_POOL) == self.pool_id
+            }
         except VmPoolError as exc:
             log.warning("teardown: could not list machines: %s", exc)
+            return set()
+
+    def _delete_all(self, names: set[str]) -> list[str]:
+        """Delete ``names`` (in one batch where the backend can); returns those that failed."""
         failed = []
         delete_many = getattr(self.backend, "delete_many", None)
         if delete_many is not None and names:
@@ -504,7 +512,7 @@ class Controller:
             for name, error in sorted(errors.items()):
                 failed.append(name)
                 log.error("teardown: could not delete %s: %s", name, error)
-        else:
+        elif names:
             with concurrent.futures.ThreadPoolExecutor(
                 max_workers=max(self.settings.warmup_parallelism, 1)
             ) as ex:
@@ -514,6 +522,26 @@ class Controller:
                     except VmPoolError as exc:
                         failed.append(name)
                         log.error("teardown: could not delete %s: %s", name, exc)
+        return failed
+
+    def _destroy(self, final: Pool | None) -> None:
+        names = {m.name for m in final.machines} if final else set()
+        names |= self._ours_listed()
+        failed = self._delete_all(names)
+        # confirm with the backend: a machine whose removal the tool reported but did not do,
+        # or that appeared after the listing, is deleted again (what still fails stays in the
+        # record for `vmpool gc`)
+        for _ in range(_TEARDOWN_ROUNDS):
+            left = self._ours_listed() - set(failed)
+            if not left:
+                break
+            log.warning("teardown: %s still there after deletion; deleting again", sorted(left))
+            failed += self._delete_all(left)
+        else:
+            left = self._ours_listed() - set(failed)
+            for name in sorted(left):
+                log.error("teardown: %s is still there after %d deletions", name, _TEARDOWN_ROUNDS)
+            failed += sorted(left)
         network = final.network if final else None
         if network:
             try:

@@ -58,8 +58,9 @@ def test_examples_pass_through_the_pool_and_leave_nothing(tmp_path: Path, backen
     assert "machines created 2" in proc.stdout, proc.stdout[-2000:]
     profile = load(None, environ={}).default
     b = make_backend(backend, profile, state)
-    assert b.list("vmex-") == []
-    assert b.list_networks("vmex-") == []
+    output = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert b.list("vmex-") == [], output
+    assert b.list_networks("vmex-") == [], output
     assert not list(state.glob("*.json")), "pool record left behind"
     # and the process table: no guest of this run still running (a QEMU machine is a process
     # whose command line holds its run dir under this state dir; podman's are listed above)

@@ -286,6 +286,54 @@ def test_machines_a_batch_could_not_delete_stay_in_the_record_for_gc(
     assert left is not None and [m.name for m in left.machines] == [refused]
 
 
+class ForgetfulSim(BatchSim):
+    """A tool that reports success for the first ``misses`` removals of ``name`` without
+    doing them (as a tool process interrupted halfway might)."""
+
+    def __init__(self, settings: SimSettings, state_dir: Path, name: str, misses: int) -> None:
+        super().__init__(settings, state_dir)
+        self.name, self.misses = name, misses
+
+    def delete_many(self, names: list[str]) -> dict[str, str]:
+        if self.name in names and self.misses > 0:
+            self.misses -= 1
+            names = [n for n in names if n != self.name]
+        return super().delete_many(names)
+
+
+def _forgetful_pool(
+    state_dir: JsonStateDir, make_profile: Callable[..., Profile], misses: int
+) -> tuple[Controller, ForgetfulSim]:
+    controller, _ = _batch_pool(state_dir, make_profile)
+    name = controller.snapshot().machines[0].name
+    backend = ForgetfulSim(controller.profile.sim, state_dir.path, name, misses)
+    controller.backend = backend
+    return controller, backend
+
+
+def test_teardown_checks_with_the_backend_and_deletes_what_is_still_there(
+    state_dir: JsonStateDir, make_profile: Callable[..., Profile]
+) -> None:
+    # a leak CI once showed: a podman container was still there after a teardown that had
+    # deleted it without an error
+    controller, backend = _forgetful_pool(state_dir, make_profile, misses=2)
+    controller.stop()
+    assert backend.list("") == []
+    assert len(backend.batches) == 3  # the pool, then the one machine twice
+    assert state_dir.pool_ids() == []
+
+
+def test_machine_still_there_after_every_round_stays_in_the_record_for_gc(
+    state_dir: JsonStateDir, make_profile: Callable[..., Profile]
+) -> None:
+    controller, backend = _forgetful_pool(state_dir, make_profile, misses=99)
+    controller.stop()
+    assert [i.name for i in backend.list("")] == [backend.name]
+    [pool_id] = state_dir.pool_ids()
+    left = state_dir.store(pool_id).read()
+    assert left is not None and [m.name for m in left.machines] == [backend.name]
+
+
 # -- keep and adopt -----------------------------------------------------------------------------
 def test_kept_pool_is_left_ready_without_an_owner(
     start_pool: Factory, state_dir: JsonStateDir
