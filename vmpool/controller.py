@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 _TICK = 0.05
 _IDLE_TICK = 0.25
 _RECLAIM_EVERY = 0.5
-#: teardown lists the pool's machines again after deleting them, up to this many times
+#: teardown deletes what the backend still lists of the pool up to this many more times
 _TEARDOWN_ROUNDS = 3
 #: wait_ready is called in slices this long so a teardown can interrupt warm-up
 _READY_SLICE = 2.0
@@ -487,8 +487,9 @@ class Controller:
         for name in doomed:
             self._discard(name)
 
-    def _ours_listed(self) -> set[str]:
-        """This pool's machines as the backend lists them (by the pool label)."""
+    def _ours_listed(self) -> set[str] | None:
+        """This pool's machines as the backend lists them (by the pool label); None when the
+        backend cannot list them."""
         try:
             return {
                 info.name
@@ -497,7 +498,7 @@ class Controller:
             }
         except VmPoolError as exc:
             log.warning("teardown: could not list machines: %s", exc)
-            return set()
+            return None
 
     def _delete_all(self, names: set[str]) -> list[str]:
         """Delete ``names`` (in one batch where the backend can); returns those that failed."""
@@ -526,22 +527,23 @@ class Controller:
 
     def _destroy(self, final: Pool | None) -> None:
         names = {m.name for m in final.machines} if final else set()
-        names |= self._ours_listed()
-        failed = self._delete_all(names)
-        # confirm with the backend: a machine whose removal the tool reported but did not do,
-        # or that appeared after the listing, is deleted again (what still fails stays in the
-        # record for `vmpool gc`)
-        for _ in range(_TEARDOWN_ROUNDS):
-            left = self._ours_listed() - set(failed)
-            if not left:
+        failed = set(self._delete_all(names | (self._ours_listed() or set())))
+        # confirm with the backend: a machine it still lists whose deletion reported no error
+        # (reported done and not done, or appeared after the listing) is deleted again; one
+        # whose deletion failed is not retried (a hanging tool would make each retry as long).
+        # What is still there at the end stays in the record for `vmpool gc`.
+        for attempt in range(_TEARDOWN_ROUNDS + 1):
+            left = self._ours_listed()
+            if left is None:  # cannot tell: trust what the deletions said
                 break
-            log.warning("teardown: %s still there after deletion; deleting again", sorted(left))
-            failed += self._delete_all(left)
-        else:
-            left = self._ours_listed() - set(failed)
-            for name in sorted(left):
-                log.error("teardown: %s is still there after %d deletions", name, _TEARDOWN_ROUNDS)
-            failed += sorted(left)
+            unexplained = left - failed
+            if not unexplained or attempt == _TEARDOWN_ROUNDS:
+                for name in sorted(unexplained):
+                    log.error("teardown: %s is still there after %d deletions", name, attempt + 1)
+                failed = left
+                break
+            log.warning("teardown: deleting %s again: still there", sorted(unexplained))
+            failed |= set(self._delete_all(unexplained))
         network = final.network if final else None
         if network:
             try:
