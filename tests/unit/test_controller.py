@@ -334,6 +334,31 @@ def test_machine_still_there_after_every_round_stays_in_the_record_for_gc(
     assert left is not None and [m.name for m in left.machines] == [backend.name]
 
 
+class GrumblingSim(BatchSim):
+    """Deletes everything but reports an error for ``name`` (a tool that fails on the way
+    out of a removal it did)."""
+
+    def __init__(self, settings: SimSettings, state_dir: Path, name: str) -> None:
+        super().__init__(settings, state_dir)
+        self.name = name
+
+    def delete_many(self, names: list[str]) -> dict[str, str]:
+        errors = super().delete_many(names)
+        return {**errors, self.name: "error after the fact"} if self.name in names else errors
+
+
+def test_failed_deletion_of_a_machine_that_is_gone_leaves_no_record(
+    state_dir: JsonStateDir, make_profile: Callable[..., Profile]
+) -> None:
+    controller, _ = _batch_pool(state_dir, make_profile)
+    name = controller.snapshot().machines[0].name
+    backend = GrumblingSim(controller.profile.sim, state_dir.path, name)
+    controller.backend = backend
+    controller.stop()
+    assert backend.list("") == []
+    assert state_dir.pool_ids() == []  # the backend holds nothing: nothing for gc to finish
+
+
 # -- keep and adopt -----------------------------------------------------------------------------
 def test_kept_pool_is_left_ready_without_an_owner(
     start_pool: Factory, state_dir: JsonStateDir
