@@ -5,6 +5,7 @@ Afterwards the backend must hold no machine and no network of ours, and no pool 
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,10 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 )
 def test_examples_pass_through_the_pool_and_leave_nothing(tmp_path: Path, backend: str) -> None:
     state = tmp_path / "state"
-    (tmp_path / "pool.toml").write_text('[pool]\nname_prefix = "vmex"\n')
+    # a prefix of this run's own: another run of this suite on the host (CI beside a
+    # developer's run) has machines of its live session under "vmex-" meanwhile
+    prefix = "vmex" + secrets.token_hex(3)
+    (tmp_path / "pool.toml").write_text(f'[pool]\nname_prefix = "{prefix}"\n')
     proc = subprocess.run(
         [
             sys.executable,
@@ -59,8 +63,8 @@ def test_examples_pass_through_the_pool_and_leave_nothing(tmp_path: Path, backen
     profile = load(None, environ={}).default
     b = make_backend(backend, profile, state)
     output = proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert b.list("vmex-") == [], output
-    assert b.list_networks("vmex-") == [], output
+    assert b.list(prefix + "-") == [], output
+    assert b.list_networks(prefix + "-") == [], output
     assert not list(state.glob("*.json")), "pool record left behind"
     # and the process table: no guest of this run still running (a QEMU machine is a process
     # whose command line holds its run dir under this state dir; podman's are listed above)
