@@ -19,10 +19,9 @@ from typing import Any
 from vmpool import config as vmconfig
 from vmpool import reaper
 from vmpool.backends import NAMES, make_backend
-from vmpool.backends.base import LABEL_POOL
 from vmpool.controller import Controller, Progress
 from vmpool.errors import ConfigError, StateError, VmPoolError
-from vmpool.ownership import is_alive, new_session_id
+from vmpool.ownership import is_alive, new_session_id, pool_machines
 from vmpool.state import JsonStateDir, Pool, default_state_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STATE = 0, 1, 2, 3
@@ -303,9 +302,7 @@ def _down(args: argparse.Namespace) -> int:
         profile = cfg.profiles.get(pool.profile if pool else "default", cfg.default)
         backend = make_backend(backend_name, profile, directory.path)
         names = {m.name for m in pool.machines} if pool else set()
-        for info in backend.list(pid + "-"):
-            if info.labels.get(LABEL_POOL) == pid:
-                names.add(info.name)
+        names |= pool_machines(backend, pid)
         failed = False
         for name in sorted(names):
             try:

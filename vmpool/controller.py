@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmpool import leases
-from vmpool.backends.base import LABEL_POOL, Backend, MachineSpec
+from vmpool.backends.base import Backend, MachineSpec
 from vmpool.client import reset_machine
 from vmpool.config import Profile
 from vmpool.errors import PoolUnavailable, ReadyTimeout, StateError, VmPoolError
@@ -29,6 +29,7 @@ from vmpool.ownership import (
     network_name,
     owner_labels,
     pool_id,
+    pool_machines,
 )
 from vmpool.server import LeaseServer
 from vmpool.state import JsonStateDir, MachineState, Pool, Stats
@@ -491,11 +492,7 @@ class Controller:
         """This pool's machines as the backend lists them (by the pool label); None when the
         backend cannot list them."""
         try:
-            return {
-                info.name
-                for info in self.backend.list(self.pool_id + "-")
-                if info.labels.get(LABEL_POOL) == self.pool_id
-            }
+            return pool_machines(self.backend, self.pool_id)
         except VmPoolError as exc:
             log.warning("teardown: could not list machines: %s", exc)
             return None

@@ -18,6 +18,7 @@ from vmpool.backends.base import (
     LABEL_PID_START,
     LABEL_POOL,
     LABEL_SESSION,
+    Backend,
     validate_name,
 )
 
@@ -95,6 +96,11 @@ def owner_labels(pool: str, session: str, owner: ProcessRef, config_hash: str) -
         LABEL_PID_START: repr(owner.pid_start),
         LABEL_CONFIG_HASH: config_hash,
     }
+
+
+def pool_machines(backend: Backend, pool: str) -> set[str]:
+    """The machines ``backend`` holds under ``pool``'s label (raises what listing raises)."""
+    return {info.name for info in backend.list(pool + "-") if info.labels.get(LABEL_POOL) == pool}
 
 
 def owner_from_labels(labels: dict[str, str] | None) -> ProcessRef | None:
