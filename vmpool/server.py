@@ -32,6 +32,8 @@ from vmpool.state import JsonStore
 log = logging.getLogger(__name__)
 
 _MAX_LINE = 1 << 20
+#: what a request sent without a wait (never answered) is marked with once applied
+_APPLIED = _wire.ok_line(b"null")
 
 
 class _Retry(Exception):
@@ -216,7 +218,11 @@ class LeaseServer:
                             failed.add(i)
                             replies[i] = _wire.error_line(f"{type(exc).__name__}: {exc}")
                             raise _Retry from exc
-                        done[i] = _wire.ok_line(reply.model_dump_json().encode())
+                        # a reply nobody waits for is not serialised, only marked applied
+                        if i in quiet:
+                            done[i] = _APPLIED
+                        else:
+                            done[i] = _wire.ok_line(reply.model_dump_json().encode())
             except _Retry:
                 continue
             except StateError as exc:
