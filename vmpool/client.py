@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -95,9 +96,21 @@ class PoolClient:
         self.clock = clock
         self.wait_log = wait_log
         self._me = current_process()
+        self._base: Holder | None = None  # this process as holder, for self.worker
+        self._encoder: ops.Encoder | None = None  # requests under self.policy
 
-    def _holder(self, test: str | None) -> Holder:
-        return Holder(**self._me.model_dump(), worker=self.worker, test=test)
+    def _holder(self, test: str | None, request_id: str) -> Holder:
+        base = self._base
+        if base is None or base.worker != self.worker:
+            base = self._base = Holder(**self._me.model_dump(), worker=self.worker)
+        return base.model_copy(update={"test": test, "request": request_id})
+
+    def _lines(self) -> ops.Encoder:
+        """How this client's requests are encoded (vmpool.ops.Encoder), under its policy."""
+        encoder = self._encoder
+        if encoder is None or encoder.policy != self.policy:
+            encoder = self._encoder = ops.Encoder(self.policy)
+        return encoder
 
     def checkout(
         self,
@@ -142,15 +155,15 @@ class PoolClient:
         """Join the line and wait; returns the grant with what the caller needs of each machine
         (address, last health check) as of the grant, so it needs no extra read."""
         request_id = os.urandom(6).hex()
-        holder = self._holder(test)
-        request = leases.new_request(holder, request_id, count, fresh, self.clock())
-        holder = request.holder
+        holder = self._holder(test, request_id)
+        since = self.clock()
         # Errors are raised after a transaction, never inside it: an exception inside one
         # discards its changes, and a cancel that is not written leaves a ghost request at the
         # head of the line that is granted machines nobody takes.
-        reply = self.store.run(
-            ops.CheckoutStep(request=request, join=True, front=front, now=self.clock())
+        ask = functools.partial(
+            self._lines().checkout, holder=holder, count=count, fresh=fresh, since=since
         )
+        reply = self.store.run(ask(join=True, front=front, now=self.clock()))
         if reply.problem is not None:
             raise PoolUnavailable(reply.problem)
         interval = _FIRST_POLL
@@ -163,7 +176,7 @@ class PoolClient:
                     with self.store.transaction() as pool:
                         granted = leases.cancel(pool, request_id) or None
                         if granted is None:
-                            late = leases.timeout_error(pool, now - request.since, count, now)
+                            late = leases.timeout_error(pool, now - since, count, now)
                         else:
                             reply = ops.CheckoutReply(
                                 granted=granted, machines=ops.views(pool, granted)
@@ -174,14 +187,7 @@ class PoolClient:
                 time.sleep(min(interval, max(deadline - now, 0)))
                 interval = min(interval * 2, _MAX_POLL)
                 reclaim = self.clock() - last_reclaim >= _RECLAIM_EVERY
-                reply = self.store.run(
-                    ops.CheckoutStep(
-                        request=request,
-                        join=False,
-                        reclaim=self.policy if reclaim else None,
-                        now=self.clock(),
-                    )
-                )
+                reply = self.store.run(ask(join=False, reclaim=reclaim, now=self.clock()))
                 if reclaim:
                     last_reclaim = self.clock()
                 if reply.problem is not None:
@@ -254,10 +260,9 @@ class PoolClient:
                     release(name)
                 except VmPoolError as exc:
                     log.warning("releasing %s: %s", name, exc)
-        step = ops.CheckinStep(
+        step = self._lines().checkin(
             names=lease.names,
             holder=lease.holder,
-            policy=self.policy,
             failed=failed,
             dirty=sorted(lease.dirty),
             now=self.clock(),

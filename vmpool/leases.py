@@ -101,6 +101,31 @@ def _free(pool: Pool, fresh: bool) -> list[Machine]:
     ]
 
 
+def _pick_one(pool: Pool, fresh: bool) -> Machine | None:
+    """The free machine ``_choose(_free(pool, fresh), 1)`` would pick, in one pass without
+    building the list: every check-out makes this choice, most of them for one machine."""
+    ready, size, config_hash = MachineState.READY, pool.size, pool.config_hash  # hot: hoisted
+    best: Machine | None = None
+    best_key = (0, 0)
+    for m in pool.machines:
+        if (
+            m.state is ready
+            and m.holder is None
+            and m.slot < size
+            and m.config_hash == config_hash
+            and (not fresh or m.uses_since_reset == 0)
+        ):
+            key = (m.uses_since_reset, m.slot)
+            if best is None or key < best_key:
+                best, best_key = m, key
+    return best
+
+
+def _choose(free: list[Machine], count: int) -> list[Machine]:
+    """Prefer machines used least since their reset, then the oldest slot: spreads wear."""
+    return heapq.nsmallest(count, free, key=lambda m: (m.uses_since_reset, m.slot))
+
+
 def serve_queue(pool: Pool, now: float) -> None:
     """Grant machines to waiting requests strictly in arrival order, all-or-nothing per request.
 
@@ -110,11 +135,16 @@ def serve_queue(pool: Pool, now: float) -> None:
     for req in pool.queue:
         if req.granted:
             continue
-        free = _free(pool, req.fresh)
-        if len(free) < req.count:
-            return
-        # prefer machines used least since their reset, then the oldest slot: spreads wear
-        chosen = heapq.nsmallest(req.count, free, key=lambda m: (m.uses_since_reset, m.slot))
+        if req.count == 1:
+            one = _pick_one(pool, req.fresh)
+            if one is None:
+                return
+            chosen = [one]
+        else:
+            free = _free(pool, req.fresh)
+            if len(free) < req.count:
+                return
+            chosen = _choose(free, req.count)
         for m in chosen:
             m.state = MachineState.LEASED
             m.holder = req.holder.model_copy(update={"since": now})
@@ -271,12 +301,7 @@ def checkin(
     actor). A reset is left to ``holder`` (state resetting, actor=holder), who does it now,
     unless the pool has a spare ready machine and nobody waits: then the controller resets in
     the background (no actor) and the holder's next check-out is served from the spare."""
-    background = (
-        pool.owner is not None  # a controller runs to do it (a kept, idle pool has none)
-        and bool(_free(pool, False))
-        and all(r.granted for r in pool.queue)
-    )
-    out: dict[str, Action] = {}
+    returned: list[tuple[Machine, Action]] = []
     for name in names:
         m = pool.find(name)
         if m is None or m.state is not MachineState.LEASED or m.holder is None:
@@ -287,11 +312,22 @@ def checkin(
             holder.host,
         ):
             continue
-        action = decide(m, policy, failed=failed, dirty=name in (dirty or set()), now=now)
+        dirtied = name in (dirty or set())
+        returned.append((m, decide(m, policy, failed=failed, dirty=dirtied, now=now)))
+    # a spare is a machine other than those returned here; the scan is made only when a reset
+    # asks for it (the common reuse check-in skips it)
+    background = (
+        any(action == "reset" for _, action in returned)
+        and pool.owner is not None  # a controller runs to do it (a kept, idle pool has none)
+        and _pick_one(pool, False) is not None
+        and all(r.granted for r in pool.queue)
+    )
+    out: dict[str, Action] = {}
+    for m, action in returned:
         _release(m, action, None if background else holder)
         if action == "reuse" and not failed:
             m.checked_at = now
-        out[name] = action
+        out[m.name] = action
     serve_queue(pool, now)
     return out
 

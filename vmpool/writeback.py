@@ -7,17 +7,20 @@ busy workers queue behind one another. This store takes the pool's lock once and
 transactions keep coming; each transaction changes the record in memory (one that raises is
 rolled back from a vmpool.state.Checkpoint, a copy of the models' fields that costs a tenth of
 a JSON dump) and a background thread dumps the record and writes it back atomically (temp file,
-fsync, rename) ``flush_delay`` seconds after it changed: one dump and one write for many
-transactions.
+fsync, rename) ``flush_delay`` seconds after it changed, and no sooner than ``write_interval``
+seconds after the last write: one dump and one write for many transactions. Under a steady stream
+of check-outs that is 20 writes a second, not hundreds: each dump holds the interpreter's lock
+for about 0.2 ms and each write takes milliseconds of a busy host's I/O, both felt by the lease
+server's thread as a tail (README, "Check-out latency").
 
 The lock is let go only when the file is current: after ``idle_release`` seconds without a
 transaction, or, when another process is blocked on it, at most ``max_hold`` seconds after it was
 taken (then a short pause lets that process in). So the
 CLI, a reaper, or a client without a server always read-modify-write a current file.
 
-What this gives up: a transaction is acknowledged up to ``flush_delay`` (plus one write) before
-it is on disk. If the controller's process dies in that window, its last grants are missing from
-the file; a pool whose owner is dead therefore serves no more check-outs
+What this gives up: a transaction is acknowledged up to ``write_interval`` (plus one write)
+before it is on disk. If the controller's process dies in that window, its last grants are
+missing from the file; a pool whose owner is dead therefore serves no more check-outs
 (vmpool.leases.unavailable) and is reaped as a whole.
 """
 
@@ -51,11 +54,13 @@ class WriteBackStore(JsonStore):
         pool_id: str,
         *,
         flush_delay: float = 0.002,
+        write_interval: float = 0.05,
         idle_release: float = 0.005,
         max_hold: float = 0.1,
     ) -> None:
         super().__init__(directory, pool_id)
         self.flush_delay = flush_delay
+        self.write_interval = write_interval
         self.idle_release = idle_release
         self.max_hold = max_hold
         self._cond = threading.Condition()
@@ -67,6 +72,7 @@ class WriteBackStore(JsonStore):
         self._held_since = 0.0
         self._lock_mtime = 0  # the lock file's mtime when taken: a waiter changes it
         self._last_change = 0.0
+        self._last_write = 0.0  # when the last write-back began
         self._cooldown_until = 0.0
         self._closed = False
         self._writing = False  # a write-back is in progress outside the mutex
@@ -204,7 +210,8 @@ class WriteBackStore(JsonStore):
                         - now
                     )
                 return
-        self._nap.wait(self.flush_delay)  # let more transactions join this write
+            delay = max(self.flush_delay, self._last_write + self.write_interval - now)
+        self._nap.wait(delay)  # let more transactions join this write
         with self._cond:
             if self._fh is None or self._closed:
                 return
@@ -242,6 +249,7 @@ class WriteBackStore(JsonStore):
         return True
 
     def _write_back(self, image: bytes) -> bool:
+        self._last_write = time.monotonic()
         try:
             self._write(image)
         except OSError as exc:
