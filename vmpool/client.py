@@ -34,7 +34,10 @@ class VM:
         self.name = name
         self.backend = backend
         self.address = address
-        self._lease = lease
+        # the lease's set, not the lease: a lease lists its VMs, and a VM pointing back would
+        # make every check-out a reference cycle, garbage only the cyclic collector frees
+        # (whose full collections stalled a worker for milliseconds)
+        self._dirty = lease.dirty
 
     def exec(
         self, cmd: Sequence[str] | str, *, timeout: float = 60.0, check: bool = False
@@ -51,7 +54,7 @@ class VM:
 
     def mark_dirty(self) -> None:
         """Force a reset (or the stronger policy) when this machine is checked in."""
-        self._lease.dirty.add(self.name)
+        self._dirty.add(self.name)
 
     def __repr__(self) -> str:
         return f"VM({self.name!r}, backend={self.backend.name!r}, address={self.address!r})"

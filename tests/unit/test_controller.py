@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -573,6 +574,24 @@ def test_checkin_with_reset_restores_the_snapshot(start_pool: Factory) -> None:
     assert again.names == lease.names
     assert again.vms[0].exec("ls").stdout == ""
     client.checkin(again)
+
+
+def test_a_lease_and_its_vms_are_freed_without_the_cyclic_collector(
+    start_pool: Factory,
+) -> None:
+    """A VM pointing back at its lease made every check-out a reference cycle: garbage only
+    the cyclic collector frees, whose full collections stalled busy workers for milliseconds."""
+    controller, _ = start_pool(1, checkin_policy="reuse")
+    controller.wait_until_ready(1, 10)
+    client = client_for(controller, pre_ping=False)
+    lease = client.checkout(1, timeout=5)
+    lease.vms[0].mark_dirty()
+    assert lease.dirty == {lease.names[0]}
+    client.checkin(lease)
+    gone = weakref.ref(lease)
+    vm = weakref.ref(lease.vms[0])
+    del lease
+    assert gone() is None and vm() is None  # freed by reference counting, at once
 
 
 def test_checkin_first_releases_what_the_backend_keeps_open_to_the_machines(
