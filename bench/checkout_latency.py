@@ -59,9 +59,15 @@ def _worker(
     hold: float,
     wait_checkin: bool,
     start: Any,
+    finish: Any,
     results: Any,
 ) -> None:
-    """Run check-out + check-in cycles; send back (checkout, checkin) seconds per cycle."""
+    """Run check-out + check-in cycles; send back (checkout, checkin) seconds per cycle.
+
+    ``start`` is a barrier every worker reaches after its warm-up, ``finish`` an event the
+    parent sets once every worker has sent its samples: no worker's start-up (imports: a
+    second of CPU) or exit overlaps another's timed cycles.
+    """
     directory = JsonStateDir(Path(state))
     profile = _profile(0)
     backend = SimBackend(profile.sim, directory.path)
@@ -74,7 +80,7 @@ def _worker(
     )
     for _ in range(_WARMUP_CYCLES):  # imports, page cache, first-call costs
         client.checkin(client.checkout(1, timeout=60), wait=wait_checkin)
-    start.wait()
+    start.wait(timeout=600)
     cpu0 = time.process_time()
     clock = time.perf_counter
     rng = random.Random(index)
@@ -90,6 +96,7 @@ def _worker(
         t3 = clock()
         samples.append((t1 - t0, t3 - t2))
     results.put((index, samples, time.process_time() - cpu0))
+    finish.wait(timeout=600)
 
 
 def _profile(size: int) -> Profile:
@@ -139,7 +146,7 @@ def floor(iterations: int, hold: float) -> dict[str, float]:
     return _summary(rtts)
 
 
-def _spin(rounds: int, cycle_cpu: float, results: Any) -> None:
+def _spin(rounds: int, cycle_cpu: float, start: Any, results: Any) -> None:
     """Back-to-back cycles of ``cycle_cpu`` seconds of pure CPU work; send back their times."""
 
     def burn(n: int) -> int:
@@ -152,6 +159,7 @@ def _spin(rounds: int, cycle_cpu: float, results: Any) -> None:
     t0 = time.process_time()
     burn(n)
     n = max(1, int(n * cycle_cpu / max(time.process_time() - t0, 1e-6)))
+    start.wait(timeout=600)
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
@@ -166,7 +174,10 @@ def cpu_floor(procs: int, cycle_cpu: float, rounds: int) -> dict[str, float]:
     cycle costs that much CPU in each process."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    spinners = [ctx.Process(target=_spin, args=(rounds, cycle_cpu, results)) for _ in range(procs)]
+    start = ctx.Barrier(procs)
+    spinners = [
+        ctx.Process(target=_spin, args=(rounds, cycle_cpu, start, results)) for _ in range(procs)
+    ]
     for p in spinners:
         p.start()
     times: list[float] = []
@@ -226,7 +237,8 @@ def run(
 
         # spawn, not fork: a forked child would inherit this process's threads' open lock files
         ctx = multiprocessing.get_context("spawn")
-        start = ctx.Event()
+        start = ctx.Barrier(procs + 1)
+        finish = ctx.Event()
         results = ctx.Queue()
         workers = [
             ctx.Process(
@@ -239,6 +251,7 @@ def run(
                     hold_ms / 1000,
                     wait_checkin,
                     start,
+                    finish,
                     results,
                 ),
             )
@@ -246,16 +259,18 @@ def run(
         ]
         for w in workers:
             w.start()
-        time.sleep(0.5)  # let every worker finish its warm-up cycles and wait at the start line
+        start.wait(timeout=600)  # every worker has warmed up: all start at once
         t0 = time.perf_counter()
-        start.set()
         samples: list[tuple[float, float]] = []
         cpu = 0.0
-        for _ in workers:
-            _index, got, used = results.get(timeout=600)
-            samples.extend(got)
-            cpu += used
-        wall = time.perf_counter() - t0
+        try:
+            for _ in workers:
+                _index, got, used = results.get(timeout=600)
+                samples.extend(got)
+                cpu += used
+            wall = time.perf_counter() - t0
+        finally:
+            finish.set()
         for w in workers:
             w.join(60)
         stats = controller.snapshot().stats
