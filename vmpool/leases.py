@@ -135,23 +135,38 @@ def serve_queue(pool: Pool, now: float) -> None:
     for req in pool.queue:
         if req.granted:
             continue
-        if req.count == 1:
-            one = _pick_one(pool, req.fresh)
-            if one is None:
-                return
-            chosen = [one]
-        else:
-            free = _free(pool, req.fresh)
-            if len(free) < req.count:
-                return
-            chosen = _choose(free, req.count)
-        for m in chosen:
-            m.state = MachineState.LEASED
-            m.holder = req.holder.model_copy(update={"since": now})
-            m.uses += 1
-            m.uses_since_reset += 1
-        req.granted = [m.name for m in chosen]
-        pool.stats.checkouts += req.count
+        granted = grant(pool, req, now)
+        if granted is None:
+            return
+        req.granted = granted
+
+
+def nobody_waits(pool: Pool) -> bool:
+    """Whether every request in the line has been granted (a newcomer would be served next)."""
+    return all(req.granted for req in pool.queue)
+
+
+def grant(pool: Pool, req: Request, now: float) -> list[str] | None:
+    """Lease ``req.count`` free machines to ``req.holder`` now, all or none; their names, or
+    None when too few are free. Does not touch the line: serve_queue() calls it for the head
+    of the line, and a check-out with nobody ahead of it may call it without queueing."""
+    if req.count == 1:
+        one = _pick_one(pool, req.fresh)
+        if one is None:
+            return None
+        chosen = [one]
+    else:
+        free = _free(pool, req.fresh)
+        if len(free) < req.count:
+            return None
+        chosen = _choose(free, req.count)
+    for m in chosen:
+        m.state = MachineState.LEASED
+        m.holder = req.holder.model_copy(update={"since": now})
+        m.uses += 1
+        m.uses_since_reset += 1
+    pool.stats.checkouts += req.count
+    return [m.name for m in chosen]
 
 
 def take_grant(pool: Pool, request_id: str) -> list[str] | None:

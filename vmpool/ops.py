@@ -65,7 +65,14 @@ class CheckoutStep(BaseModel):
         problem = leases.unavailable(pool, self.request.count, _alive_or_me)
         if problem is not None:
             return CheckoutReply(problem=problem)
-        if self.join and not any(r.id == self.request.id for r in pool.queue):
+        joining = self.join and not any(r.id == self.request.id for r in pool.queue)
+        if joining and leases.nobody_waits(pool):
+            # served at once or not at all: the line it would join and leave in this same
+            # transaction is skipped (as is the copy of the request that joining needs)
+            granted = leases.grant(pool, self.request, self.now)
+            if granted is not None:
+                return CheckoutReply(granted=granted, machines=views(pool, granted))
+        if joining:
             # a copy (the holder is frozen): the record must not share the op's mutable parts,
             # for the server may apply the op again (a batch is redone without an op that raised)
             request = self.request.model_copy(update={"granted": list(self.request.granted)})

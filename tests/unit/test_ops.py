@@ -153,3 +153,37 @@ def test_an_encoded_operation_applies_and_reads_its_reply_like_the_model() -> No
     back = encoder.checkin(names=["m0"], holder=holder, failed=False, dirty=[], now=2.0)
     assert back.parse_reply(back.apply(pool).model_dump_json().encode()).actions == {"m0": "reuse"}
     assert pool.machines[0].state is MachineState.READY
+
+
+def test_a_checkout_with_nobody_waiting_is_served_at_once_and_leaves_no_request() -> None:
+    pool = make_pool(size=2)
+    holder = Holder(host="h", pid=1, pid_start=2.0, worker="gw0", request="r1")
+    reply = (
+        ops.Encoder(leases.Policy())
+        .checkout(holder=holder, count=1, fresh=False, since=1.0, join=True, now=5.0)
+        .apply(pool)
+    )
+    assert reply.granted == ["m0"] and pool.queue == []
+    leased = pool.machine("m0")
+    assert leased.holder is not None and leased.holder.since == 5.0 and leased.uses == 1
+    assert pool.stats.checkouts == 1
+
+
+def test_a_checkout_never_overtakes_a_request_waiting_in_line() -> None:
+    """A machine free while a request waits (freed by a step that did not serve the line):
+    a newcomer joins behind it and the waiter is served first."""
+    pool = make_pool(size=1)
+    encoder = ops.Encoder(leases.Policy())
+
+    def ask(request: str, join: bool = True) -> ops.CheckoutReply:
+        holder = Holder(host="h", pid=1, pid_start=2.0, worker="gw0", request=request)
+        step = encoder.checkout(holder=holder, count=1, fresh=False, since=1.0, join=join, now=2.0)
+        return step.apply(pool)
+
+    assert ask("first").granted == ["m0"]
+    assert ask("waiter").granted is None  # the only machine is leased: in line
+    pool.machine("m0").holder = None
+    pool.machine("m0").state = MachineState.READY
+    assert ask("newcomer").granted is None
+    assert [r.id for r in pool.queue] == ["waiter", "newcomer"]
+    assert ask("waiter", join=False).granted == ["m0"]
