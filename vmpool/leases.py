@@ -103,21 +103,27 @@ def _free(pool: Pool, fresh: bool) -> list[Machine]:
 
 def _pick_one(pool: Pool, fresh: bool) -> Machine | None:
     """The free machine ``_choose(_free(pool, fresh), 1)`` would pick, in one pass without
-    building the list: every check-out makes this choice, most of them for one machine."""
+    building the list: every check-out makes this choice, most of them for one machine.
+
+    It reads the fields from each model's ``__dict__`` (where pydantic keeps them), which
+    takes two thirds of the time of attribute access on a model (13.5 -> 8.7 us for 64
+    machines here); tests/unit/test_leases.py checks it against _free and _choose."""
     ready, size, config_hash = MachineState.READY, pool.size, pool.config_hash  # hot: hoisted
     best: Machine | None = None
-    best_key = (0, 0)
+    best_uses = best_slot = 0
     for m in pool.machines:
+        f = m.__dict__
         if (
-            m.state is ready
-            and m.holder is None
-            and m.slot < size
-            and m.config_hash == config_hash
-            and (not fresh or m.uses_since_reset == 0)
+            f["state"] is ready
+            and f["holder"] is None
+            and f["slot"] < size
+            and f["config_hash"] == config_hash
         ):
-            key = (m.uses_since_reset, m.slot)
-            if best is None or key < best_key:
-                best, best_key = m, key
+            uses, slot = f["uses_since_reset"], f["slot"]
+            if fresh and uses:
+                continue
+            if best is None or uses < best_uses or (uses == best_uses and slot < best_slot):
+                best, best_uses, best_slot = m, uses, slot
     return best
 
 

@@ -121,8 +121,10 @@ class CheckinStep(BaseModel):
         me = (self.holder.host, self.holder.pid, self.holder.pid_start)
         mine = []
         for name, action in actions.items():
+            if action != "reset":
+                continue
             actor = pool.machine(name).actor
-            if action == "reset" and actor and (actor.host, actor.pid, actor.pid_start) == me:
+            if actor and (actor.host, actor.pid, actor.pid_start) == me:
                 mine.append(name)
         return CheckinReply(actions=actions, mine=mine)
 

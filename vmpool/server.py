@@ -205,7 +205,7 @@ class LeaseServer:
         while True:
             done: dict[int, bytes] = {}
             try:
-                with self.store.transaction() as pool:
+                with self.store.batch() as pool:
                     for i, op in ops.items():
                         if i in failed:
                             continue

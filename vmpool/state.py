@@ -504,6 +504,12 @@ class JsonStore:
             if new != raw:
                 self._write(new)
 
+    def batch(self) -> contextlib.AbstractContextManager[Pool]:
+        """A transaction for a batch of lease operations (the lease server's), which nearly
+        always change the record: an owner keeping it in memory (vmpool.writeback) takes it as
+        changed without comparing it before and after."""
+        return self.transaction()
+
     def run(self, op: Operation[R_co]) -> R_co:
         try:
             data = self._server.call(op.model_dump_json().encode() + b"\n")

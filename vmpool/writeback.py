@@ -87,6 +87,18 @@ class WriteBackStore(JsonStore):
     # -- StateStore ------------------------------------------------------------------------------
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Pool]:
+        with self._transaction(changes=False) as pool:
+            yield pool
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Pool]:
+        with self._transaction(changes=True) as pool:
+            yield pool
+
+    @contextlib.contextmanager
+    def _transaction(self, *, changes: bool) -> Iterator[Pool]:
+        """``changes``: take the record as changed without comparing it with the checkpoint
+        (about 12 us for 64 machines)."""
         with self._cond:
             if self._closed:
                 with super().transaction() as pool:
@@ -99,7 +111,7 @@ class WriteBackStore(JsonStore):
             except BaseException:
                 before.restore(pool)  # roll back to the record as it was
                 raise
-            if not before.matches(pool):
+            if changes or not before.matches(pool):
                 self._dirty = True
                 self._last_change = time.monotonic()
                 self._cond.notify_all()
