@@ -11,7 +11,7 @@ fsync, rename) ``flush_delay`` seconds after it changed, and no sooner than ``wr
 seconds after the last write: one dump and one write for many transactions. Under a steady stream
 of check-outs that is 20 writes a second, not hundreds: each dump holds the interpreter's lock
 for about 0.2 ms and each write takes milliseconds of a busy host's I/O, both felt by the lease
-server's thread as a tail (README, "Check-out latency").
+server's thread as a tail (README, "Check-out + check-in latency").
 
 The lock is let go only when the file is current: after ``idle_release`` seconds without a
 transaction, or, when another process is blocked on it, at most ``max_hold`` seconds after it was
