@@ -76,7 +76,7 @@ class WriteBackStore(JsonStore):
         self._cooldown_until = 0.0
         self._closed = False
         self._writing = False  # a write-back is in progress outside the mutex
-        self._nap = threading.Event()  # never set: a sleep that tests' patched time.sleep spares
+        self._nap = threading.Event()  # set on close: a sleep that tests' patched time.sleep spares
         #: how many times the record was written back (for benchmarks and tests)
         self.writes = 0
         self._flusher = threading.Thread(
@@ -145,6 +145,7 @@ class WriteBackStore(JsonStore):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        self._nap.set()  # a write-back waiting out write_interval: what is pending is written here
         self._flusher.join(30)
         with self._cond:
             if self._fh is not None:

@@ -124,6 +124,45 @@ def test_remove_while_held_does_not_come_back(
         pass
 
 
+def test_a_steady_stream_of_changes_is_written_back_once_per_interval(
+    state_dir: JsonStateDir,
+) -> None:
+    state_dir.store("p1").create(_pool("p1"))
+    store = WriteBackStore(state_dir, "p1", write_interval=0.2)
+    try:
+        started = time.monotonic()
+        i = 0
+        while time.monotonic() - started < 0.7:
+            with store.transaction() as pool:
+                pool.next_serial = i = i + 1
+            time.sleep(0.001)
+        # one write at the first change, then at most one per 0.2 s (not one per change)
+        assert 1 <= store.writes <= 5, store.writes
+    finally:
+        store.close()
+    on_file = state_dir.store("p1").read()
+    assert on_file is not None and on_file.next_serial == i
+
+
+def test_close_writes_what_is_pending_without_waiting_out_the_interval(
+    state_dir: JsonStateDir,
+) -> None:
+    state_dir.store("p1").create(_pool("p1"))
+    store = WriteBackStore(state_dir, "p1", write_interval=30.0)
+    with store.transaction() as pool:
+        pool.next_serial = 1
+    _wait_for(lambda: store.writes == 1)  # the first change is written at once
+    with store.transaction() as pool:
+        pool.next_serial = 2  # this one would wait 30 s for its write-back
+    time.sleep(0.2)  # the writer has seen it and waits out the interval
+    assert store.writes == 1
+    started = time.monotonic()
+    store.close()
+    assert time.monotonic() - started < 10
+    on_file = state_dir.store("p1").read()
+    assert on_file is not None and on_file.next_serial == 2
+
+
 def test_after_close_transactions_go_to_the_file(
     owned: WriteBackStore, state_dir: JsonStateDir
 ) -> None:
