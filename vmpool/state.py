@@ -129,7 +129,7 @@ class Pool(BaseModel):
         raise StateError(f"pool {self.id}: no machine named {name!r}")
 
     def find(self, name: str) -> Machine | None:
-        for m in self.machines:  # a loop, not next(genexpr): on every check-in, half the cost
+        for m in self.machines:  # a loop, not next(genexpr): no generator to set up (0.2-0.3 us)
             if m.name == name:
                 return m
         return None
