@@ -64,12 +64,8 @@ def _worker(
     finish: Any,
     results: Any,
 ) -> None:
-    """Run check-out + check-in cycles; send back (checkout, checkin) seconds per cycle.
-
-    ``start`` is a barrier every worker reaches after its warm-up, ``finish`` an event the
-    parent sets once every worker has sent its samples: no worker's start-up (imports: a
-    second of CPU) or exit overlaps another's timed cycles.
-    """
+    """Run check-out + check-in cycles (started and finished by _gang); send back
+    (checkout, checkin) seconds per cycle and the CPU they took."""
     directory = JsonStateDir(Path(state))
     profile = _profile(0)
     backend = SimBackend(profile.sim, directory.path)
@@ -114,6 +110,31 @@ def _profile(size: int) -> Profile:
         ),
         sim=SimSettings(),
     )
+
+
+def _gang(target: Any, args: list[tuple[Any, ...]]) -> tuple[list[Any], float]:
+    """Run ``target(*a, start, finish, results)`` in one spawned process per ``a``; return what
+    each put in ``results`` and the seconds from the start line to the last of them.
+
+    ``start`` is a barrier every process reaches after its warm-up (spawning one and importing
+    vmpool takes a second of CPU here), ``finish`` an event set once every process has sent its
+    samples: no process's start-up or exit overlaps another's timed cycles. Spawn, not fork: a
+    forked child would inherit this process's threads' open lock files.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    start, finish, results = ctx.Barrier(len(args) + 1), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, start, finish, results)) for a in args]
+    for p in procs:
+        p.start()
+    try:
+        start.wait(timeout=600)
+        t0 = time.perf_counter()
+        got = [results.get(timeout=600) for _ in procs]
+        return got, time.perf_counter() - t0
+    finally:
+        finish.set()
+        for p in procs:
+            p.join(60)
 
 
 def _echo(sock: Any) -> None:
@@ -213,7 +234,6 @@ def minimal_floor(procs: int, machines: int, iterations: int, hold: float) -> di
     parses each line, leases a slot and answers; nothing validated, recorded or written): what
     any design with one server process reaches on this host. The gap to vmpool's figures is
     vmpool's own work. Machines held ``hold`` seconds are included in the cycle here."""
-    ctx = multiprocessing.get_context("spawn")
     tmp = Path(tempfile.mkdtemp(prefix="vmpool-floor-"))
     path = str(tmp / "s")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -221,24 +241,12 @@ def minimal_floor(procs: int, machines: int, iterations: int, hold: float) -> di
     listener.listen(64)
     server = threading.Thread(target=_minimal_server, args=(listener, machines), daemon=True)
     server.start()
-    start, finish, results = ctx.Barrier(procs + 1), ctx.Event(), ctx.Queue()
-    clients = [
-        ctx.Process(target=_minimal_client, args=(path, iterations, hold, start, finish, results))
-        for _ in range(procs)
-    ]
-    for c in clients:
-        c.start()
-    times: list[float] = []
     try:
-        start.wait(timeout=600)
-        for _ in clients:
-            times.extend(results.get(timeout=600))
+        got, _ = _gang(_minimal_client, [(path, iterations, hold)] * procs)
     finally:
-        finish.set()
-        for c in clients:
-            c.join(60)
         listener.close()
         shutil.rmtree(tmp, ignore_errors=True)
+    times = [t for mine in got for t in mine]
     return _summary(times)
 
 
@@ -289,44 +297,22 @@ def run(
         warmup = time.monotonic() - started
         state_bytes = (directory.path / f"{controller.pool_id}.json").stat().st_size
 
-        # spawn, not fork: a forked child would inherit this process's threads' open lock files
-        ctx = multiprocessing.get_context("spawn")
-        start = ctx.Barrier(procs + 1)
-        finish = ctx.Event()
-        results = ctx.Queue()
-        workers = [
-            ctx.Process(
-                target=_worker,
-                args=(
+        got, wall = _gang(
+            _worker,
+            [
+                (
                     i,
                     str(directory.path),
                     controller.pool_id,
                     iterations,
                     hold_ms / 1000,
                     wait_checkin,
-                    start,
-                    finish,
-                    results,
-                ),
-            )
-            for i in range(procs)
-        ]
-        for w in workers:
-            w.start()
-        start.wait(timeout=600)  # every worker has warmed up: all start at once
-        t0 = time.perf_counter()
-        samples: list[tuple[float, float]] = []
-        cpu = 0.0
-        try:
-            for _ in workers:
-                _index, got, used = results.get(timeout=600)
-                samples.extend(got)
-                cpu += used
-            wall = time.perf_counter() - t0
-        finally:
-            finish.set()
-        for w in workers:
-            w.join(60)
+                )
+                for i in range(procs)
+            ],
+        )
+        samples: list[tuple[float, float]] = [s for _, mine, _ in got for s in mine]
+        cpu = sum(used for _, _, used in got)
         stats = controller.snapshot().stats
         served = controller.server.stats if controller.server is not None else None
     finally:

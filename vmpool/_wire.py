@@ -161,7 +161,7 @@ class Connection:
                 self.close()
                 raise ServerGone(f"{self.path}: no reply from the lease server ({exc})") from exc
             reply, _, self._buffer = self._buffer.partition(b"\n")
-        if reply.startswith(_OK) and reply.endswith(b"}"):
+        if is_ok(reply) and reply.endswith(b"}"):
             return reply[len(_OK) : -1]
         try:
             return Failure(str(json.loads(reply)["error"]))

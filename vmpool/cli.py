@@ -348,17 +348,7 @@ def _gc(args: argparse.Namespace) -> int:
         print(f"left {name} alone (no owner information)")
     for err in report.errors:
         print(f"vmpool: {err}", file=sys.stderr)
-    if not any(
-        (
-            report.machines_deleted,
-            report.networks_deleted,
-            report.pools_removed,
-            report.files_removed,
-            report.spared,
-            report.unknown,
-            report.errors,
-        )
-    ):
+    if report.empty:
         print(f"nothing to reap in {directory.path} on {backend.name}")
     return EXIT_FAILED if report.errors else EXIT_OK
 

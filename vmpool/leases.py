@@ -14,7 +14,7 @@ from typing import Literal
 
 from vmpool.errors import CheckoutTimeout
 from vmpool.ownership import ProcessRef
-from vmpool.state import Holder, Machine, MachineState, Pool, Request, SlotFailure
+from vmpool.state import Machine, MachineState, Pool, Request, SlotFailure
 
 Action = Literal["reuse", "reset", "replace"]
 Alive = Callable[[ProcessRef], bool]
@@ -341,7 +341,7 @@ def checkin(
         any(action == "reset" for _, action in returned)
         and pool.owner is not None  # a controller runs to do it (a kept, idle pool has none)
         and _pick_one(pool, False) is not None
-        and all(r.granted for r in pool.queue)
+        and nobody_waits(pool)
     )
     out: dict[str, Action] = {}
     for m, action in returned:
@@ -579,13 +579,3 @@ def counts(pool: Pool) -> dict[str, int]:
     for m in pool.machines:
         out[m.state.value] += 1
     return out
-
-
-def new_request(holder: Holder, request_id: str, count: int, fresh: bool, now: float) -> Request:
-    return Request(
-        id=request_id,
-        holder=holder.model_copy(update={"request": request_id}),
-        count=count,
-        fresh=fresh,
-        since=now,
-    )

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 from vmpool._wire import answers
@@ -37,6 +37,11 @@ class ReapReport:
     unknown: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     files_removed: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing was done, spared, left alone or went wrong."""
+        return not any(astuple(self))
 
 
 def pool_is_live(pool: Pool) -> bool:

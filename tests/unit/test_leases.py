@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from vmpool import leases
 from vmpool.ownership import ProcessRef, is_alive
-from vmpool.state import Holder, Machine, MachineState, Pool
+from vmpool.state import Holder, Machine, MachineState, Pool, Request
 
 NOW = 1000.0
 CONTROLLER = ProcessRef(host="h", pid=1, pid_start=1.0)
@@ -57,13 +57,24 @@ def make_pool(size: int = 2, ready_machines: int | None = None) -> Pool:
     )
 
 
+def new_request(holder: Holder, request_id: str, count: int, fresh: bool, now: float) -> Request:
+    """A check-out request as a client makes one (its holder names the request)."""
+    return Request(
+        id=request_id,
+        holder=holder.model_copy(update={"request": request_id}),
+        count=count,
+        fresh=fresh,
+        since=now,
+    )
+
+
 _ids = iter(range(10**9))
 
 
 def request(pool: Pool, pid: int, count: int = 1, *, fresh: bool = False, now: float = NOW) -> str:
     """Join the line and run the queue; returns the request id."""
     rid = f"r{next(_ids)}"
-    leases.enqueue(pool, leases.new_request(holder(pid), rid, count, fresh, now))
+    leases.enqueue(pool, new_request(holder(pid), rid, count, fresh, now))
     leases.serve_queue(pool, now)
     return rid
 
@@ -446,7 +457,7 @@ def test_dead_holders_machine_is_never_simply_reused() -> None:
 def test_lease_of_a_really_dead_process_is_reclaimed(dead_process: ProcessRef) -> None:
     pool = make_pool(size=1)
     dead = Holder(**dead_process.model_dump())
-    leases.enqueue(pool, leases.new_request(dead, "r", 1, False, NOW))
+    leases.enqueue(pool, new_request(dead, "r", 1, False, NOW))
     leases.serve_queue(pool, NOW)
     leases.take_grant(pool, "r")
     assert leases.reclaim(pool, leases.Policy(), is_alive, NOW) == ["m0"]
@@ -455,7 +466,7 @@ def test_lease_of_a_really_dead_process_is_reclaimed(dead_process: ProcessRef) -
 def test_lease_of_a_live_process_is_kept(live_process: ProcessRef) -> None:
     pool = make_pool(size=1)
     live = Holder(**live_process.model_dump())
-    leases.enqueue(pool, leases.new_request(live, "r", 1, False, NOW))
+    leases.enqueue(pool, new_request(live, "r", 1, False, NOW))
     leases.serve_queue(pool, NOW)
     leases.take_grant(pool, "r")
     assert leases.reclaim(pool, leases.Policy(), is_alive, NOW) == []
@@ -535,14 +546,14 @@ def test_reclaim_serves_the_queue() -> None:
 # -- the timeout message --------------------------------------------------------------------
 def test_timeout_error_summarises_the_pool_and_names_holders() -> None:
     pool = make_pool(size=4)
-    leases.enqueue(pool, leases.new_request(holder(10, "test_a"), "r1", 1, False, NOW - 30))
+    leases.enqueue(pool, new_request(holder(10, "test_a"), "r1", 1, False, NOW - 30))
     leases.serve_queue(pool, NOW - 30)
     pool.machines[1].state = MachineState.CREATING
     pool.machines[2].state = MachineState.BROKEN
     pool.machines[2].error = "BackendError: disk full"
     pool.machines[3].state = MachineState.LEASED
     pool.machines[3].holder = holder(11, "test_b").model_copy(update={"since": NOW - 5})
-    leases.enqueue(pool, leases.new_request(holder(12), "r2", 2, False, NOW - 7))
+    leases.enqueue(pool, new_request(holder(12), "r2", 2, False, NOW - 7))
     text = str(leases.timeout_error(pool, 7.0, 2, NOW))
     assert "no machine free after 7.0s (wanted 2) in pool p (sim)" in text
     assert "size 4, 2 leased, 1 warming, 1 broken, 2 request(s) waiting" in text

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from test_leases import make_pool
 
 from vmpool import leases, ops
-from vmpool.state import Holder, MachineState, Request
+from vmpool.state import Holder, MachineState, Pool, Request
 
 _text = st.text(max_size=40)  # any unicode: quotes, backslashes, control characters, emoji
 _finite = st.floats(allow_nan=False, allow_infinity=False)
@@ -107,6 +107,19 @@ def test_a_checkin_line_is_the_checkin_the_models_build(
     assert json.loads(encoded.model_dump_json()) == json.loads(expected.model_dump_json())
 
 
+def _holder(request: str = "r", test: str | None = "t") -> Holder:
+    return Holder(host="h", pid=1, pid_start=2.0, worker="gw0", test=test, request=request)
+
+
+def _ask(
+    encoder: ops.Encoder, pool: Pool, holder: Holder, *, join: bool = True, now: float = 1.0
+) -> ops.CheckoutReply:
+    """One check-out of one machine, applied to ``pool`` as a store without a server does."""
+    return encoder.checkout(
+        holder=holder, count=1, fresh=False, since=1.0, join=join, now=now
+    ).apply(pool)
+
+
 def _keys(value: Any, model: type[BaseModel]) -> None:
     """Every field of ``model`` (and of the models nested in it) is written out, none more."""
     assert set(value) == set(model.model_fields), model.__name__
@@ -120,7 +133,7 @@ def _keys(value: Any, model: type[BaseModel]) -> None:
 def test_the_templates_name_every_field_of_the_models(reclaim: bool) -> None:
     """A field added to a model and not to the template would reach the server as its default:
     this fails first."""
-    holder = Holder(host="h", pid=1, pid_start=2.0, worker="gw0", test="t", request="r")
+    holder = _holder()
     encoder = ops.Encoder(leases.Policy())
     out = json.loads(
         encoder.checkout(
@@ -142,11 +155,9 @@ def test_the_templates_name_every_field_of_the_models(reclaim: bool) -> None:
 def test_an_encoded_operation_applies_and_reads_its_reply_like_the_model() -> None:
     """Without a lease server the store applies the line itself, parsed as the server parses it."""
     pool = make_pool(size=1)
-    holder = Holder(host="h", pid=1, pid_start=2.0, worker="gw0", test="t", request="r")
+    holder = _holder()
     encoder = ops.Encoder(leases.Policy(checkin="reuse"))
-    reply = encoder.checkout(
-        holder=holder, count=1, fresh=False, since=1.0, join=True, now=1.0
-    ).apply(pool)
+    reply = _ask(encoder, pool, holder)
     assert isinstance(reply, ops.CheckoutReply)
     assert reply.granted == ["m0"]
     assert pool.machines[0].holder is not None and pool.machines[0].holder.test == "t"
@@ -157,12 +168,7 @@ def test_an_encoded_operation_applies_and_reads_its_reply_like_the_model() -> No
 
 def test_a_checkout_with_nobody_waiting_is_served_at_once_and_leaves_no_request() -> None:
     pool = make_pool(size=2)
-    holder = Holder(host="h", pid=1, pid_start=2.0, worker="gw0", request="r1")
-    reply = (
-        ops.Encoder(leases.Policy())
-        .checkout(holder=holder, count=1, fresh=False, since=1.0, join=True, now=5.0)
-        .apply(pool)
-    )
+    reply = _ask(ops.Encoder(leases.Policy()), pool, _holder("r1", test=None), now=5.0)
     assert reply.granted == ["m0"] and pool.queue == []
     leased = pool.machine("m0")
     assert leased.holder is not None and leased.holder.since == 5.0 and leased.uses == 1
@@ -176,9 +182,7 @@ def test_a_checkout_never_overtakes_a_request_waiting_in_line() -> None:
     encoder = ops.Encoder(leases.Policy())
 
     def ask(request: str, join: bool = True) -> ops.CheckoutReply:
-        holder = Holder(host="h", pid=1, pid_start=2.0, worker="gw0", request=request)
-        step = encoder.checkout(holder=holder, count=1, fresh=False, since=1.0, join=join, now=2.0)
-        return step.apply(pool)
+        return _ask(encoder, pool, _holder(request, test=None), join=join, now=2.0)
 
     assert ask("first").granted == ["m0"]
     assert ask("waiter").granted is None  # the only machine is leased: in line
