@@ -144,7 +144,7 @@ def serve_queue(pool: Pool, now: float) -> None:
         granted = grant(pool, req, now)
         if granted is None:
             return
-        req.granted = granted
+        req.granted = [m.name for m in granted]
 
 
 def nobody_waits(pool: Pool) -> bool:
@@ -152,8 +152,8 @@ def nobody_waits(pool: Pool) -> bool:
     return all(req.granted for req in pool.queue)
 
 
-def grant(pool: Pool, req: Request, now: float) -> list[str] | None:
-    """Lease ``req.count`` free machines to ``req.holder`` now, all or none; their names, or
+def grant(pool: Pool, req: Request, now: float) -> list[Machine] | None:
+    """Lease ``req.count`` free machines to ``req.holder`` now, all or none; the machines, or
     None when too few are free. Does not touch the line: serve_queue() calls it for the head
     of the line, and a check-out with nobody ahead of it may call it without queueing."""
     if req.count == 1:
@@ -172,7 +172,7 @@ def grant(pool: Pool, req: Request, now: float) -> list[str] | None:
         m.uses += 1
         m.uses_since_reset += 1
     pool.stats.checkouts += req.count
-    return [m.name for m in chosen]
+    return chosen
 
 
 def take_grant(pool: Pool, request_id: str) -> list[str] | None:

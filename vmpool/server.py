@@ -210,7 +210,12 @@ class LeaseServer:
                         if i in failed:
                             continue
                         try:
-                            reply = op.apply(pool)
+                            # a reply nobody waits for is not serialised, only marked applied
+                            if i in quiet:
+                                op.apply(pool)
+                                done[i] = _APPLIED
+                            else:
+                                done[i] = _wire.ok_line(op.apply_json(pool))
                         except Exception as exc:
                             # the record may be half-changed: drop the whole transaction and
                             # redo the others without this one
@@ -218,11 +223,6 @@ class LeaseServer:
                             failed.add(i)
                             replies[i] = _wire.error_line(f"{type(exc).__name__}: {exc}")
                             raise _Retry from exc
-                        # a reply nobody waits for is not serialised, only marked applied
-                        if i in quiet:
-                            done[i] = _APPLIED
-                        else:
-                            done[i] = _wire.ok_line(reply.model_dump_json().encode())
             except _Retry:
                 continue
             except StateError as exc:

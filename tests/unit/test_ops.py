@@ -191,3 +191,39 @@ def test_a_checkout_never_overtakes_a_request_waiting_in_line() -> None:
     assert ask("newcomer").granted is None
     assert [r.id for r in pool.queue] == ["waiter", "newcomer"]
     assert ask("waiter", join=False).granted == ["m0"]
+
+
+def _both_replies(op: ops.CheckoutStep, pool: Pool) -> tuple[ops.CheckoutReply, bytes]:
+    """``op`` applied to two copies of ``pool``: as a model, and as the lease server writes it."""
+    return op.apply(pool.model_copy(deep=True)), op.apply_json(pool.model_copy(deep=True))
+
+
+@given(
+    names=st.lists(_text, min_size=1, max_size=4, unique=True),
+    address=st.none() | _text,
+    checked_at=st.none() | st.floats(),  # infinities and NaN too: pydantic writes null
+    count=st.integers(min_value=1, max_value=5),
+)
+def test_a_checkout_reply_written_by_the_server_is_the_reply_the_model_dumps(
+    names: list[str], address: str | None, checked_at: float | None, count: int
+) -> None:
+    """Granted (any names and addresses), waiting (more asked than free) or refused (more
+    asked than the pool has): apply_json() writes what apply() builds, for a client to read."""
+    pool = make_pool(size=4, ready_machines=len(names))
+    for m, name in zip(pool.machines, names, strict=True):
+        m.name, m.address, m.checked_at = name, address, checked_at
+    op = ops.OP_ADAPTER.validate_json(
+        ops.Encoder(leases.Policy())
+        .checkout(holder=_holder(), count=count, fresh=False, since=1.0, join=True, now=2.0)
+        .line
+    )
+    assert isinstance(op, ops.CheckoutStep)
+    model, line = _both_replies(op, pool)
+    assert json.loads(line) == json.loads(model.model_dump_json())
+    assert op.parse_reply(line) == ops.CheckoutReply.model_validate_json(model.model_dump_json())
+    if count > 4:
+        assert model.problem is not None
+    elif count > len(names):
+        assert model.granted is None and model.problem is None
+    else:
+        assert model.granted is not None and len(model.granted) == count

@@ -150,8 +150,8 @@ def test_operation_that_raises_is_dropped_alone(
             raise RuntimeError("bug in an operation")
         return original(self, pool)
 
-    original = ops.CheckoutStep.apply
-    monkeypatch.setattr(ops.CheckoutStep, "apply", broken)
+    original = ops.CheckoutStep._outcome  # what apply() and apply_json() both decide with
+    monkeypatch.setattr(ops.CheckoutStep, "_outcome", broken)
     one, bad, two = _raw_call(
         c.server.path,
         *(_request(r).model_dump_json().encode() + b"\n" for r in ("one", "bad", "two")),
