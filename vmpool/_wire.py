@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import socket
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -29,18 +28,6 @@ RETRY_AFTER = 1.0
 _OK = b'{"ok":'
 #: first byte of a request line that gets no reply (see Connection.post)
 NO_REPLY = b"!"
-
-
-#: how many forks deep this process is: a Connection made before a fork is not the child's
-_forks = 0
-
-
-def _forked() -> None:
-    global _forks
-    _forks += 1
-
-
-os.register_at_fork(after_in_child=_forked)
 
 
 @dataclass(frozen=True)
@@ -120,7 +107,7 @@ class Connection:
         self._sock: socket.socket | None = None
         self._buffer = b""
         self._retry_at = 0.0
-        self._forks = _forks
+        self._pid = os.getpid()
         self._lock = threading.Lock()
 
     def _connect(self, *, now_or_never: bool = False) -> socket.socket | None:
@@ -131,25 +118,13 @@ class Connection:
         if sock is None:
             self._retry_at = now + RETRY_AFTER
             return None
-        # The kernel keeps the timeout (SO_RCVTIMEO, SO_SNDTIMEO) on a blocking socket: a
-        # Python-level timeout polls the socket before every send and receive, two system
-        # calls more per round trip. A timeout still ends in an OSError (EAGAIN).
-        seconds = int(self.timeout)
-        timeval = struct.pack("ll", seconds, int((self.timeout - seconds) * 1e6))
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        except OSError:  # a platform with another struct timeval: Python's timeout then
-            pass
-        else:
-            sock.settimeout(None)
         self._buffer = b""
         return sock
 
     def _send(self, line: bytes) -> bool:
         """Send one request line (caller holds _lock); False when no server took it."""
-        if self._forks != _forks:  # a forked child must not share its parent's socket
-            self._sock, self._forks = None, _forks
+        if self._pid != os.getpid():  # a forked child must not share its parent's socket
+            self._sock, self._pid = None, os.getpid()
         for attempt in range(2):
             if self._sock is None:
                 self._sock = self._connect(now_or_never=attempt > 0)
