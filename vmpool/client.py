@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import time
@@ -111,7 +110,7 @@ class PoolClient:
     def _lines(self) -> ops.Encoder:
         """How this client's requests are encoded (vmpool.ops.Encoder), under its policy."""
         encoder = self._encoder
-        if encoder is None or encoder.policy != self.policy:
+        if encoder is None or (encoder.policy is not self.policy and encoder.policy != self.policy):
             encoder = self._encoder = ops.Encoder(self.policy)
         return encoder
 
@@ -132,7 +131,7 @@ class PoolClient:
         front = False
         while True:
             names, request_id, holder, views = self._wait_for_grant(
-                count, fresh, test, deadline, front
+                count, fresh, test, deadline, front, self.clock() if front else started
             )
             addresses = {n: views[n].address if n in views else None for n in names}
             bad = self._ping(self._needs_ping(views, names)) if self.pre_ping else {}
@@ -153,20 +152,37 @@ class PoolClient:
             front = True
 
     def _wait_for_grant(
-        self, count: int, fresh: bool, test: str | None, deadline: float, front: bool
+        self,
+        count: int,
+        fresh: bool,
+        test: str | None,
+        deadline: float,
+        front: bool,
+        since: float,
     ) -> tuple[list[str], str, Holder, dict[str, ops.MachineView]]:
-        """Join the line and wait; returns the grant with what the caller needs of each machine
-        (address, last health check) as of the grant, so it needs no extra read."""
+        """Join the line (at ``since``) and wait; returns the grant with what the caller needs
+        of each machine (address, last health check) as of the grant, so it needs no extra
+        read."""
         request_id = os.urandom(6).hex()
         holder = self._holder(test, request_id)
-        since = self.clock()
         # Errors are raised after a transaction, never inside it: an exception inside one
         # discards its changes, and a cancel that is not written leaves a ghost request at the
         # head of the line that is granted machines nobody takes.
-        ask = functools.partial(
-            self._lines().checkout, holder=holder, count=count, fresh=fresh, since=since
-        )
-        reply = self.store.run(ask(join=True, front=front, now=self.clock()))
+        encode = self._lines().checkout
+
+        def ask(*, join: bool, now: float, reclaim: bool = False) -> ops.Encoded[ops.CheckoutReply]:
+            return encode(
+                holder=holder,
+                count=count,
+                fresh=fresh,
+                since=since,
+                join=join,
+                front=front and join,
+                reclaim=reclaim,
+                now=now,
+            )
+
+        reply = self.store.run(ask(join=True, now=since))
         if reply.problem is not None:
             raise PoolUnavailable(reply.problem)
         interval = _FIRST_POLL
@@ -267,7 +283,7 @@ class PoolClient:
             names=lease.names,
             holder=lease.holder,
             failed=failed,
-            dirty=sorted(lease.dirty),
+            dirty=sorted(lease.dirty) if lease.dirty else [],
             now=self.clock(),
         )
         if not wait and not self.policy.may_reset(failed=failed, dirty=bool(lease.dirty)):

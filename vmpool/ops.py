@@ -66,6 +66,10 @@ class CheckoutStep(BaseModel):
             return CheckoutReply(problem=problem)
         return CheckoutReply(granted=[m.name for m in granted], machines=_views(granted))
 
+    def apply_quietly(self, pool: Pool) -> None:
+        """Apply it for a client that does not wait for the reply (none is built)."""
+        self._outcome(pool)
+
     def apply_json(self, pool: Pool) -> bytes:
         """``apply(pool).model_dump_json()``, written straight from the outcome: the lease
         server answers every check-out, and building the reply's models to dump them cost
@@ -137,8 +141,12 @@ class CheckinStep(BaseModel):
         """``apply(pool).model_dump_json()``, as the lease server sends it."""
         return self.apply(pool).model_dump_json().encode()
 
-    def apply(self, pool: Pool) -> CheckinReply:
-        actions = leases.checkin(
+    def apply_quietly(self, pool: Pool) -> None:
+        """Apply it for a client that does not wait for the reply (none is built)."""
+        self._checkin(pool)
+
+    def _checkin(self, pool: Pool) -> dict[str, leases.Action]:
+        return leases.checkin(
             pool,
             self.names,
             self.holder,
@@ -147,6 +155,9 @@ class CheckinStep(BaseModel):
             dirty=set(self.dirty),
             now=self.now,
         )
+
+    def apply(self, pool: Pool) -> CheckinReply:
+        actions = self._checkin(pool)
         me = (self.holder.host, self.holder.pid, self.holder.pid_start)
         mine = []
         for name, action in actions.items():
@@ -158,9 +169,25 @@ class CheckinStep(BaseModel):
         return CheckinReply(actions=actions, mine=mine)
 
 
+#: (pid, host name) of this process, looked up once: every check-out asks _alive_or_me
+_here: tuple[int, str] | None = None
+
+
+def _forget_here() -> None:
+    global _here
+    _here = None
+
+
+os.register_at_fork(after_in_child=_forget_here)
+
+
 def _alive_or_me(ref: ProcessRef) -> bool:
     # the server runs in the owner's process: no need to ask the process table
-    return (ref.pid == os.getpid() and ref.host == hostname()) or is_alive(ref)
+    global _here
+    here = _here
+    if here is None:
+        here = _here = (os.getpid(), hostname())
+    return (ref.pid == here[0] and ref.host == here[1]) or is_alive(ref)
 
 
 Op = Annotated[CheckoutStep | CheckinStep, Field(discriminator="kind")]
@@ -235,19 +262,28 @@ class Encoder:
         self.policy = policy
         self._policy = _POLICY_JSON.dump_json(policy).decode()
         self._who: tuple[tuple[str, int, float, str], str] | None = None
+        self._last: tuple[Holder | None, str] = (None, "")
 
     def holder(self, h: Holder) -> str:
-        """A Holder's JSON (its process and worker part made once: they rarely change)."""
+        """A Holder's JSON (its process and worker part made once: they rarely change; the
+        whole of it once for a check-out and its check-in, which name the same Holder)."""
+        if h is self._last[0]:
+            return self._last[1]
         key = (h.host, h.pid, h.pid_start, h.worker)
         if self._who is None or self._who[0] != key:
-            self._who = key, (
-                f'"host":{_j(h.host)},"pid":{int(h.pid)},"pid_start":{float(h.pid_start)!r},'
-                f'"worker":{_j(h.worker)}'
+            self._who = (
+                key,
+                (
+                    f'"host":{_j(h.host)},"pid":{int(h.pid)},"pid_start":{float(h.pid_start)!r},'
+                    f'"worker":{_j(h.worker)}'
+                ),
             )
-        return (
+        out = (
             f'{{{self._who[1]},"test":{_j(h.test)},"since":{float(h.since)!r},'
             f'"request":{_j(h.request)}}}'
         )
+        self._last = (h, out)  # a Holder is frozen
+        return out
 
     def checkout(
         self,

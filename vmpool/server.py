@@ -212,7 +212,7 @@ class LeaseServer:
                         try:
                             # a reply nobody waits for is not serialised, only marked applied
                             if i in quiet:
-                                op.apply(pool)
+                                op.apply_quietly(pool)
                                 done[i] = _APPLIED
                             else:
                                 done[i] = _wire.ok_line(op.apply_json(pool))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from pydantic import BaseModel
 from test_leases import make_pool
 
 from vmpool import leases, ops
+from vmpool.ownership import ProcessRef, hostname
 from vmpool.state import Holder, MachineState, Pool, Request
 
 _text = st.text(max_size=40)  # any unicode: quotes, backslashes, control characters, emoji
@@ -227,3 +229,24 @@ def test_a_checkout_reply_written_by_the_server_is_the_reply_the_model_dumps(
         assert model.granted is None and model.problem is None
     else:
         assert model.granted is not None and len(model.granted) == count
+
+
+@given(holders=st.lists(_holders, min_size=1, max_size=5))
+def test_one_encoder_writes_each_holder_as_the_model_does(holders: list[Holder]) -> None:
+    """The encoder remembers the last holder it wrote (a check-in names its check-out's): a
+    different holder, equal or not, is written anew."""
+    encoder = ops.Encoder(leases.Policy())
+    for h in [*holders, *holders[:1], holders[-1]]:
+        assert json.loads(encoder.holder(h)) == json.loads(h.model_dump_json())
+
+
+def test_a_forked_child_is_not_taken_for_its_parent() -> None:
+    """The server's check for its own process is made once per process, and again in a child."""
+    me = ProcessRef(host=hostname(), pid=os.getpid(), pid_start=-1.0)  # a wrong start time:
+    assert ops._alive_or_me(me)  # only the shortcut for this very process says alive
+    pid = os.fork()
+    if pid == 0:
+        child = me.model_copy(update={"pid": os.getpid()})
+        os._exit(0 if ops._alive_or_me(child) and not ops._alive_or_me(me) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
