@@ -101,11 +101,13 @@ class PoolClient:
         self._base: Holder | None = None  # this process as holder, for self.worker
         self._encoder: ops.Encoder | None = None  # requests under self.policy
 
-    def _holder(self, test: str | None, request_id: str) -> Holder:
+    def _holder(self, test: str | None, request_id: str, since: float) -> Holder:
+        """This process as the holder of request ``request_id``, made at ``since`` (the lease
+        server records it as is when it grants the request at once, as most are)."""
         base = self._base
         if base is None or base.worker != self.worker:
             base = self._base = Holder(**self._me.model_dump(), worker=self.worker)
-        return base.model_copy(update={"test": test, "request": request_id})
+        return base.model_copy(update={"test": test, "request": request_id, "since": since})
 
     def _lines(self) -> ops.Encoder:
         """How this client's requests are encoded (vmpool.ops.Encoder), under its policy."""
@@ -164,7 +166,7 @@ class PoolClient:
         of each machine (address, last health check) as of the grant, so it needs no extra
         read."""
         request_id = os.urandom(6).hex()
-        holder = self._holder(test, request_id)
+        holder = self._holder(test, request_id, since)
         # Errors are raised after a transaction, never inside it: an exception inside one
         # discards its changes, and a cancel that is not written leaves a ghost request at the
         # head of the line that is granted machines nobody takes.

@@ -166,9 +166,12 @@ def grant(pool: Pool, req: Request, now: float) -> list[Machine] | None:
         if len(free) < req.count:
             return None
         chosen = _choose(free, req.count)
+    # the holder as it leases now (frozen: shared with the request when it says so already,
+    # as a check-out served at once does)
+    held = req.holder if req.holder.since == now else req.holder.model_copy(update={"since": now})
     for m in chosen:
         m.state = MachineState.LEASED
-        m.holder = req.holder.model_copy(update={"since": now})
+        m.holder = held
         m.uses += 1
         m.uses_since_reset += 1
     pool.stats.checkouts += req.count
