@@ -250,3 +250,24 @@ def test_a_forked_child_is_not_taken_for_its_parent() -> None:
         os._exit(0 if ops._alive_or_me(child) and not ops._alive_or_me(me) else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_machine_is_held_since_its_grant_served_at_once_or_from_the_line() -> None:
+    pool = make_pool(size=1)
+    encoder = ops.Encoder(leases.Policy())
+
+    def ask(request: str, *, since: float, now: float, join: bool = True) -> ops.CheckoutReply:
+        holder = _holder(request).model_copy(update={"since": since})
+        return encoder.checkout(
+            holder=holder, count=1, fresh=False, since=since, join=join, now=now
+        ).apply(pool)
+
+    assert ask("first", since=2.0, now=2.0).granted == ["m0"]  # at once: as the client sent it
+    first = pool.machine("m0").holder
+    assert first is not None and (first.request, first.since) == ("first", 2.0)
+    assert ask("waiter", since=3.0, now=3.0).granted is None
+    pool.machine("m0").holder = None
+    pool.machine("m0").state = MachineState.READY
+    assert ask("waiter", since=3.0, now=7.0, join=False).granted == ["m0"]  # from the line
+    waiter = pool.machine("m0").holder
+    assert waiter is not None and (waiter.request, waiter.since) == ("waiter", 7.0)
