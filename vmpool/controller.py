@@ -267,7 +267,7 @@ class Controller:
                 delete_capacity=max(delete_capacity, 0),
             )
             network = pool.network
-            slots = {m.name: m.slot for m in pool.machines}
+            slots = {m.name: m.slot for m in pool.machines} if work else {}
             busy = bool(pool.queue) or any(
                 m.state not in (MachineState.READY, MachineState.BROKEN) for m in pool.machines
             )

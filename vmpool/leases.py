@@ -465,20 +465,30 @@ def plan(
         (deletes if item.deletes else work).append(item)
         return True
 
+    # every tick of a busy controller runs this scan under the pool's lock, with the lease
+    # server waiting: the fields are read from the models' __dict__ (see _pick_one)
+    ready, replacing, resetting = MachineState.READY, MachineState.REPLACING, MachineState.RESETTING
+    size, config_hash, max_age = pool.size, pool.config_hash, policy.max_age
     for m in pool.machines:
-        if m.actor is not None:
+        f = m.__dict__
+        if f["actor"] is not None:
             continue
-        if m.state is MachineState.REPLACING:
+        state = f["state"]
+        if state is replacing:
             claim(m, "replace")
-        elif m.state is MachineState.RESETTING:
+        elif state is resetting:
             claim(m, "reset")
-        elif m.state is MachineState.READY and m.holder is None:
-            stale = m.config_hash != pool.config_hash
-            old = policy.max_age is not None and now - m.created_at >= policy.max_age
-            kind: Literal["retire", "replace"] | None = (
-                "retire" if m.slot >= pool.size else "replace" if stale or old else None
-            )
-            if kind is not None and claim(m, kind):
+        elif state is ready and f["holder"] is None:
+            kind: Literal["retire", "replace"]
+            if f["slot"] >= size:
+                kind = "retire"
+            elif f["config_hash"] != config_hash or (
+                max_age is not None and now - f["created_at"] >= max_age
+            ):
+                kind = "replace"
+            else:
+                continue
+            if claim(m, kind):
                 m.state = MachineState.REPLACING
 
     # a fresh request at the head of the line: reset used machines for it
@@ -498,11 +508,12 @@ def plan(
     if pool.closing:
         return deletes + work
     occupied = {m.slot for m in pool.machines if m.state in _OCCUPYING}
+    create = Work("create", "")  # what full() weighs a creation as
     for slot in range(pool.size):
-        if full(Work("create", "")):
-            break
-        if slot in occupied:
+        if slot in occupied:  # first: the usual answer, and cheaper than full() (every tick)
             continue
+        if full(create):
+            break
         failure = pool.failures.get(slot)
         if failure is not None and failure.retry_at > now:
             continue
