@@ -3,9 +3,10 @@
 Clients (xdist workers) send lease operations (vmpool.ops) as JSON lines to ``<pool>.sock`` in
 the state directory. The server applies every operation that arrived meanwhile in **one**
 transaction of the controller's store, a vmpool.writeback.WriteBackStore (the record in memory
-under the pool's lock, written back within milliseconds), then answers each. That is what lets
-eight processes check machines out and in within milliseconds: with a file transaction per
-operation (lock, read, parse, write, fsync, rename) they queue behind one another.
+under the pool's lock, written back a few times a second at most), then answers each. That is
+what lets eight processes check machines out and in within milliseconds: with a file
+transaction per operation (lock, read, parse, write, fsync, rename) they queue behind one
+another.
 
 The file stays the record: the write-back store lets the lock go only with the file current, so
 the CLI, the reaper and clients without a server (no socket, or a stale one) work on it directly
