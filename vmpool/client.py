@@ -188,7 +188,7 @@ class PoolClient:
         if reply.problem is not None:
             raise PoolUnavailable(reply.problem)
         interval = _FIRST_POLL
-        last_reclaim = self.clock()
+        last_reclaim = since  # no clock read for the check-out served at once
         try:
             while reply.granted is None:
                 now = self.clock()

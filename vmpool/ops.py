@@ -8,6 +8,7 @@ one round trip and says what goes back.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -169,25 +170,20 @@ class CheckinStep(BaseModel):
         return CheckinReply(actions=actions, mine=mine)
 
 
-#: (pid, host name) of this process, looked up once: every check-out asks _alive_or_me
-_here: tuple[int, str] | None = None
+@functools.cache
+def _here() -> tuple[int, str]:
+    """(pid, host name) of this process, looked up once (every check-out asks _alive_or_me),
+    and again in a forked child."""
+    return os.getpid(), hostname()
 
 
-def _forget_here() -> None:
-    global _here
-    _here = None
-
-
-os.register_at_fork(after_in_child=_forget_here)
+os.register_at_fork(after_in_child=_here.cache_clear)
 
 
 def _alive_or_me(ref: ProcessRef) -> bool:
     # the server runs in the owner's process: no need to ask the process table
-    global _here
-    here = _here
-    if here is None:
-        here = _here = (os.getpid(), hostname())
-    return (ref.pid == here[0] and ref.host == here[1]) or is_alive(ref)
+    pid, host = _here()
+    return (ref.pid == pid and ref.host == host) or is_alive(ref)
 
 
 Op = Annotated[CheckoutStep | CheckinStep, Field(discriminator="kind")]

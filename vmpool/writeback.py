@@ -92,10 +92,8 @@ class WriteBackStore(JsonStore):
         with self._transaction(changes=False) as pool:
             yield pool
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[Pool]:
-        with self._transaction(changes=True) as pool:
-            yield pool
+    def batch(self) -> contextlib.AbstractContextManager[Pool]:
+        return self._transaction(changes=True)
 
     @contextlib.contextmanager
     def _transaction(self, *, changes: bool) -> Iterator[Pool]:
