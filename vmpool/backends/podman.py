@@ -13,6 +13,7 @@ a new address on its network (its name, which is also its hostname, stays).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -51,6 +52,10 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE = "localhost/vmpool-busybox:latest"
 #: Warm (snapshot) images are ``<WARM_REPO>/<machine name>:ready``.
 WARM_REPO = "localhost/vmpool-warm"
+#: The default image's label holding its recipe (see `image_current`).
+RECIPE_LABEL = "vmpool.recipe"
+#: Bump when the default image's contents change in a way its root's bytes do not show.
+_IMAGE_VERSION = 1
 #: Limits runc needs spelled out where the host's hard limits cannot be inherited.
 FALLBACK_ULIMITS: Mapping[str, str] = {"nofile": "1024:1024", "nproc": "1024:1024"}
 
@@ -730,7 +735,8 @@ def build_image(
 ) -> str:
     """Make ``DEFAULT_IMAGE`` (a busybox-static rootfs) with ``<tool> import``; return its name.
 
-    An existing image is kept unless ``force``.
+    An existing image is kept while its recipe label matches (see `image_current`), unless
+    ``force``.
     """
 
     def say(message: str) -> None:
@@ -739,24 +745,21 @@ def build_image(
             progress(message)
 
     image = DEFAULT_IMAGE
-    if not force and _image_exists(settings, image, what="build"):
-        say(f"{image} already exists (force to rebuild)")
-        return image
     busybox = _find_busybox()
-    say(f"building a rootfs from {busybox}")
-    data = busybox.read_bytes()
-    if not _is_static_elf(data):
-        raise BackendUnavailable(
-            f"{busybox} is dynamically linked; the image needs a static one "
-            "(apt-get install busybox-static)"
-        )
-    tarball = _rootfs_tar(data, _applets(busybox))
+    tarball = _default_rootfs(busybox)
+    recipe = _recipe(tarball)
+    if not force and _image_exists(settings, image, what="build"):
+        if _image_label(settings, image, RECIPE_LABEL) == recipe:
+            say(f"{image} is up to date (force to rebuild)")
+            return image
+        say(f"{image} is out of date (its recipe or {busybox} changed): rebuilding")
     say(f"importing {image} ({len(tarball) // 1024} KiB) with {settings.tool}")
     _proc.run(
         [
             settings.tool, "import",
             "--change", "ENV PATH=/bin:/sbin:/usr/bin:/usr/sbin",
             "--change", 'CMD ["sleep", "infinity"]',
+            "--change", f"LABEL {RECIPE_LABEL}={recipe}",
             "-", image,
         ],
         input=tarball,
@@ -765,6 +768,41 @@ def build_image(
     ).check(f"import {image}")
     say(f"built {image}")
     return image
+
+
+def image_current(settings: PodmanSettings) -> bool:
+    """Whether the built default image matches what `build_image` would make now."""
+    try:
+        recipe = _recipe(_default_rootfs(_find_busybox()))
+    except BackendUnavailable:
+        return False
+    return _image_label(settings, DEFAULT_IMAGE, RECIPE_LABEL) == recipe
+
+
+def _default_rootfs(busybox: Path) -> bytes:
+    data = busybox.read_bytes()
+    if not _is_static_elf(data):
+        raise BackendUnavailable(
+            f"{busybox} is dynamically linked; the image needs a static one "
+            "(apt-get install busybox-static)"
+        )
+    return _rootfs_tar(data, _applets(busybox))
+
+
+def _recipe(tarball: bytes) -> str:
+    """The image's recipe: its root's bytes (the tar is reproducible) and the build's version."""
+    return hashlib.sha256(f"{_IMAGE_VERSION}\0".encode() + tarball).hexdigest()[:16]
+
+
+def _image_label(settings: PodmanSettings, image: str, label: str) -> str | None:
+    result = _proc.run(
+        [settings.tool, "image", "inspect", "--format",
+         f'{{{{index .Config.Labels "{label}"}}}}', image],
+        timeout=settings.command_timeout,
+        install_hint=_INSTALL_HINTS[settings.tool],
+    )
+    value = result.stdout.strip()
+    return value if result.returncode == 0 and value not in ("", "<no value>") else None
 
 
 def warm_image_name(name: str) -> str:
