@@ -41,3 +41,17 @@ def test_podman_pool_without_iptables_names_iptables_and_vmpool_doctor(
     ).stdout.split()
     assert left == [] and nets == []
     assert harness.pool_files() == []
+
+
+@pytest.mark.podman
+def test_a_backend_that_fails_its_check_points_at_vmpool_doctor(harness: Harness) -> None:
+    harness.pytester.makepyfile(test_one=ONE_TEST)
+    (harness.path / "pool.toml").write_text(
+        '[pool]\nname_prefix = "vmnoimage"\n[podman]\nimage = "localhost/vmpool-no-such:1"\n'
+    )
+    result = harness.run("--vm-backend", "podman", "--vm-pool-size", "1")
+    output = harness.output(result)
+    assert result.ret != 0
+    assert "localhost/vmpool-no-such:1 not found" in output
+    assert "Run `vmpool doctor --backend podman` to check what this host lacks" in output
+    assert harness.pool_files() == []
