@@ -975,10 +975,15 @@ def _json_rows(text: str) -> list[dict[str, Any]]:
 
 
 def _labels(raw: Any) -> dict[str, str]:
-    """Labels as a dict (podman) or ``k=v,k=v`` (docker's table output)."""
+    """Labels as a dict (podman) or ``k=v,k=v`` (docker's table output).
+
+    The image's recipe label, which every container of the image inherits, is not an owner
+    label of the machine and is left out.
+    """
     if isinstance(raw, dict):
-        return {str(k): str(v) for k, v in raw.items()}
-    if isinstance(raw, str) and raw:
-        pairs = (item.partition("=") for item in raw.split(","))
-        return {k: v for k, _, v in pairs if k}
-    return {}
+        pairs: Iterable[tuple[str, str]] = ((str(k), str(v)) for k, v in raw.items())
+    elif isinstance(raw, str) and raw:
+        pairs = ((k, v) for k, _, v in (item.partition("=") for item in raw.split(",")))
+    else:
+        return {}
+    return {k: v for k, v in pairs if k and k != RECIPE_LABEL}
