@@ -173,3 +173,22 @@ def test_a_request_fifo_replaced_by_the_machine_means_no_agent_not_a_timeout(
     assert not (tmp_path / "elsewhere").exists()
     agent.repair()
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+def test_rebuild_of_a_directory_a_container_could_write_follows_none_of_its_symlinks(
+    tmp_path: Path,
+) -> None:
+    # the layout before io/ was split off mounted the whole directory: anything may be there
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    top = tmp_path / "exec"
+    top.mkdir()
+    for name in ("start.lock", "root", "io", "agent.sh"):
+        (top / name).symlink_to(victim / name)
+    agent = ExecAgent(top)
+    agent.rebuild()
+    with agent.starting(timeout=5) as mine:
+        assert mine
+    assert list(victim.iterdir()) == []
+    assert sorted(p.name for p in top.iterdir()) == ["io", "root", "start.lock"]
+    assert not any(p.is_symlink() for p in top.rglob("*"))

@@ -144,7 +144,9 @@ class ExecAgent:
                     _remove(top, sub)
                     os.mkdir(sub, 0o700, dir_fd=top)
         with _directory(self.root) as root:
-            _empty(root, keep={"io"})
+            # a directory there stays: on the host it is also the mount point of io in a
+            # container still running (removing it would unmount io there)
+            _empty(root, keep={"io"} if _is_directory(root, "io") else ())
             if not _is_directory(root, "io"):
                 os.mkdir("io", 0o700, dir_fd=root)
             fd = os.open("agent.sh", os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FLAGS, 0o600,
@@ -175,14 +177,21 @@ class ExecAgent:
         """Hold the right to start the agent (a lock beside it; True) or give up after
         ``timeout`` (False). Two agents on one FIFO would each read parts of the same lines, so
         whoever starts one first checks, under this lock, that none listens yet."""
+        lock = portalocker.Lock(
+            str(self.dir / _LOCK), mode="a", timeout=timeout, check_interval=0.005,
+            opener=_private_opener,
+        )
         try:
-            with portalocker.Lock(
-                str(self.dir / _LOCK), mode="a", timeout=timeout, check_interval=0.005,
-                opener=_private_opener,
-            ):
-                yield True
+            lock.acquire()
         except portalocker.exceptions.LockException:
             yield False
+            return
+        except OSError as exc:
+            raise BackendError(f"exec agent: cannot lock {self.dir / _LOCK}: {exc}") from exc
+        try:
+            yield True
+        finally:
+            lock.release()
 
     def listening(self) -> bool:
         """Whether an agent has the request FIFO open."""
