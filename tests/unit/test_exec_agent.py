@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,3 +193,27 @@ def test_rebuild_of_a_directory_a_container_could_write_follows_none_of_its_syml
     assert list(victim.iterdir()) == []
     assert sorted(p.name for p in top.iterdir()) == ["io", "root", "start.lock"]
     assert not any(p.is_symlink() for p in top.rglob("*"))
+
+
+def test_what_the_machine_put_in_place_of_a_fifo_is_only_looked_at_never_opened(
+    agent: ExecAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a plain file here; a device node the same way (opening some, as root, has effects)
+    fifo = agent.io / "in"
+    fifo.unlink()
+    fifo.write_text("")
+    planted = fifo.stat().st_ino
+    opened: list[int] = []
+    real_open = os.open
+
+    def spy(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        fd = real_open(path, flags, *args, **kwargs)
+        if os.fstat(fd).st_ino == planted and not flags & os.O_PATH:
+            opened.append(flags)
+        return fd
+
+    monkeypatch.setattr(os, "open", spy)
+    assert not agent.listening()
+    assert agent.run(["true"], timeout=5) is None
+    monkeypatch.undo()
+    assert opened == []

@@ -45,7 +45,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import portalocker
@@ -94,6 +94,8 @@ _FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 #: while a command runs, check this often that the agent is still there
 _LIVENESS = 0.5
 _IN = "in"
+#: O_PATH where the platform has it (Linux), for type checks before an open
+_O_PATH: int | None = getattr(os, "O_PATH", None)
 _LOCK = "start.lock"
 
 
@@ -227,13 +229,14 @@ class ExecAgent:
         try:
             _create(io, f"{rid}.sh", script.encode())
             os.mkfifo(f"{rid}.done", 0o600, dir_fd=io)
-            reader = os.open(f"{rid}.done", os.O_RDONLY | os.O_NONBLOCK | _FLAGS, dir_fd=io)
+            reader = _open_if(io, f"{rid}.done", os.O_RDONLY | os.O_NONBLOCK, stat.S_ISFIFO)
         except OSError as exc:
             _clean(io, rid)
             raise BackendError(f"exec agent in {self.io}: {exc}") from exc
+        if reader is None:  # the container swapped it before we opened it
+            _clean(io, rid)
+            return None
         try:
-            if not stat.S_ISFIFO(os.fstat(reader).st_mode):  # swapped before we opened it
-                return None
             requests = _open_in(io)
             if requests is None:
                 return None
@@ -321,20 +324,40 @@ def _open_directory(path: Path) -> int | None:
         return None
 
 
+def _open_if(io: int, name: str, flags: int, is_type: Callable[[int], bool]) -> int | None:
+    """``name`` in the directory ``io`` opened with ``flags`` if ``is_type(st_mode)``, else
+    None; never through a symlink.
+
+    The type is checked before the real open, on an ``O_PATH`` descriptor, then that very
+    inode is opened through ``/proc/self/fd``: a device node the container made (where its
+    runtime allows mknod) is never opened for real on the host, where opening some (a
+    watchdog, a tape) has effects.
+    """
+    if _O_PATH is None:  # no O_PATH (not Linux): check after opening, O_NONBLOCK at least
+        fd = os.open(name, flags | os.O_NONBLOCK | _FLAGS, dir_fd=io)
+        if is_type(os.fstat(fd).st_mode):
+            return fd
+        os.close(fd)
+        return None
+    handle = os.open(name, _O_PATH | _FLAGS, dir_fd=io)
+    try:
+        if not is_type(os.fstat(handle).st_mode):
+            return None
+        return os.open(f"/proc/self/fd/{handle}", flags | os.O_CLOEXEC)
+    finally:
+        os.close(handle)
+
+
 def _open_in(io: int) -> int | None:
     """The request FIFO opened for writing; None when no agent reads it or it is no FIFO
     (missing, or replaced by a file, a directory or a symlink: the agent cannot be used)."""
     try:
-        fd = os.open(_IN, os.O_WRONLY | os.O_NONBLOCK | _FLAGS, dir_fd=io)
+        return _open_if(io, _IN, os.O_WRONLY | os.O_NONBLOCK, stat.S_ISFIFO)
     except OSError as exc:
-        # ENXIO: a FIFO nobody reads; ENOENT, ELOOP, EISDIR...: no FIFO there at all
+        # ENXIO: a FIFO nobody reads; ENOENT...: no FIFO there at all
         if exc.errno != errno.ENXIO:
             log.debug("exec agent: cannot open %s/in: %s", IO_MOUNT, exc)
         return None
-    if stat.S_ISFIFO(os.fstat(fd).st_mode):
-        return fd
-    os.close(fd)
-    return None
 
 
 def _create(io: int, name: str, data: bytes) -> None:
@@ -345,12 +368,12 @@ def _create(io: int, name: str, data: bytes) -> None:
 
 def _read(io: int, name: str) -> str:
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _FLAGS, dir_fd=io)
+        fd = _open_if(io, name, os.O_RDONLY, stat.S_ISREG)
     except OSError as exc:
         raise BackendError(f"exec agent: cannot read {name}: {exc}") from exc
+    if fd is None:
+        raise BackendError(f"exec agent: cannot read {name}: not a regular file")
     with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise BackendError(f"exec agent: {name} is not a regular file")
         return fh.read().decode("utf-8", errors="replace")
 
 
