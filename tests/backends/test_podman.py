@@ -555,7 +555,7 @@ def test_delete_removes_the_agent_directory(backend: PodmanBackend, state_dir: P
     backend.create(MachineSpec(name, SESSION_LABELS))
     backend.start(name)
     backend.wait_ready(name, timeout=30)
-    assert (state_dir / "podman" / "exec" / name / "in").exists()
+    assert (state_dir / "podman" / "exec" / name / "io" / "in").exists()
     backend.delete(name)
     assert not (state_dir / "podman" / "exec" / name).exists()
 
@@ -675,3 +675,78 @@ def test_gc_removes_what_a_container_removed_outside_vmpool_left_in_the_state_di
     finally:
         for name in names:
             backend.delete(name)
+
+
+# -- a hostile test against the agent's directory (issue 15, findings 3 and 4) ------------------
+def _in_machine(machine: str, script: str) -> None:
+    """Run ``script`` in ``machine`` as test code would (a plain `podman exec`; failures of its
+    individual steps, e.g. on a read-only mount, are the point, not an error)."""
+    podman("exec", machine, "sh", "-c", script).check("tamper")
+
+
+def _kill_agent(machine: str) -> None:
+    podman("exec", machine, "kill", "-9", _agent_pid(machine)).check("kill agent")
+
+
+@pytest.mark.parametrize("planted", ["start.lock", "in", "agent.sh"])
+def test_a_symlink_planted_in_the_agent_directory_creates_nothing_on_the_host(
+    backend: PodmanBackend, machine: str, tmp_path: Path, planted: str
+) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    # a name the host opens there, in every directory of /.vmpool the machine can write,
+    # becomes a symlink to a host path; then the agent dies, so the host must start it again
+    _in_machine(machine, f"""
+        for d in $(find /.vmpool -type d); do
+          rm -rf "$d/{planted}" 2>/dev/null; ln -s "{victim}/{planted}" "$d/{planted}" 2>/dev/null
+        done; true""")
+    _kill_agent(machine)
+    assert backend.exec(machine, ["echo", "one"], timeout=10).stdout == "one\n"
+    assert backend.exec(machine, ["echo", "two"], timeout=10).stdout == "two\n"
+    backend.snapshot(machine)
+    backend.reset(machine)
+    assert backend.exec(machine, ["echo", "three"], timeout=10).stdout == "three\n"
+    assert list(victim.iterdir()) == []
+
+
+def test_an_agent_script_rewritten_by_a_test_does_not_log_the_next_test_s_commands(
+    backend: PodmanBackend, machine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend.snapshot(machine)  # ready: what check-in resets it to
+    # the test: every agent script it can reach now also copies each command to spy.log
+    _in_machine(machine, """
+        for f in $(find /.vmpool -name agent.sh); do
+          d=$(dirname "$f")
+          sed -i 's|sh "$d/$id.sh"|cat "$d/$id.sh" >>"$d/spy.log"; sh "$d/$id.sh"|' "$f"
+        done 2>/dev/null; true""")
+    _kill_agent(machine)  # so the tampered script is what starts next
+    backend.reset(machine)  # check-in
+    secret = f"secret-{uuid.uuid4().hex}"
+    calls = _spy(monkeypatch)
+    assert backend.exec(machine, ["echo", secret], timeout=10).stdout == f"{secret}\n"
+    assert calls == []  # through the agent, as usual
+    host_dir = backend._dir / "exec" / machine
+    logged = [p for p in host_dir.rglob("*") if p.is_file() and secret in p.read_text()]
+    assert logged == []
+    seen = podman("exec", machine, "find", "/.vmpool", "-type", "f", "-exec", "grep", "-l",
+                  secret, "{}", "+")
+    assert seen.stdout == "", seen.stdout
+
+
+@pytest.mark.parametrize("replacement", ["plain file", "directory", "symlink"])
+def test_an_input_fifo_a_test_replaced_is_repaired_not_waited_on(
+    backend: PodmanBackend, machine: str, replacement: str
+) -> None:
+    make = {"plain file": ': > "$f"', "directory": 'mkdir "$f"', "symlink": 'ln -s /x "$f"'}
+    backend.snapshot(machine)
+    _in_machine(machine, f"""
+        for f in $(find /.vmpool -name in); do rm -f "$f"; {make[replacement]}; done""")
+    started = time.monotonic()
+    # the same test's next command: runs (the agent restarted), no timeout, no error
+    assert backend.exec(machine, ["echo", "next exec"], timeout=5).stdout == "next exec\n"
+    assert time.monotonic() - started < 4
+    _in_machine(machine, f"""
+        for f in $(find /.vmpool -name in); do rm -f "$f"; {make[replacement]}; done""")
+    backend.reset(machine)  # check-in; the next test's first command runs through the agent
+    assert backend.exec(machine, ["echo", "next test"], timeout=5).stdout == "next test\n"
+    assert "agent.sh" in podman("exec", machine, "ps", "-o", "args").stdout

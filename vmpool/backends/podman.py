@@ -177,10 +177,7 @@ class PodmanBackend:
             validate_name(spec.network)
         options = self._container_options(name, spec.labels, spec.network)
         command = list(self.settings.command)
-        agent = self._agent(name)
-        if agent is not None:
-            agent.prepare()
-        self._agent_failed.pop(name, None)
+        self._rebuild_agent_dir(name)
         self._run("create", *options, self.settings.image, *command).check(f"create {name}")
         self._write_record(
             _Record(name, self.settings.image, options, command, network=spec.network)
@@ -292,8 +289,10 @@ class PodmanBackend:
         if record is None or not record.warm_image:
             raise BackendError(f"reset {name}: no snapshot recorded; snapshot() it first")
         self._remove_container(name)
-        self._agent_failed.pop(name, None)  # the new container gets its agent in wait_ready
-        run = ["run", "-d", *record.options]
+        # the last user may have tampered with the agent's files: the new container gets new
+        # ones (and its agent in wait_ready)
+        self._rebuild_agent_dir(name)
+        run = ["run", "-d", *self._with_agent_mounts(name, record.options)]
         result = None
         if record.ip:
             result = self._run(*run, "--ip", record.ip, record.warm_image, *record.command)
@@ -521,10 +520,7 @@ class PodmanBackend:
             options += ["--memory", s.memory]
         if s.cpus:
             options += ["--cpus", f"{s.cpus:g}"]
-        agent = self._agent(name)
-        if agent is not None:
-            options += ["--volume", f"{agent.dir}:{_AGENT_MOUNT}"]
-        return options + list(s.extra_args)
+        return self._with_agent_mounts(name, options) + list(s.extra_args)
 
     # -- the exec agent (vmpool.backends.exec_agent) ---------------------------------------------
     def _agent(self, name: str) -> ExecAgent | None:
@@ -539,15 +535,43 @@ class PodmanBackend:
             return None
         return ExecAgent(directory)
 
+    def _rebuild_agent_dir(self, name: str) -> None:
+        """Make the agent's directory as new (its script, an empty FIFO directory), before a
+        container is made from the machine's recipe (create, reset): nothing a test left there
+        reaches the next one."""
+        agent = self._agent(name)
+        if agent is not None:
+            agent.rebuild()
+        self._agent_failed.pop(name, None)
+
+    def _with_agent_mounts(self, name: str, options: Sequence[str]) -> _Argv:
+        """``options`` with the agent's ``--volume`` options as this version makes them (a
+        recipe written by an older one mounted the whole directory writable)."""
+        kept: _Argv = []
+        args = iter(options)
+        for arg in args:
+            if arg == "--volume":
+                value = next(args, "")
+                if value.partition(":")[2].startswith(_AGENT_MOUNT):
+                    continue
+                kept += [arg, value]
+            else:
+                kept.append(arg)
+        agent = self._agent(name)
+        for mount in agent.mounts() if agent is not None else ():
+            kept += ["--volume", mount]
+        return kept
+
     def _agent_ready(self, name: str, agent: ExecAgent) -> bool:
         """Whether ``agent`` listens, starting it (one ``exec -d``) if it should and does not.
 
-        A container made without one (no FIFO) never gets one; after a failed start, commands
-        go through ``exec`` for ``_AGENT_RETRY`` seconds before the next try.
+        A container made without one (no agent directory) never gets one; after a failed start,
+        commands go through ``exec`` for ``_AGENT_RETRY`` seconds before the next try. A request
+        FIFO the container replaced is put back first.
         """
         if agent.listening():
             return True
-        if not (agent.dir / "in").exists():
+        if not agent.installed():  # the container was made without one
             return False
         failed = self._agent_failed.get(name)
         if failed is not None and time.monotonic() - failed < _AGENT_RETRY:
@@ -557,6 +581,13 @@ class PodmanBackend:
                 return agent.listening()  # another process kept the lock; it may have started one
             if agent.listening():  # another process (or thread) started it meanwhile
                 return True
+            try:
+                agent.repair()  # a test may have replaced the FIFO: the agent needs a real one
+            except OSError as exc:
+                log.info("no exec agent in %s (commands use `%s exec`) for now: %s", name,
+                         self._tool, exc)
+                self._agent_failed[name] = time.monotonic()
+                return False
             result = self._run("exec", "-d", name, "sh", agent.script)
             if result.returncode == 0:
                 deadline = time.monotonic() + _AGENT_START
