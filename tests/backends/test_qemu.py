@@ -155,6 +155,19 @@ def test_networks_are_recorded_listed_and_removed(tmp_path: Path) -> None:
     assert list((tmp_path / "qemu" / "networks").iterdir()) == []
 
 
+def test_a_networks_folder_an_older_version_left_open_is_made_private(tmp_path: Path) -> None:
+    folder = tmp_path / "qemu" / "networks"
+    folder.mkdir(parents=True)
+    folder.chmod(0o755)
+    backend = QemuBackend(QemuSettings(), tmp_path)
+    backend.create_network("vmpool-old-net", {})
+    try:
+        assert folder.stat().st_mode & 0o777 == 0o700
+        assert (folder / "vmpool-old-net").stat().st_mode & 0o777 == 0o700
+    finally:
+        backend.delete_network("vmpool-old-net")
+
+
 # --- the network hub (no guests: these connect as QEMU's stream netdev does) ---------------
 
 
@@ -302,16 +315,20 @@ def test_a_deep_state_dir_puts_the_hub_socket_in_the_private_fallback(
     assert not sock_dir.exists()
 
 
-def test_a_machine_start_restarts_a_hub_that_is_gone(tmp_path: Path) -> None:
+def test_a_guest_launch_restarts_a_hub_that_is_gone(tmp_path: Path) -> None:
     backend = QemuBackend(QemuSettings(), tmp_path)
     backend.create_network("vmpool-re-net", {})
     try:
         old = _hub(_network(backend, "vmpool-re-net"))
         old.kill()
         assert _wait_gone(old.pid)
-        backend._ensure_hub("vmpool-re-net")  # what start() does before launching a guest
-        record = _network(backend, "vmpool-re-net")
-        assert _hub(record).pid != old.pid
+        launching = qemu_backend._Record(
+            name="vmpool-re-0", index=0, sock_dir=str(tmp_path), kernel="k", initrd="i",
+            network="vmpool-re-net", hub=str(tmp_path / "recorded-at-create"),
+        )
+        with backend._hub_held(launching):  # what every launch of a guest runs inside
+            record = _network(backend, "vmpool-re-net")
+            assert _hub(record).pid != old.pid
         a, b = _guest(record), _guest(record)
         _send_frame(a, b"again")
         assert _recv_frame(b) == b"again"

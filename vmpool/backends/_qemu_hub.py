@@ -96,7 +96,9 @@ class Hub:
         if not isinstance(data, dict) or data.get("token") != self.token:
             return f"{self.record} belongs to another hub"
         if self.owner is None and not self.ports:
-            return "its owner exited and no guest is connected"
+            self._accept()  # a guest about to start holds a connection: it counts
+            if not self.ports:
+                return "its owner exited and no guest is connected"
         return ""
 
     def _accept(self) -> None:

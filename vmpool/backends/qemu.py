@@ -275,8 +275,6 @@ class QemuBackend:
             log.debug("qemu machine %s already running", name)
             return
         record = self._record(run_dir)
-        if record.network is not None:
-            self._ensure_hub(record.network)
         accel = self.resolve_accel()
         record = replace(
             record, accel=accel, template=None, template_stamp=None, clone_pending=False
@@ -448,8 +446,8 @@ class QemuBackend:
         validate_name(name)
         digest = hashlib.sha256(name.encode()).digest()
         self.root.mkdir(parents=True, exist_ok=True)
-        folder = qemu_net.private_dir(self._networks_dir())
-        net_dir = qemu_net.private_dir(folder / name)
+        folder = qemu_net.private_dir(self._networks_dir(), repair=True)
+        net_dir = qemu_net.private_dir(folder / name, repair=True)
         net = _Network(
             name=name,
             labels=dict(labels),
@@ -500,16 +498,32 @@ class QemuBackend:
         log.debug("network %s: hub pid %d on %s", net.name, pid, net.hub_sock)
         return net
 
-    def _ensure_hub(self, name: str) -> None:
-        """Before a guest connects: (re)start the network's hub if it is not running (it
-        exits when its creator is gone and no guest is connected, e.g. for a kept pool)."""
+    @contextlib.contextmanager
+    def _hub_held(self, record: _Record) -> Iterator[None]:
+        """Around a guest's launch: its network's hub runs (started if gone: it exits once its
+        creator is gone and no guest is connected) and a connection of ours holds it until
+        qemu has connected, which it does before -daemonize returns. (A qemu that finds no
+        hub to connect to starts all the same, silently offline.)"""
+        if record.network is None or record.hub is None:
+            yield
+            return
         with self._hub_lock:
-            net = self._read_network(name)
+            net = self._read_network(record.network)
             if net is None:
-                raise BackendError(f"network {name} does not exist (create_network() first)")
-            if qemu_net.find_hub(net.hub_pid, net.token) is None:
-                log.info("network %s: its hub is not running; starting one", name)
-                self._start_hub(net)
+                raise BackendError(
+                    f"network {record.network} does not exist (create_network() first)"
+                )
+            held = None
+            if qemu_net.find_hub(net.hub_pid, net.token) is not None:
+                held = _connect_quiet(net.hub_sock)
+            if held is None:
+                log.info("network %s: its hub is not running; starting one", net.name)
+                net = self._start_hub(net)
+                held = _connect_quiet(net.hub_sock)
+                if held is None:
+                    raise BackendError(f"network {net.name}: its new hub does not accept")
+        with held:
+            yield
 
     def list_networks(self, prefix: str) -> builtins.list[MachineInfo]:
         """Network records whose name starts with ``prefix`` (a recorded network is usable)."""
@@ -749,7 +763,8 @@ class QemuBackend:
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         argv = self._argv(run_dir, record, accel, template=template, incoming=incoming)
-        result = _proc.run(argv, timeout=_LAUNCH_TIMEOUT, install_hint=INSTALL_HINT)
+        with self._hub_held(record):
+            result = _proc.run(argv, timeout=_LAUNCH_TIMEOUT, install_hint=INSTALL_HINT)
         if result.returncode != 0:
             raise BackendError(
                 f"qemu for {record.name} failed to start (exit {result.returncode}): "
@@ -1353,6 +1368,17 @@ def _kill_guest_process(agent: _Agent, pid: int) -> None:
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+def _connect_quiet(path: Path) -> socket.socket | None:
+    """A connection to the unix socket ``path``, or None if nothing accepts there."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 def _qmp_sock(record: _Record) -> Path:

@@ -32,9 +32,13 @@ _HUB_START_TIMEOUT = 30.0
 _HUB_SCRIPT = str(Path(_qemu_hub.__file__).resolve())
 
 
-def private_dir(path: Path) -> Path:
+def private_dir(path: Path, *, repair: bool = False) -> Path:
     """``path`` as a directory only we can use: made with mode 0700 if missing, else checked
-    (without following a symlink) to be a directory of our uid with mode 0700."""
+    (without following a symlink) to be a directory of our uid with mode 0700.
+
+    With ``repair`` (a directory inside our own state directory, e.g. made by an older
+    version), a directory of ours with another mode is set to 0700 instead of refused.
+    """
     created = False
     try:
         os.mkdir(path, 0o700)
@@ -49,9 +53,11 @@ def private_dir(path: Path) -> Path:
             f"{path} is {kind} ({exc.strerror}); refusing to put sockets there: remove it"
         ) from exc
     try:
-        if created:
-            os.fchmod(fd, 0o700)  # whatever the umask made of it
-        refusal = _refusal(os.fstat(fd))
+        st = os.fstat(fd)
+        if (created or repair) and st.st_uid == os.getuid():
+            os.fchmod(fd, 0o700)  # whatever the umask (or an older version) made of it
+            st = os.fstat(fd)
+        refusal = _refusal(st)
     finally:
         os.close(fd)
     if refusal:
