@@ -315,6 +315,17 @@ def test_a_deep_state_dir_puts_the_hub_socket_in_the_private_fallback(
     assert not sock_dir.exists()
 
 
+def test_a_hub_that_cannot_start_fails_create_network_naming_why(tmp_path: Path) -> None:
+    net_dir = tmp_path / "qemu" / "networks" / "vmpool-bad-net"
+    net_dir.mkdir(parents=True, mode=0o700)
+    (net_dir / "hub.sock").write_text("not a socket")
+    backend = QemuBackend(QemuSettings(), tmp_path)
+    with pytest.raises(BackendError, match=r"hub\.sock exists and is not a socket"):
+        backend.create_network("vmpool-bad-net", {})
+    assert backend.list_networks("vmpool-bad") == []
+    assert not net_dir.exists()
+
+
 def test_a_guest_launch_restarts_a_hub_that_is_gone(tmp_path: Path) -> None:
     backend = QemuBackend(QemuSettings(), tmp_path)
     backend.create_network("vmpool-re-net", {})
@@ -337,17 +348,17 @@ def test_a_guest_launch_restarts_a_hub_that_is_gone(tmp_path: Path) -> None:
 
 
 @as_another_user
-def test_another_user_cannot_connect_or_send_to_a_network_hub(tmp_path: Path) -> None:
-    state = Path(tempfile.mkdtemp(prefix="vmpool-open-"))
+def test_another_user_cannot_connect_or_send_to_a_network_hub() -> None:
+    state = Path(tempfile.mkdtemp(prefix="vmpool-open-"))  # not pytest's tmp: that is 0700
+    backend = QemuBackend(QemuSettings(), state)
     try:
-        state.chmod(0o755)  # everything up to our own directories is open to them
-        backend = QemuBackend(QemuSettings(), state)
         backend.create_network("vmpool-priv-net", {})
-        record = _network(backend, "vmpool-priv-net")
-        assert _other_user_tries([Path(str(record["sock_dir"])) / "hub.sock"], state / "qemu") \
-            == ["EACCES EACCES"]
+        hub = Path(str(_network(backend, "vmpool-priv-net")["sock_dir"])) / "hub.sock"
+        for level in (state, backend.root):
+            level.chmod(0o755)  # open up to qemu/: what refuses is the network's own directory
+        assert _other_user_tries([hub], backend.root) == ["EACCES EACCES"]
     finally:
-        QemuBackend(QemuSettings(), state).delete_network("vmpool-priv-net")
+        backend.delete_network("vmpool-priv-net")
         shutil.rmtree(state, ignore_errors=True)
 
 
@@ -658,6 +669,7 @@ def test_another_user_can_open_no_socket_of_the_pool_network_or_its_guests(
         assert qemu_proc.net_connections("inet") == []
         assert "mcast=" not in " ".join(qemu_proc.cmdline())
     # (and the guests reach each other: test_machines_on_one_network_reach_each_other)
+    backend.root.chmod(0o755)  # open up to qemu/: what refuses is the network's own directory
     assert _other_user_tries(sockets, backend.root) == ["EACCES EACCES"] * len(sockets)
 
 

@@ -456,8 +456,12 @@ class QemuBackend:
             sock_dir=str(qemu_net.make_socket_dir(net_dir, qemu_net.HUB_SOCK)),
             token="",
         )
-        with self._hub_lock:
-            self._start_hub(net)
+        try:
+            with self._hub_lock:
+                self._start_hub(net)
+        except BaseException:
+            self.delete_network(name)
+            raise
 
     def delete_network(self, name: str) -> None:
         """Stop the network's hub, remove its record and sockets; a missing network is success."""
@@ -485,14 +489,9 @@ class QemuBackend:
         net = replace(net, token=secrets.token_hex(12), hub_pid=None)
         path = self._network_path(net.name)
         _write_json(path, asdict(net))
-        try:
-            pid = qemu_net.start_hub(
-                net.hub_sock, path, net.token,
-                self._networks_dir() / net.name / qemu_net.HUB_LOG,
-            )
-        except BaseException:
-            self.delete_network(net.name)
-            raise
+        pid = qemu_net.start_hub(
+            net.hub_sock, path, net.token, self._networks_dir() / net.name / qemu_net.HUB_LOG
+        )
         net = replace(net, hub_pid=pid)
         _write_json(path, asdict(net))
         log.debug("network %s: hub pid %d on %s", net.name, pid, net.hub_sock)
