@@ -274,6 +274,8 @@ def test_the_hub_of_an_exited_creator_stops_once_no_guest_is_connected(tmp_path:
     assert not _wait_gone(hub.pid, timeout=1.0)  # a guest still uses it (a kept pool's)
     guest.close()
     assert _wait_gone(hub.pid)
+    QemuBackend(QemuSettings(), tmp_path).delete_network("vmpool-gone01-net")
+    assert not Path(str(record["sock_dir"])).exists()
 
 
 def test_the_hub_stops_by_itself_when_its_network_record_is_removed(tmp_path: Path) -> None:
@@ -283,7 +285,9 @@ def test_the_hub_stops_by_itself_when_its_network_record_is_removed(tmp_path: Pa
     hub = _hub(record)
     (backend.root / "networks" / "vmpool-rm-net.json").unlink()  # e.g. by a process it ignores
     assert _wait_gone(hub.pid)
-    backend.delete_network("vmpool-rm-net")
+    backend.delete_network("vmpool-rm-net")  # without its record: what is left still goes
+    assert not Path(str(record["sock_dir"])).exists()
+    assert list((backend.root / "networks").iterdir()) == []
 
 
 def test_gc_of_a_crashed_pool_stops_its_network_hub(tmp_path: Path) -> None:
@@ -315,15 +319,19 @@ def test_a_deep_state_dir_puts_the_hub_socket_in_the_private_fallback(
     assert not sock_dir.exists()
 
 
-def test_a_hub_that_cannot_start_fails_create_network_naming_why(tmp_path: Path) -> None:
-    net_dir = tmp_path / "qemu" / "networks" / "vmpool-bad-net"
-    net_dir.mkdir(parents=True, mode=0o700)
-    (net_dir / "hub.sock").write_text("not a socket")
-    backend = QemuBackend(QemuSettings(), tmp_path)
-    with pytest.raises(BackendError, match=r"hub\.sock exists and is not a socket"):
-        backend.create_network("vmpool-bad-net", {})
-    assert backend.list_networks("vmpool-bad") == []
-    assert not net_dir.exists()
+def test_a_hub_that_cannot_start_fails_create_network_naming_why() -> None:
+    state = Path(tempfile.mkdtemp(prefix="vmpool-bad-"))  # short: the socket is in net_dir
+    try:
+        net_dir = state / "qemu" / "networks" / "vmpool-bad-net"
+        net_dir.mkdir(parents=True, mode=0o700)
+        (net_dir / "hub.sock").write_text("not a socket")
+        backend = QemuBackend(QemuSettings(), state)
+        with pytest.raises(BackendError, match=r"hub\.sock exists and is not a socket"):
+            backend.create_network("vmpool-bad-net", {})
+        assert backend.list_networks("vmpool-bad") == []
+        assert not net_dir.exists()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_a_guest_launch_restarts_a_hub_that_is_gone(tmp_path: Path) -> None:

@@ -474,14 +474,14 @@ class QemuBackend:
         if proc is not None:
             _kill(proc)
         net_dir = self._networks_dir() / name
+        recorded = data.get("sock_dir")
+        sock_dirs = {qemu_net.socket_dir(net_dir, qemu_net.HUB_SOCK)}  # also without a record
+        if isinstance(recorded, str):
+            sock_dirs.add(Path(recorded))
         shutil.rmtree(net_dir, ignore_errors=True)
-        sock_dir = data.get("sock_dir")
-        if (
-            isinstance(sock_dir, str)
-            and Path(sock_dir) != net_dir
-            and qemu_net.is_private_dir(Path(sock_dir).parent)
-        ):
-            shutil.rmtree(sock_dir, ignore_errors=True)
+        for sock_dir in sock_dirs - {net_dir}:
+            if qemu_net.is_private_dir(sock_dir.parent):
+                shutil.rmtree(sock_dir, ignore_errors=True)
 
     def _start_hub(self, net: _Network) -> _Network:
         """Record ``net`` under a new token and start its hub (a previous one sees the new
