@@ -23,6 +23,7 @@ from vmpool.backends.podman import (
     PodmanBackend,
     RunOptions,
     build_image,
+    image_current,
     warm_image_name,
 )
 from vmpool.config import PodmanSettings
@@ -119,7 +120,24 @@ def test_check_passes_with_tool_and_image(backend: PodmanBackend) -> None:
 def test_build_image_keeps_an_existing_image(image: str) -> None:
     messages: list[str] = []
     assert build_image(PodmanSettings(), progress=messages.append) == DEFAULT_IMAGE
-    assert any("already exists" in m for m in messages)
+    assert any("is up to date" in m for m in messages)
+    assert image_current(PodmanSettings())
+
+
+def test_build_image_rebuilds_an_image_whose_recipe_changed(
+    image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(podman_backend, "_IMAGE_VERSION", -1)
+    assert not image_current(PodmanSettings())
+    messages: list[str] = []
+    try:
+        build_image(PodmanSettings(), progress=messages.append)
+        assert any("out of date" in m for m in messages)
+        assert image_current(PodmanSettings())
+    finally:
+        monkeypatch.undo()
+        build_image(PodmanSettings())
+    assert image_current(PodmanSettings())
 
 
 def test_missing_tool_is_backend_unavailable_saying_what_to_install(
