@@ -393,6 +393,9 @@ class PodmanBackend:
     def create_network(self, name: str, labels: Mapping[str, str]) -> None:
         validate_name(name)
         args = ["network", "create"]
+        if self._tool == "podman":
+            # podman bridges forward to each other by default; docker's are isolated already
+            args += ["--opt", "isolate=true"]
         for key, value in sorted(labels.items()):
             args += ["--label", f"{key}={value}"]
         result = self._run(*args, name)
