@@ -135,11 +135,14 @@ def probe_until(
     sleep: Callable[[float], None] = time.sleep,
     first_interval: float = 0.05,
     max_interval: float = 1.0,
+    fatal: tuple[type[Exception], ...] = (),
+    on_timeout: Callable[[int, str], Exception] | None = None,
 ) -> None:
     """Call ``probe`` until it returns without raising, or raise ReadyTimeout.
 
     The interval grows from ``first_interval`` to ``max_interval``; the last probe error is
-    part of the ReadyTimeout message.
+    part of the ReadyTimeout message. Errors of a ``fatal`` type end the wait at once;
+    ``on_timeout(attempts, last_error)`` makes the exception raised at the deadline instead.
     """
     deadline = clock() + timeout
     interval = first_interval
@@ -150,12 +153,16 @@ def probe_until(
         try:
             probe()
             return
+        except fatal:
+            raise
         except VmPoolError as exc:
             last = str(exc)
         except OSError as exc:
             last = f"{type(exc).__name__}: {exc}"
         remaining = deadline - clock()
         if remaining <= 0:
+            if on_timeout is not None:
+                raise on_timeout(attempts, last)
             raise ReadyTimeout(
                 f"{what} not ready after {timeout:g}s ({attempts} probes); last error: {last}"
             )
