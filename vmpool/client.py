@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal, overload
 
 from vmpool import leases, ops, transfer
-from vmpool.backends.base import Backend, ExecResult, probe_until
+from vmpool.backends.base import Backend, ExecResult, SshAccess, probe_until
 from vmpool.errors import (
     CapabilityError,
     CommandFailed,
@@ -62,6 +62,18 @@ class VM:
         if check and result.returncode != 0:
             raise CommandFailed(argv, result.returncode, result.stdout, result.stderr)
         return result
+
+    @property
+    def ssh(self) -> SshAccess:
+        """How deploy tools log in (``.host``, ``.port``, ``.user``, ``.key_file``,
+        ``.argv(*cmd)``); CapabilityError for a machine without an ssh endpoint."""
+        access = self.backend.ssh(self.name)
+        if access is None:
+            raise CapabilityError(
+                f"{self.name} ({self.backend.name}) has no ssh endpoint: use a machine with "
+                'sshd, e.g. [podman] distro = "debian"'
+            )
+        return access
 
     # -- the VM-test API (named as in the NixOS test driver) ---------------------------------
     def succeed(self, cmd: Sequence[str] | str, *, timeout: float = 60.0) -> str:

@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from vmpool.errors import ReadyTimeout, VmPoolError
@@ -79,6 +80,34 @@ class MachineInfo:
     running: bool = False
 
 
+#: ssh options that make a login non-interactive and trust a throwaway machine's host key
+#: (each machine makes its own when it first starts, so none could be known ahead)
+SSH_OPTIONS = (
+    "-o", "BatchMode=yes",
+    "-o", "StrictHostKeyChecking=no",
+    "-o", "UserKnownHostsFile=/dev/null",
+    "-o", "IdentitiesOnly=yes",
+    "-o", "LogLevel=ERROR",
+)
+
+
+@dataclass(frozen=True)
+class SshAccess:
+    """How a deploy tool (ssh, Ansible, testinfra, Fabric) logs in to a machine."""
+
+    host: str
+    port: int
+    user: str
+    key_file: Path
+
+    def argv(self, *cmd: str) -> builtins.list[str]:
+        """An ssh command line running ``cmd`` in the machine (a login shell without ``cmd``)."""
+        return [
+            "ssh", *SSH_OPTIONS, "-i", str(self.key_file), "-p", str(self.port),
+            f"{self.user}@{self.host}", *cmd,
+        ]
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A tool that makes machines. Every method may raise BackendError (or a subclass)."""
@@ -124,6 +153,9 @@ class Backend(Protocol):
 
     def list_networks(self, prefix: str) -> builtins.list[MachineInfo]:
         """Networks whose name starts with ``prefix``, with labels where supported."""
+
+    def ssh(self, name: str) -> SshAccess | None:
+        """How to log in to the machine by ssh, or None when it has no ssh endpoint."""
 
 
 def probe_until(

@@ -46,6 +46,7 @@ from vmpool.backends.base import (
     ExecResult,
     MachineInfo,
     MachineSpec,
+    SshAccess,
     probe_until,
     validate_name,
 )
@@ -463,6 +464,10 @@ class QemuBackend:
             if net is not None:
                 out.append(MachineInfo(name, net.labels, True))
         return out
+
+    def ssh(self, name: str) -> SshAccess | None:
+        """None: the busybox guest has no sshd (the Debian guest will forward one)."""
+        return None
 
     # --- acceleration -------------------------------------------------------------------
 
