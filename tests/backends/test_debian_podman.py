@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import stat
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -154,3 +155,18 @@ def test_reset_brings_a_systemd_machine_back_to_its_ready_state(
     assert ran.returncode == 0, ran.stderr
     print(f"reset of a systemd machine: {took:.2f}s; machine-id {machine_id.strip()} -> "
           f"{vm.succeed('cat /etc/machine-id').strip()}")
+
+
+def test_ansible_ping_reaches_every_machine_of_the_inventory(
+    vms: list[VM], tmp_path: Path
+) -> None:
+    # ansible-core is a dev extra (`pip install -e '.[dev]'`, as .ci/install does)
+    inventory = vmpool.ansible_inventory(vms, tmp_path / "hosts.ini")
+    ran = _proc.run(
+        [sys.executable, "-m", "ansible.cli.adhoc", "-i", str(inventory), "vmpool", "-m", "ping"],
+        timeout=300,
+        env={"ANSIBLE_HOME": str(tmp_path / "ansible"), "ANSIBLE_NOCOLOR": "1"},
+    )
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    for vm in vms:
+        assert f"{vm.name} | SUCCESS" in ran.stdout

@@ -114,3 +114,36 @@ def test_copy_from_refuses_a_symlink_the_machine_planted(vm: VM, tmp_path: Path)
     with pytest.raises(TransferError):
         vm.copy_from("/tmp/trap", tmp_path / "trap")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.qemu
+def test_succeed_copy_to_and_copy_from_on_a_qemu_guest(
+    tmp_path: Path, handle: Callable[[Backend, str], VM]
+) -> None:
+    from vmpool.backends.qemu import QemuBackend
+    from vmpool.backends.qemu_image import build_image as build_qemu_image
+    from vmpool.config import QemuSettings
+
+    settings = QemuSettings(warmup="boot")
+    build_qemu_image(settings)  # the user cache's image (.ci/install built it): kept if current
+    backend = QemuBackend(settings, tmp_path / "state")
+    name = f"vmapitest-{uuid.uuid4().hex[:8]}"
+    try:
+        backend.create(MachineSpec(name, LABELS))
+        backend.start(name)
+        backend.wait_ready(name, timeout=120)
+        vm = handle(backend, name)
+        assert vm.succeed("echo $((6 * 7))") == "42\n"
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "tool").write_text("#!/bin/sh\necho from-host\n")
+        (src / "tool").chmod(0o750)
+        vm.copy_to(src, "/tmp/in")
+        assert vm.succeed("/tmp/in/tool; stat -c %a /tmp/in/tool") == "from-host\n750\n"
+        vm.succeed("echo from-guest > /tmp/in/made")
+        vm.copy_from("/tmp/in", tmp_path / "out")
+        assert (tmp_path / "out" / "made").read_text() == "from-guest\n"
+        assert stat.S_IMODE((tmp_path / "out" / "tool").stat().st_mode) == 0o750
+    finally:
+        backend.release(name)
+        backend.delete(name)

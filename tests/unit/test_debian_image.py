@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vmpool.backends import debian_image
@@ -55,3 +57,16 @@ def test_distro_selects_the_built_image_unless_one_is_configured() -> None:
 def test_a_missing_debian_image_names_the_command_that_builds_it() -> None:
     message = _missing_image_message("podman", debian_image_name())
     assert "vmpool image build --backend podman --distro debian" in message
+
+
+def test_systemd_machines_need_podman_not_docker(tmp_path: Path) -> None:
+    from vmpool.backends.podman import PodmanBackend
+    from vmpool.errors import BackendUnavailable
+
+    docker = PodmanBackend(PodmanSettings(tool="docker", systemd=True), tmp_path)
+    with pytest.raises(BackendUnavailable, match="needs tool = \"podman\""):
+        docker._boots_systemd()
+    # auto and false never ask docker for systemd, nor run anything to decide
+    assert not PodmanBackend(PodmanSettings(tool="docker"), tmp_path)._boots_systemd()
+    off = PodmanBackend(PodmanSettings(distro="debian", systemd=False), tmp_path)
+    assert not off._boots_systemd()
