@@ -43,6 +43,7 @@ from vmpool.backends.base import (
 )
 from vmpool.backends.exec_agent import EXEC_ENV, ExecAgent, kill_script
 from vmpool.backends.exec_agent import MOUNT_POINT as _AGENT_MOUNT
+from vmpool.backends.podman_live import LiveReset
 from vmpool.config import PodmanSettings
 from vmpool.errors import BackendError, BackendUnavailable, ExecTimeout, VmPoolError
 
@@ -155,6 +156,9 @@ class PodmanBackend:
         self._agent_failed: dict[str, float] = {}
         self._agent_path_warned = False
         self._nap = threading.Event()  # never set: a sleep that tests' patched time.sleep spares
+        #: in-place resets (vmpool.backends.podman_live); podman only
+        self._live = LiveReset(self._dir / "live", self._write_json) if self._tool == "podman" \
+            else None
 
     # -- the protocol --------------------------------------------------------------------------
     def check(self) -> None:
@@ -254,6 +258,7 @@ class PodmanBackend:
             record.ip = self.address(name) if record.network else None
             self._write_record(record)
             log.debug("snapshot %s: unchanged since %s, no commit", name, record.image)
+            self._snapshot_live(name)
             return
         warm = warm_image_name(name)
         if record.warm_image != warm:
@@ -271,6 +276,15 @@ class PodmanBackend:
         record.ip = self.address(name) if record.network else None
         self._write_record(record)
         log.debug("snapshot %s -> %s (%s) in %.3fs", name, warm, image_id, result.duration)
+        self._snapshot_live(name)
+
+    def _snapshot_live(self, name: str) -> None:
+        """Record the ready state a live reset returns to (nothing when one is impossible)."""
+        if self._live is None:
+            return
+        info = self._inspect(name)
+        if info is not None:
+            self._live.snapshot(name, info, {_AGENT_MOUNT}, self._address_in(name, info))
 
     def _unchanged(self, name: str) -> bool:
         """True when the container's filesystem differs from its image only by the directories
@@ -282,8 +296,14 @@ class PodmanBackend:
         return changes <= _MOUNT_POINT_DIRS
 
     def reset(self, name: str) -> None:
-        """Replace the container by a fresh one from its warm image (same name and options)."""
+        """Reset in place (vmpool.backends.podman_live) where possible, else replace the
+        container by a fresh one from its warm image (same name and options)."""
         validate_name(name)
+        if self._live is not None and self._live.reset(name):
+            record = self._load_record(name)
+            if record is not None:  # warm images an earlier snapshot left, now unused
+                self._drop_stale_images(record)
+            return
         record = self._load_record(name)
         if record is None and _image_exists(self.settings, warm_image_name(name), what="reset"):
             # the record is lost but the warm image is there: rebuild the recipe from the tool
@@ -306,6 +326,7 @@ class PodmanBackend:
             self._run(*run, record.warm_image, *record.command).check(f"reset {name}")
         self._drop_stale_images(record)
         self.wait_ready(name, self.settings.command_timeout)
+        self._snapshot_live(name)  # the new container's ready state, for the next reset
 
     def delete(self, name: str) -> None:
         validate_name(name)
@@ -329,8 +350,9 @@ class PodmanBackend:
             return {}
         errors: dict[str, str] = {}
         # --ignore: podman 4.3's `rm -f` given several names, one of them missing, exits 0 and
-        # removes none of them
-        args = ["rm", "-f", "-t", "0", "--ignore"] if self._tool == "podman" else ["rm", "-f"]
+        # removes none of them; -v: with the anonymous volumes the image declares
+        args = ["rm", "-f", "-v", "-t", "0", "--ignore"] if self._tool == "podman" \
+            else ["rm", "-f", "-v"]
         result = self._run(*args, *names)
         if result.returncode != 0:
             # which one failed (or was merely missing: docker says so)? ask one by one
@@ -377,9 +399,16 @@ class PodmanBackend:
         return sorted(machines.values(), key=lambda m: m.name)
 
     def address(self, name: str) -> str | None:
+        if self._live is not None:
+            known, ip = self._live.address(validate_name(name))
+            if known:  # still the container recorded ready: it kept its address
+                return ip
         info = self._inspect(validate_name(name))
         if info is None:
             raise BackendError(f"address {name}: no container named {name!r}")
+        return self._address_in(name, info)
+
+    def _address_in(self, name: str, info: Mapping[str, Any]) -> str | None:
         settings = info.get("NetworkSettings") or {}
         networks: Mapping[str, Any] = settings.get("Networks") or {}
         record = self._load_record(name)
@@ -517,6 +546,10 @@ class PodmanBackend:
         if network:
             options += ["--network", network]
         options += self.run_options().argv()
+        if self._tool == "podman" and not any(
+            a == "--init" or a.startswith("--systemd") for a in s.extra_args
+        ):
+            options.append("--init")  # an init as PID 1 reaps orphans; a live reset needs one
         if s.memory:
             options += ["--memory", s.memory]
         if s.cpus:
@@ -588,6 +621,7 @@ class PodmanBackend:
         gone: _Argv = []
         leftovers = [(p.name[: -len(".json")], p) for p in self._dir.glob(f"{prefix}*.json")]
         leftovers += [(p.name, p) for p in (self._dir / "exec").glob(f"{prefix}*")]
+        leftovers += [(p.name, p) for p in (self._dir / "live").glob(f"{prefix}*")]
         for name, path in leftovers:
             try:
                 old = now - path.stat().st_mtime > older_than
@@ -609,6 +643,8 @@ class PodmanBackend:
         with contextlib.suppress(FileNotFoundError):
             self._record_path(name).unlink()
         shutil.rmtree(self._dir / "exec" / name, ignore_errors=True)
+        if self._live is not None:
+            self._live.forget(name)
         self._agent_failed.pop(name, None)
 
     def _is_tool_error(self, name: str, result: _proc.ProcResult) -> bool:
@@ -649,8 +685,10 @@ class PodmanBackend:
         )
 
     def _remove_container(self, name: str) -> None:
-        # podman's rm -f first waits the stop timeout (10 s) for `sleep` as pid 1 to ignore TERM
-        args = ["rm", "-f", "-t", "0", name] if self._tool == "podman" else ["rm", "-f", name]
+        # podman's rm -f first waits the stop timeout (10 s) for `sleep` as pid 1 to ignore TERM;
+        # -v: the anonymous volumes the image declares go too (one would leak per reset)
+        args = ["rm", "-f", "-v", "-t", "0", name] if self._tool == "podman" \
+            else ["rm", "-f", "-v", name]
         result = self._run(*args)
         if result.returncode != 0 and not _is_missing(result.stderr):
             result.check(f"remove {name}")
