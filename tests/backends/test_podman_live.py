@@ -314,6 +314,16 @@ def test_a_ready_time_process_that_died_falls_back(
     _falls_back_clean(backend, name, caplog, "ready-time process", ready)
 
 
+def test_a_stopped_ready_time_process_falls_back(
+    make: Callable[..., tuple[PodmanBackend, str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    backend, name = make()
+    ready = ready_state(backend, name)
+    sleeper = next(p for p in processes(name) if p.split(" ", 3)[3] == "sleep infinity")
+    run(backend, name, f"kill -STOP {sleeper.split()[0]}")
+    _falls_back_clean(backend, name, caplog, "are stopped", ready)
+
+
 def test_no_cgroup_found_falls_back(
     make: Callable[..., tuple[PodmanBackend, str]], monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture, tmp_path: Path,
