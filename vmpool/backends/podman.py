@@ -3,11 +3,14 @@
 One module drives either CLI (``[podman] tool``). The OCI runtime and the ``--ulimit`` values a
 container needs are detected once per tool binary (its path, size and modification time, so an
 upgrade invalidates the verdict), by running a throwaway container, and cached
-in ``<state_dir>/<tool>/runtime.json``. Reset is "commit when ready, recreate from the commit":
-each machine's recipe (options and command) is kept in ``<state_dir>/<tool>/<name>.json`` so any
-process sharing the state directory can recreate it exactly. A snapshot holds the filesystem, not
-processes (a daemon started before it is not running after reset), and a reset container may get
-a new address on its network (its name, which is also its hostname, stays).
+in ``<state_dir>/<tool>/runtime.json``. On podman, reset is first tried in place, without a new
+container (vmpool.backends.podman_live: the processes running at ready time keep running, the
+address stays). Otherwise, and on docker, reset is "commit when ready, recreate from the
+commit": each machine's recipe (options and command) is kept in
+``<state_dir>/<tool>/<name>.json`` so any process sharing the state directory can recreate it
+exactly. A commit holds the filesystem, not processes (a daemon started before it is not running
+after such a reset), and a recreated container may get a new address on its network (its name,
+which is also its hostname, stays).
 """
 
 from __future__ import annotations
