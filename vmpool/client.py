@@ -496,10 +496,8 @@ def reset_machine(
         error = str(exc)
         log.warning("reset of %s failed, it will be replaced: %s", name, exc)
     try:
-        with store.transaction() as pool:
-            leases.finish_reset(
-                pool, name, ok=error is None, error=error, now=clock(), address=address
-            )
+        store.run(ops.ResetDone(name=name, ok=error is None, error=error, address=address,
+                                now=clock()))
     except StateError:
         log.warning("pool gone while resetting %s", name)
     return error is None

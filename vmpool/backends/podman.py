@@ -3,11 +3,14 @@
 One module drives either CLI (``[podman] tool``). The OCI runtime and the ``--ulimit`` values a
 container needs are detected once per tool binary (its path, size and modification time, so an
 upgrade invalidates the verdict), by running a throwaway container, and cached
-in ``<state_dir>/<tool>/runtime.json``. Reset is "commit when ready, recreate from the commit":
-each machine's recipe (options and command) is kept in ``<state_dir>/<tool>/<name>.json`` so any
-process sharing the state directory can recreate it exactly. A snapshot holds the filesystem, not
-processes (a daemon started before it is not running after reset), and a reset container may get
-a new address on its network (its name, which is also its hostname, stays).
+in ``<state_dir>/<tool>/runtime.json``. On podman, reset is first tried in place, without a new
+container (vmpool.backends.podman_live: the processes running at ready time keep running, the
+address stays). Otherwise, and on docker, reset is "commit when ready, recreate from the
+commit": each machine's recipe (options and command) is kept in
+``<state_dir>/<tool>/<name>.json`` so any process sharing the state directory can recreate it
+exactly. A commit holds the filesystem, not processes (a daemon started before it is not running
+after such a reset), and a recreated container may get a new address on its network (its name,
+which is also its hostname, stays).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from vmpool.backends.base import (
 )
 from vmpool.backends.exec_agent import EXEC_ENV, ExecAgent, kill_script
 from vmpool.backends.exec_agent import MOUNT_POINT as _AGENT_MOUNT
+from vmpool.backends.podman_live import LiveReset
 from vmpool.config import ImageSettings, PodmanSettings
 from vmpool.errors import BackendError, BackendUnavailable, ExecTimeout, VmPoolError
 from vmpool.ssh import pool_key
@@ -175,6 +179,9 @@ class PodmanBackend:
         self._agent_failed: dict[str, float] = {}
         self._agent_path_warned = False
         self._nap = threading.Event()  # never set: a sleep that tests' patched time.sleep spares
+        #: in-place resets (vmpool.backends.podman_live); podman only
+        self._live = LiveReset(self._dir / "live", self._write_json) if self._tool == "podman" \
+            else None
 
     # -- the protocol --------------------------------------------------------------------------
     def check(self) -> None:
@@ -276,6 +283,7 @@ class PodmanBackend:
             record.ip = self.address(name) if record.network else None
             self._write_record(record)
             log.debug("snapshot %s: unchanged since %s, no commit", name, record.image)
+            self._snapshot_live(name)
             return
         warm = warm_image_name(name)
         if record.warm_image != warm:
@@ -293,6 +301,15 @@ class PodmanBackend:
         record.ip = self.address(name) if record.network else None
         self._write_record(record)
         log.debug("snapshot %s -> %s (%s) in %.3fs", name, warm, image_id, result.duration)
+        self._snapshot_live(name)
+
+    def _snapshot_live(self, name: str) -> None:
+        """Record the ready state a live reset returns to (nothing when one is impossible)."""
+        if self._live is None:
+            return
+        info = self._inspect(name)
+        if info is not None:
+            self._live.snapshot(name, info, {_AGENT_MOUNT}, self._address_in(name, info))
 
     def _probe_systemd(self, name: str, timeout: float) -> None:
         """Raise BackendError unless systemd in ``name`` is in one of the ready states."""
@@ -364,8 +381,18 @@ class PodmanBackend:
         return changes <= _MOUNT_POINT_DIRS
 
     def reset(self, name: str) -> None:
-        """Replace the container by a fresh one from its warm image (same name and options)."""
+        """Reset in place (vmpool.backends.podman_live) where possible, else replace the
+        container by a fresh one from its warm image (same name and options)."""
         validate_name(name)
+        if self._live is not None and self._live.reset(name):
+            if self._agent_intact(name):
+                record = self._load_record(name)
+                if record is not None:  # warm images an earlier snapshot left, now unused
+                    self._drop_stale_images(record)
+                return
+            # the live reset keeps the ready-time agent; one whose FIFO a test replaced no
+            # longer serves, and only a new container rebuilds its directory (finding 4)
+            log.info("reset %s: the exec agent no longer listens; a full reset instead", name)
         record = self._load_record(name)
         if record is None and _image_exists(self.settings, warm_image_name(name), what="reset"):
             # the record is lost but the warm image is there: rebuild the recipe from the tool
@@ -390,6 +417,7 @@ class PodmanBackend:
             self._run(*run, record.warm_image, *record.command).check(f"reset {name}")
         self._drop_stale_images(record)
         self.wait_ready(name, self.settings.command_timeout)
+        self._snapshot_live(name)  # the new container's ready state, for the next reset
 
     def delete(self, name: str) -> None:
         validate_name(name)
@@ -413,8 +441,9 @@ class PodmanBackend:
             return {}
         errors: dict[str, str] = {}
         # --ignore: podman 4.3's `rm -f` given several names, one of them missing, exits 0 and
-        # removes none of them
-        args = ["rm", "-f", "-t", "0", "--ignore"] if self._tool == "podman" else ["rm", "-f"]
+        # removes none of them; -v: with the anonymous volumes the image declares
+        args = ["rm", "-f", "-v", "-t", "0", "--ignore"] if self._tool == "podman" \
+            else ["rm", "-f", "-v"]
         result = self._run(*args, *names)
         if result.returncode != 0:
             # which one failed (or was merely missing: docker says so)? ask one by one
@@ -461,9 +490,16 @@ class PodmanBackend:
         return sorted(machines.values(), key=lambda m: m.name)
 
     def address(self, name: str) -> str | None:
+        if self._live is not None:
+            known, ip = self._live.address(validate_name(name))
+            if known:  # still the container recorded ready: it kept its address
+                return ip
         info = self._inspect(validate_name(name))
         if info is None:
             raise BackendError(f"address {name}: no container named {name!r}")
+        return self._address_in(name, info)
+
+    def _address_in(self, name: str, info: Mapping[str, Any]) -> str | None:
         settings = info.get("NetworkSettings") or {}
         networks: Mapping[str, Any] = settings.get("Networks") or {}
         record = self._load_record(name)
@@ -604,6 +640,10 @@ class PodmanBackend:
         if network:
             options += ["--network", network]
         options += self.run_options().argv()
+        if self._tool == "podman" and not systemd and not any(
+            a == "--init" or a.startswith("--systemd") for a in s.extra_args
+        ):
+            options.append("--init")  # an init as PID 1 reaps orphans; a live reset needs one
         if s.memory:
             options += ["--memory", s.memory]
         if s.cpus:
@@ -631,6 +671,12 @@ class PodmanBackend:
                 self._agent_path_warned = True
             return None
         return ExecAgent(directory)
+
+    def _agent_intact(self, name: str) -> bool:
+        """After a live reset: the ready-time agent still reads the request FIFO (the only
+        processes left are the ready-time ones, so no test's process can be that reader)."""
+        agent = self._agent(name)
+        return agent is None or agent.listening()
 
     def _rebuild_agent_dir(self, name: str) -> None:
         """Make the agent's directory as new (its script, an empty FIFO directory), before a
@@ -716,6 +762,7 @@ class PodmanBackend:
         gone: _Argv = []
         leftovers = [(p.name[: -len(".json")], p) for p in self._dir.glob(f"{prefix}*.json")]
         leftovers += [(p.name, p) for p in (self._dir / "exec").glob(f"{prefix}*")]
+        leftovers += [(p.name, p) for p in (self._dir / "live").glob(f"{prefix}*")]
         for name, path in leftovers:
             try:
                 old = now - path.stat().st_mtime > older_than
@@ -737,6 +784,8 @@ class PodmanBackend:
         with contextlib.suppress(FileNotFoundError):
             self._record_path(name).unlink()
         shutil.rmtree(self._dir / "exec" / name, ignore_errors=True)
+        if self._live is not None:
+            self._live.forget(name)
         self._agent_failed.pop(name, None)
 
     def _is_tool_error(self, name: str, result: _proc.ProcResult) -> bool:
@@ -777,8 +826,10 @@ class PodmanBackend:
         )
 
     def _remove_container(self, name: str) -> None:
-        # podman's rm -f first waits the stop timeout (10 s) for `sleep` as pid 1 to ignore TERM
-        args = ["rm", "-f", "-t", "0", name] if self._tool == "podman" else ["rm", "-f", name]
+        # podman's rm -f first waits the stop timeout (10 s) for `sleep` as pid 1 to ignore TERM;
+        # -v: the anonymous volumes the image declares go too (one would leak per reset)
+        args = ["rm", "-f", "-v", "-t", "0", name] if self._tool == "podman" \
+            else ["rm", "-f", "-v", name]
         result = self._run(*args)
         if result.returncode != 0 and not _is_missing(result.stderr):
             result.check(f"remove {name}")
