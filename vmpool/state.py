@@ -28,7 +28,10 @@ from vmpool import _wire
 from vmpool.errors import StateError
 from vmpool.ownership import ProcessRef
 
-SCHEMA_VERSION = 1
+#: 2: processes are identified by boot id and start in clock ticks (vmpool.ownership), not by
+#: a wall-clock start; a schema 1 record is read (its processes judged by pid alone) and
+#: written back as 2
+SCHEMA_VERSION = 2
 LOCK_TIMEOUT = 30.0
 #: a process waiting for a pool's lock re-announces itself this often (see announce_waiting)
 _ANNOUNCE_EVERY = 0.05
@@ -438,6 +441,7 @@ class JsonStore:
             pass
         else:
             if pool.schema_version <= SCHEMA_VERSION:
+                pool.schema_version = SCHEMA_VERSION
                 return pool
         try:
             raw = json.loads(data)
