@@ -21,7 +21,7 @@ from vmpool import reaper
 from vmpool.backends import NAMES, make_backend
 from vmpool.controller import Controller, Progress
 from vmpool.errors import ConfigError, StateError, VmPoolError
-from vmpool.ownership import is_alive, new_session_id, pool_machines
+from vmpool.ownership import check_pool_id, is_alive, new_session_id, pool_machines
 from vmpool.state import JsonStateDir, Pool, default_state_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STATE = 0, 1, 2, 3
@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
     down = sub.add_parser("down", help="destroy pools (kept or orphaned; --force for live ones)")
     common(down, backend=True)
-    down.add_argument("--pool", help="only this pool id")
+    down.add_argument("--pool", type=_pool_id_arg, help="only this pool id")
     down.add_argument(
         "--force",
         action="store_true",
@@ -89,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--backend", choices=["qemu", "podman", "docker"], default="qemu")
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
     return p
+
+
+def _pool_id_arg(value: str) -> str:
+    """argparse type for a pool id: a bad one is a usage error (exit 2) naming the argument."""
+    try:
+        return check_pool_id(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from vmpool.backends.base import (
     LABEL_PID_START,
     LABEL_POOL,
     LABEL_SESSION,
+    NAME_RE,
     Backend,
     validate_name,
 )
@@ -120,6 +121,17 @@ def pool_id(prefix: str, session: str, profile: str) -> str:
     if profile == "default":
         return validate_name(f"{prefix}-{session}")
     return validate_name(f"{prefix}-{session}-{profile}")
+
+
+def check_pool_id(value: str) -> str:
+    """``value`` when it can name a pool (as pool_id makes them), else ValueError saying why:
+    a pool id names files in the state directory, so it must never be a path."""
+    if not NAME_RE.match(value):
+        raise ValueError(
+            f"invalid pool id {value!r}: a pool id is 1-63 lowercase letters, digits and '-', "
+            "starting with a letter (see `vmpool status`)"
+        )
+    return value
 
 
 def machine_name(pool: str, serial: int) -> str:

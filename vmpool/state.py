@@ -25,8 +25,9 @@ import portalocker
 from pydantic import BaseModel, Field, ValidationError
 
 from vmpool import _wire
+from vmpool.backends.base import NAME_RE
 from vmpool.errors import StateError
-from vmpool.ownership import ProcessRef
+from vmpool.ownership import ProcessRef, check_pool_id
 
 #: 2: processes are identified by boot id and start in clock ticks (vmpool.ownership), not by
 #: a wall-clock start; a schema 1 record is read (its processes judged by pid alone) and
@@ -378,7 +379,8 @@ class JsonStateDir:
     def pool_ids(self) -> list[str]:
         if not self.path.is_dir():
             return []
-        return sorted(f.stem for f in self.path.glob("*.json") if not f.name.startswith("."))
+        # only names a pool can have: anything else there is not vmpool's
+        return sorted(f.stem for f in self.path.glob("*.json") if NAME_RE.match(f.stem))
 
     def store(self, pool_id: str) -> JsonStore:
         return JsonStore(self, pool_id)
@@ -401,6 +403,10 @@ class JsonStore:
     """
 
     def __init__(self, directory: JsonStateDir, pool_id: str) -> None:
+        try:
+            check_pool_id(pool_id)
+        except ValueError as exc:
+            raise StateError(f"{directory.path}: {exc}") from None
         self.dir = directory
         self.pool_id = pool_id
         self.path = directory.path / f"{pool_id}.json"
