@@ -21,7 +21,13 @@ from vmpool import reaper
 from vmpool.backends import NAMES, make_backend
 from vmpool.controller import Controller, Progress
 from vmpool.errors import ConfigError, StateError, VmPoolError
-from vmpool.ownership import check_pool_id, is_alive, new_session_id, pool_machines
+from vmpool.ownership import (
+    check_pool_id,
+    is_alive,
+    new_session_id,
+    pool_machines,
+    pool_network,
+)
 from vmpool.state import JsonStateDir, Pool, default_state_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STATE = 0, 1, 2, 3
@@ -319,7 +325,7 @@ def _down(args: argparse.Namespace) -> int:
             except VmPoolError as exc:
                 print(f"vmpool: could not delete {name}: {exc}", file=sys.stderr)
                 failed = True
-        network = pool.network if pool else None
+        network = pool.network if pool else pool_network(backend, pid)
         if network:
             with contextlib.suppress(VmPoolError):
                 backend.delete_network(network)

@@ -142,6 +142,12 @@ def network_name(pool: str) -> str:
     return validate_name(f"{pool}-net")
 
 
+def pool_network(backend: Backend, pool: str) -> str | None:
+    """The network ``pool`` would have on ``backend`` (None where it can have none): the name
+    to clean up when the pool's record is unreadable (deleting a missing network is fine)."""
+    return network_name(pool) if backend.capabilities.network else None
+
+
 def owner_labels(pool: str, session: str, owner: ProcessRef, config_hash: str) -> dict[str, str]:
     """Labels that let any later process decide whether a machine's owner is gone."""
     return {

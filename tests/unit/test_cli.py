@@ -216,3 +216,21 @@ def test_a_store_refuses_a_pool_id_that_is_a_path(tmp_path: Path) -> None:
 
     with pytest.raises(StateError, match=r"invalid pool id '\.\./victim'"):
         JsonStateDir(tmp_path / "state").store("../victim")
+
+
+def test_down_force_with_a_corrupt_record_deletes_the_pools_network(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    up = vmpool(tmp_path, "up", "--backend", "sim", "--size", "1", "--state-dir", str(state))
+    assert up.returncode == 0, up.stderr
+    (record,) = state.glob("vmpool-*.json")
+    sim = SimBackend(SimSettings(), state)
+    assert [n.name for n in sim.list_networks("vmpool-")] == [f"{record.stem}-net"]
+    record.write_text("{not json")
+    down = vmpool(
+        tmp_path, "down", "--backend", "sim", "--state-dir", str(state),
+        "--pool", record.stem, "--force",
+    )  # fmt: skip
+    assert down.returncode == 0, down.stderr
+    assert sim_machines(state) == []
+    assert sim.list_networks("vmpool-") == []
+    assert not record.exists()
