@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal, overload
 
 from vmpool import leases, ops
+from vmpool._files import private_opener
 from vmpool.backends.base import Backend, ExecResult
 from vmpool.errors import CommandFailed, PoolUnavailable, StateError, VmPoolError
 from vmpool.ownership import current_process
@@ -248,7 +249,7 @@ class PoolClient:
     def _record_wait(self, waited: float) -> None:
         if self.wait_log is None:
             return
-        with contextlib.suppress(OSError), open(self.wait_log, "a") as fh:
+        with contextlib.suppress(OSError), open(self.wait_log, "a", opener=private_opener) as fh:
             fh.write(f"{self.clock():.3f} {waited:.6f} {self.worker}\n")
 
     @overload

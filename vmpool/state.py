@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ import portalocker
 from pydantic import BaseModel, Field, ValidationError
 
 from vmpool import _wire
+from vmpool._files import atomic_write, private_dir, private_opener
 from vmpool.backends.base import NAME_RE
 from vmpool.errors import StateError
 from vmpool.ownership import ProcessRef, check_pool_id
@@ -265,7 +265,7 @@ def _lock(path: Path, timeout: float) -> IO[str]:
     (portalocker sleeps >= 1 ms between attempts) and barge past longer waiters, which is what
     made the check-out tail latency ~3x worse (bench/checkout_latency.py).
     """
-    fh = open(path, "a")  # noqa: SIM115 - closed by the caller, or by the waiter
+    fh = open(path, "a", opener=private_opener)  # noqa: SIM115 - closed by caller or waiter
     try:
         portalocker.lock(fh, portalocker.LOCK_EX | portalocker.LOCK_NB)
     except portalocker.LockException:
@@ -353,7 +353,7 @@ class JsonStateDir:
             if not create:
                 return
             try:
-                p.mkdir(mode=0o700, parents=True, exist_ok=True)
+                private_dir(p)
             except OSError as exc:
                 raise StateError(f"state directory {p}: cannot create: {exc.strerror}") from exc
             st = os.lstat(p)
@@ -489,18 +489,7 @@ class JsonStore:
             return self._read_unlocked()
 
     def _write(self, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.pool_id}.", suffix=".tmp", dir=self.dir.path)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write(self.path, data)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Pool]:

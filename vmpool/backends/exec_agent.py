@@ -36,6 +36,7 @@ from pathlib import Path
 
 import portalocker
 
+from vmpool._files import private_opener
 from vmpool.backends.base import ExecResult
 from vmpool.errors import BackendError, ExecTimeout
 
@@ -107,7 +108,11 @@ class ExecAgent:
         whoever starts one first checks, under this lock, that none listens yet."""
         try:
             with portalocker.Lock(
-                str(self.dir / "start.lock"), mode="a", timeout=timeout, check_interval=0.005
+                str(self.dir / "start.lock"),
+                mode="a",
+                timeout=timeout,
+                check_interval=0.005,
+                opener=private_opener,
             ):
                 yield True
         except portalocker.exceptions.LockException:
