@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmpool import reaper
+from vmpool import doctor, reaper
 from vmpool.backends import make_backend
 from vmpool.backends.base import Backend
 from vmpool.client import Lease, PoolClient
 from vmpool.config import Config, Profile
 from vmpool.controller import Controller, Progress, policy_for
-from vmpool.errors import PoolUnavailable, StateError, VmPoolError
+from vmpool.errors import BackendError, PoolUnavailable, StateError, VmPoolError
 from vmpool.ownership import current_process, new_session_id
 from vmpool.session import SessionFile
 from vmpool.state import JsonStateDir, Pool, default_state_dir
@@ -137,9 +137,16 @@ class ControllerRole:
         return backend
 
     def _fail(self, name: str, exc: VmPoolError) -> None:
-        self.errors[name] = str(exc)
+        message = str(exc)
+        if isinstance(exc, BackendError):
+            backend = self.cfg.profile(name).pool.backend
+            message = (
+                f"{doctor.explain(message).rstrip('. ')}. "
+                f"Run `vmpool doctor --backend {backend}` to check what this host lacks"
+            )
+        self.errors[name] = message
         with self.session_file.update() as rec:
-            rec.errors[name] = str(exc)
+            rec.errors[name] = message
 
     def _start_profile(self, name: str) -> None:
         backend = self._prepare_profile(name)

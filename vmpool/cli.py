@@ -82,6 +82,21 @@ def _parser() -> argparse.ArgumentParser:
     common(gc, backend=True)
     gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
 
+    doc = sub.add_parser("doctor", help="check that a backend can work here; print the fixes")
+    common(doc)
+    doc.add_argument(
+        "--backend",
+        choices=["auto", *NAMES],
+        help="check only this backend (default: podman and qemu; the exit code follows the "
+        "configured backend)",
+    )
+    doc.add_argument("--json", action="store_true", help="machine-readable output")
+    doc.add_argument(
+        "--quick",
+        action="store_true",
+        help="skip the live checks (a container on a throwaway network, the KVM boot probe)",
+    )
+
     cfg = sub.add_parser("config", help="configuration helpers")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
     check = cfg_sub.add_parser("check", help="validate a config file")
@@ -131,7 +146,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _config_cmd(args)
     if args.command == "image":
         return _image(args)
-    return {"status": _status, "up": _up, "down": _down, "gc": _gc}[args.command](args)
+    commands = {"status": _status, "up": _up, "down": _down, "gc": _gc, "doctor": _doctor}
+    return commands[args.command](args)
 
 
 def _load(args: argparse.Namespace) -> vmconfig.Config:
@@ -181,6 +197,33 @@ def _image(args: argparse.Namespace) -> int:
         settings = profile.podman.model_copy(update={"tool": args.backend})
         print(build_podman(settings, force=args.force, progress=progress))
     return EXIT_OK
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from vmpool import doctor
+
+    cfg = _load(args)
+    profile = cfg.profile(args.profile)
+    configured = cfg.default.pool.state_dir
+    state_dir = Path(configured) if configured else default_state_dir()
+    chosen = args.backend or profile.pool.backend
+    names = ["podman", "qemu"] if chosen == "auto" or args.backend is None else [chosen]
+    if chosen not in names and chosen != "auto":
+        names.append(chosen)
+    checks = doctor.run_checks(profile, state_dir, names, live=not args.quick)
+    if chosen == "auto":
+        ok = any(doctor.usable(checks, n) for n in names)
+    else:
+        ok = doctor.usable(checks, chosen)
+    if args.json:
+        doc = {"backend": chosen, "usable": ok, "checks": [c.to_json() for c in checks]}
+        print(json.dumps(doc, indent=2))
+    else:
+        for check in checks:
+            print(check.line())
+        verdict = "usable" if ok else "NOT usable: apply the fixes above"
+        print(f"backend {chosen}: {verdict}")
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 # -- status --------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vmpool import leases
+from vmpool import doctor, leases
 from vmpool.backends.base import Backend, MachineSpec
 from vmpool.client import reset_machine
 from vmpool.config import Profile
@@ -219,11 +219,7 @@ class Controller:
             if ready >= count:
                 return pool
             if leases.all_broken(pool):
-                errors = [m.error for m in pool.machines if m.error]
-                raise PoolUnavailable(
-                    f"pool {pool.id} ({pool.backend}): no machine could be made; last error: "
-                    f"{errors[-1] if errors else 'unknown'}"
-                )
+                raise PoolUnavailable(leases.no_machine_problem(pool))
             if time.monotonic() >= deadline:
                 raise ReadyTimeout(f"pool {pool.id}: {ready}/{count} ready after {timeout:g}s")
             self._wake.wait(0.05)
@@ -352,7 +348,7 @@ class Controller:
             broken = leases.record_create_failure(
                 pool,
                 name,
-                f"{type(exc).__name__}: {exc}",
+                f"{type(exc).__name__}: {doctor.explain(str(exc))}",
                 retries=self.settings.retries,
                 delay=delay,
                 now=self.clock(),

@@ -247,12 +247,18 @@ def unavailable(pool: Pool, count: int, alive: Alive | None = None) -> str | Non
     if count > pool.size:
         return f"asked for {count} machines but pool {pool.id} has only {pool.size}"
     if all_broken(pool):
-        errors = [m.error for m in pool.machines if m.error]
-        return (
-            f"pool {pool.id} ({pool.backend}): no machine could be made; "
-            f"last error: {errors[-1] if errors else 'unknown'}"
-        )
+        return no_machine_problem(pool)
     return None
+
+
+def no_machine_problem(pool: Pool) -> str:
+    """Why a pool whose every machine is broken serves nothing, ending with what to run."""
+    errors = [m.error for m in pool.machines if m.error]
+    last = (errors[-1] if errors else "unknown").rstrip(". ")
+    return (
+        f"pool {pool.id} ({pool.backend}): no machine could be made; last error: {last}. "
+        f"Run `vmpool doctor --backend {pool.backend}` to check what this host lacks"
+    )
 
 
 def timeout_error(pool: Pool, waited: float, count: int, now: float) -> CheckoutTimeout:

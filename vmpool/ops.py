@@ -247,10 +247,10 @@ class Encoder:
     Every test makes one check-out and one check-in. Building their pydantic models and
     serialising them cost a worker about 50 us of CPU per cycle on a busy host (eight workers
     on two cores: caches are cold after every context switch); filling these templates costs a
-    fraction of it (README, "Check-out + check-in latency"). The models stay the protocol: the
-    lease server parses every line with OP_ADAPTER, and tests/unit/test_ops.py checks that a
-    line parses to the very operation the models build, for arbitrary values, and that the
-    templates name every field of the models.
+    fraction of it (bench/README.md, "Check-out + check-in latency"). The models stay the
+    protocol: the lease server parses every line with OP_ADAPTER, and tests/unit/test_ops.py
+    checks that a line parses to the very operation the models build, for arbitrary values, and
+    that the templates name every field of the models.
     """
 
     def __init__(self, policy: leases.Policy) -> None:

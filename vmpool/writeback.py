@@ -12,7 +12,7 @@ seconds after the last write: one dump and one write for many transactions. Unde
 of check-outs that is 4 writes a second, not hundreds. Each dump of a 64-machine record holds
 the interpreter's lock for 0.16-0.29 ms (measured under the latency benchmark); the lease
 server's thread waits it out, and so do the eight or so check-outs in flight: at 20 dumps a
-second that was about 2 % of them, the very tail the benchmark's p99 reads (see the README's
+second that was about 2 % of them, the very tail the benchmark's p99 reads (see bench/README.md's
 latency section).
 
 The lock is let go only when the file is current: after ``idle_release`` seconds without a

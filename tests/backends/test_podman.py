@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ from vmpool.backends.podman import (
     PodmanBackend,
     RunOptions,
     build_image,
+    image_current,
     warm_image_name,
 )
 from vmpool.config import PodmanSettings
@@ -119,7 +121,24 @@ def test_check_passes_with_tool_and_image(backend: PodmanBackend) -> None:
 def test_build_image_keeps_an_existing_image(image: str) -> None:
     messages: list[str] = []
     assert build_image(PodmanSettings(), progress=messages.append) == DEFAULT_IMAGE
-    assert any("already exists" in m for m in messages)
+    assert any("is up to date" in m for m in messages)
+    assert image_current(PodmanSettings())
+
+
+def test_build_image_rebuilds_an_image_whose_recipe_changed(
+    image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(podman_backend, "_IMAGE_VERSION", -1)
+    assert not image_current(PodmanSettings())
+    messages: list[str] = []
+    try:
+        build_image(PodmanSettings(), progress=messages.append)
+        assert any("out of date" in m for m in messages)
+        assert image_current(PodmanSettings())
+    finally:
+        monkeypatch.undo()
+        build_image(PodmanSettings())
+    assert image_current(PodmanSettings())
 
 
 def test_missing_tool_is_backend_unavailable_saying_what_to_install(
@@ -331,6 +350,51 @@ def test_machines_on_one_network_reach_each_other(
 
     probe_until(fetch, timeout=20, what="httpd on the server")
     assert fetched[-1] == "hello-from-a\n"
+
+
+def _route_only_to(pid: str, subnet: str, gateway: str) -> None:
+    """Leave the container of ``pid`` one route: to ``subnet`` via its own gateway.
+
+    With no default route left, nothing it sends can leave this host (the network rule); the
+    only way to ``subnet`` is the host's forwarding between the two bridges.
+    """
+    netns = f"--net=/proc/{pid}/ns/net"
+    for argv in (["ip", "route", "del", "default"],
+                 ["ip", "route", "add", subnet, "via", gateway]):
+        subprocess.run(["nsenter", netns, *argv], check=True, timeout=10, capture_output=True)
+
+
+def test_a_pool_network_is_unreachable_from_another_pools_machines(
+    backend: PodmanBackend, make_machine: Callable[..., str]
+) -> None:
+    nets = [unique("neta"), unique("netb")]
+    machines: list[str] = []
+    for net in nets:
+        backend.create_network(net, SESSION_LABELS)
+    try:
+        machines += [make_machine(network=net) for net in nets]
+        client, server = machines
+        assert backend.exec(
+            server, ["sh", "-c", "mkdir -p /www && echo secret > /www/f && httpd -p 8080 -h /www"],
+            timeout=10,
+        ).ok
+        address = backend.address(server)
+        local = backend.exec(server, ["timeout", "5", "wget", "-q", "-O", "-",
+                                      "http://127.0.0.1:8080/f"], timeout=10)
+        assert local.stdout == "secret\n"  # the server does serve
+        info = json.loads(podman("inspect", client).check("inspect").stdout)[0]
+        gateway = next(iter(info["NetworkSettings"]["Networks"].values()))["Gateway"]
+        subnet = json.loads(podman("network", "inspect", nets[1]).check("inspect").stdout)[0][
+            "subnets"][0]["subnet"]
+        _route_only_to(str(info["State"]["Pid"]), subnet, gateway)
+        result = backend.exec(client, ["timeout", "5", "wget", "-q", "-O", "-",
+                                       f"http://{address}:8080/f"], timeout=15)
+        assert not result.ok and "secret" not in result.stdout
+    finally:
+        for name in machines:  # before their networks; make_machine's own delete then no-ops
+            backend.delete(name)
+        for net in nets:
+            backend.delete_network(net)
 
 
 def test_reset_keeps_the_address_on_the_network(
@@ -555,7 +619,7 @@ def test_delete_removes_the_agent_directory(backend: PodmanBackend, state_dir: P
     backend.create(MachineSpec(name, SESSION_LABELS))
     backend.start(name)
     backend.wait_ready(name, timeout=30)
-    assert (state_dir / "podman" / "exec" / name / "in").exists()
+    assert (state_dir / "podman" / "exec" / name / "io" / "in").exists()
     backend.delete(name)
     assert not (state_dir / "podman" / "exec" / name).exists()
 
@@ -709,3 +773,78 @@ def test_teardown_with_a_corrupt_record_still_deletes_the_pools_network(
             backend.delete(info.name)
         for info in backend.list_networks(prefix):
             backend.delete_network(info.name)
+
+
+# -- a hostile test against the agent's directory (issue 15, findings 3 and 4) ------------------
+def _in_machine(machine: str, script: str) -> None:
+    """Run ``script`` in ``machine`` as test code would (a plain `podman exec`; failures of its
+    individual steps, e.g. on a read-only mount, are the point, not an error)."""
+    podman("exec", machine, "sh", "-c", script).check("tamper")
+
+
+def _kill_agent(machine: str) -> None:
+    podman("exec", machine, "kill", "-9", _agent_pid(machine)).check("kill agent")
+
+
+@pytest.mark.parametrize("planted", ["start.lock", "in", "agent.sh"])
+def test_a_symlink_planted_in_the_agent_directory_creates_nothing_on_the_host(
+    backend: PodmanBackend, machine: str, tmp_path: Path, planted: str
+) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    # a name the host opens there, in every directory of /.vmpool the machine can write,
+    # becomes a symlink to a host path; then the agent dies, so the host must start it again
+    _in_machine(machine, f"""
+        for d in $(find /.vmpool -type d); do
+          rm -rf "$d/{planted}" 2>/dev/null; ln -s "{victim}/{planted}" "$d/{planted}" 2>/dev/null
+        done; true""")
+    _kill_agent(machine)
+    assert backend.exec(machine, ["echo", "one"], timeout=10).stdout == "one\n"
+    assert backend.exec(machine, ["echo", "two"], timeout=10).stdout == "two\n"
+    backend.snapshot(machine)
+    backend.reset(machine)
+    assert backend.exec(machine, ["echo", "three"], timeout=10).stdout == "three\n"
+    assert list(victim.iterdir()) == []
+
+
+def test_an_agent_script_rewritten_by_a_test_does_not_log_the_next_test_s_commands(
+    backend: PodmanBackend, machine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend.snapshot(machine)  # ready: what check-in resets it to
+    # the test: every agent script it can reach now also copies each command to spy.log
+    _in_machine(machine, """
+        for f in $(find /.vmpool -name agent.sh); do
+          d=$(dirname "$f")
+          sed -i 's|sh "$d/$id.sh"|cat "$d/$id.sh" >>"$d/spy.log"; sh "$d/$id.sh"|' "$f"
+        done 2>/dev/null; true""")
+    _kill_agent(machine)  # so the tampered script is what starts next
+    backend.reset(machine)  # check-in
+    secret = f"secret-{uuid.uuid4().hex}"
+    calls = _spy(monkeypatch)
+    assert backend.exec(machine, ["echo", secret], timeout=10).stdout == f"{secret}\n"
+    assert calls == []  # through the agent, as usual
+    host_dir = backend._dir / "exec" / machine
+    logged = [p for p in host_dir.rglob("*") if p.is_file() and secret in p.read_text()]
+    assert logged == []
+    seen = podman("exec", machine, "find", "/.vmpool", "-type", "f", "-exec", "grep", "-l",
+                  secret, "{}", "+")
+    assert seen.stdout == "", seen.stdout
+
+
+@pytest.mark.parametrize("replacement", ["plain file", "directory", "symlink"])
+def test_an_input_fifo_a_test_replaced_is_repaired_not_waited_on(
+    backend: PodmanBackend, machine: str, replacement: str
+) -> None:
+    make = {"plain file": ': > "$f"', "directory": 'mkdir "$f"', "symlink": 'ln -s /x "$f"'}
+    backend.snapshot(machine)
+    _in_machine(machine, f"""
+        for f in $(find /.vmpool -name in); do rm -f "$f"; {make[replacement]}; done""")
+    started = time.monotonic()
+    # the same test's next command: runs (the agent restarted), no timeout, no error
+    assert backend.exec(machine, ["echo", "next exec"], timeout=5).stdout == "next exec\n"
+    assert time.monotonic() - started < 4
+    _in_machine(machine, f"""
+        for f in $(find /.vmpool -name in); do rm -f "$f"; {make[replacement]}; done""")
+    backend.reset(machine)  # check-in; the next test's first command runs through the agent
+    assert backend.exec(machine, ["echo", "next test"], timeout=5).stdout == "next test\n"
+    assert "agent.sh" in podman("exec", machine, "ps", "-o", "args").stdout

@@ -6,10 +6,14 @@ qemu-system-x86, qemu-utils, busybox-static, qemu-guest-agent and a linux-image 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +30,8 @@ from vmpool.backends.qemu import QemuBackend, _valid_template
 from vmpool.backends.qemu_image import MANIFEST_FILE, build_image, find_image
 from vmpool.config import QemuSettings
 from vmpool.errors import BackendError, BackendUnavailable, ExecTimeout
+from vmpool.reaper import reap
+from vmpool.state import JsonStateDir
 
 qemu = pytest.mark.qemu
 needs_qemu = pytest.mark.skipif(
@@ -35,6 +41,13 @@ needs_qemu = pytest.mark.skipif(
 #: Bounds the one KVM probe `auto` makes on hosts where KVM hangs (a working KVM boots in ~2 s).
 KVM_PROBE_TIMEOUT = 10.0
 READY_TIMEOUT = 120.0
+#: what runs as another user (the test's own interpreter may be under /root)
+OTHER_USER_PYTHON = "/usr/bin/python3"
+NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+as_another_user = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None or not os.path.exists(OTHER_USER_PYTHON),
+    reason="needs root, setpriv and /usr/bin/python3 to act as uid 65534",
+)
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +58,13 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("qemu-state")
+def state_dir() -> Iterator[Path]:
+    """Open to other users up to qemu/ (unlike pytest's 0700 tmp dirs), so that what keeps
+    them out of a network is the backend's own directory."""
+    path = Path(tempfile.mkdtemp(prefix="vmpool-qemu-state-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +144,255 @@ def test_networks_are_recorded_listed_and_removed(tmp_path: Path) -> None:
     backend = QemuBackend(QemuSettings(), tmp_path)
     backend.create_network("vmpool-test-net", {"vmpool.session": "s1"})
     record = json.loads((tmp_path / "qemu" / "networks" / "vmpool-test-net.json").read_text())
-    assert record["group"].startswith("239.")
-    assert 20000 <= record["port"] <= 60000
     assert record["subnet"].startswith("10.") and record["subnet"].endswith(".0")
+    hub = _hub(record)
     [listed] = backend.list_networks("vmpool-test")
     assert (listed.name, dict(listed.labels)) == ("vmpool-test-net", {"vmpool.session": "s1"})
     backend.delete_network("vmpool-test-net")
     backend.delete_network("vmpool-test-net")
     assert backend.list_networks("vmpool-test") == []
+    assert _gone(hub.pid)
+    assert list((tmp_path / "qemu" / "networks").iterdir()) == []
+
+
+def test_a_networks_folder_an_older_version_left_open_is_made_private(tmp_path: Path) -> None:
+    folder = tmp_path / "qemu" / "networks"
+    folder.mkdir(parents=True)
+    folder.chmod(0o755)
+    backend = QemuBackend(QemuSettings(), tmp_path)
+    backend.create_network("vmpool-old-net", {})
+    try:
+        assert folder.stat().st_mode & 0o777 == 0o700
+        assert (folder / "vmpool-old-net").stat().st_mode & 0o777 == 0o700
+    finally:
+        backend.delete_network("vmpool-old-net")
+
+
+# --- the network hub (no guests: these connect as QEMU's stream netdev does) ---------------
+
+
+def _hub(record: dict[str, object]) -> psutil.Process:
+    """The network's hub process, checked to be running; its socket and directory private."""
+    proc = psutil.Process(int(str(record["hub_pid"])))
+    assert proc.status() != psutil.STATUS_ZOMBIE
+    sock = Path(str(record["sock_dir"])) / "hub.sock"
+    assert (os.stat(sock).st_mode & 0o777, os.stat(sock.parent).st_mode & 0o777) == (0o600, 0o700)
+    return proc
+
+
+def _network(backend: QemuBackend, name: str) -> dict[str, object]:
+    record: dict[str, object] = json.loads(
+        (backend.root / "networks" / f"{name}.json").read_text()
+    )
+    return record
+
+
+def _guest(record: dict[str, object]) -> socket.socket:
+    """A connection to the hub like a guest's ``-netdev stream``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(str(Path(str(record["sock_dir"])) / "hub.sock"))
+    return sock
+
+
+def _send_frame(sock: socket.socket, frame: bytes) -> None:
+    sock.sendall(len(frame).to_bytes(4, "big") + frame)
+
+
+def _recv_frame(sock: socket.socket) -> bytes:
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            assert chunk, "the hub closed the connection"
+            data += chunk
+        return data
+
+    return exactly(int.from_bytes(exactly(4), "big"))
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not _gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_the_hub_forwards_each_frame_to_every_other_guest_only(tmp_path: Path) -> None:
+    backend = QemuBackend(QemuSettings(), tmp_path)
+    backend.create_network("vmpool-hub-net", {})
+    try:
+        record = _network(backend, "vmpool-hub-net")
+        a, b, c = (_guest(record) for _ in range(3))
+        frames = [bytes([i]) * (60 + 100 * i) for i in range(15)]  # a burst, 60..1460 bytes
+        for frame in frames:
+            _send_frame(a, frame)
+        for other in (b, c):
+            assert [_recv_frame(other) for _ in frames] == frames
+        _send_frame(b, b"from-b")
+        assert (_recv_frame(a), _recv_frame(c)) == (b"from-b", b"from-b")
+        a.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            a.recv(1)  # a never gets its own frames back
+    finally:
+        backend.delete_network("vmpool-hub-net")
+
+
+def _network_of_an_exited_process(state: Path, name: str) -> dict[str, object]:
+    """Create network ``name`` in a child process that then exits (a crashed controller)
+    once a guest is connected. Returns the network's record with that guest's socket under
+    "guest"."""
+    code = (
+        "import json, sys; from pathlib import Path; "
+        "from vmpool.backends.qemu import QemuBackend; from vmpool.config import QemuSettings; "
+        "from vmpool.ownership import current_process, owner_labels; "
+        f"labels = owner_labels({name[:-4]!r}, 'sess01', current_process(), 'cfg'); "
+        f"QemuBackend(QemuSettings(), Path({str(state)!r})).create_network({name!r}, labels); "
+        "print('created', flush=True); sys.stdin.readline()"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None and child.stdin is not None
+    assert child.stdout.readline() == "created\n"
+    record: dict[str, object] = json.loads(
+        (state / "qemu" / "networks" / f"{name}.json").read_text()
+    )
+    record["guest"] = _guest(record)
+    child.stdin.close()
+    assert child.wait(timeout=30) == 0
+    return record
+
+
+def test_the_hub_of_an_exited_creator_stops_once_no_guest_is_connected(tmp_path: Path) -> None:
+    record = _network_of_an_exited_process(tmp_path, "vmpool-gone01-net")
+    hub = _hub(record)
+    guest = record["guest"]
+    assert isinstance(guest, socket.socket)
+    assert not _wait_gone(hub.pid, timeout=1.0)  # a guest still uses it (a kept pool's)
+    guest.close()
+    assert _wait_gone(hub.pid)
+    QemuBackend(QemuSettings(), tmp_path).delete_network("vmpool-gone01-net")
+    assert not Path(str(record["sock_dir"])).exists()
+
+
+def test_the_hub_stops_by_itself_when_its_network_record_is_removed(tmp_path: Path) -> None:
+    backend = QemuBackend(QemuSettings(), tmp_path)
+    backend.create_network("vmpool-rm-net", {})
+    record = _network(backend, "vmpool-rm-net")
+    hub = _hub(record)
+    (backend.root / "networks" / "vmpool-rm-net.json").unlink()  # e.g. by a process it ignores
+    assert _wait_gone(hub.pid)
+    backend.delete_network("vmpool-rm-net")  # without its record: what is left still goes
+    assert not Path(str(record["sock_dir"])).exists()
+    assert list((backend.root / "networks").iterdir()) == []
+
+
+def test_gc_of_a_crashed_pool_stops_its_network_hub(tmp_path: Path) -> None:
+    record = _network_of_an_exited_process(tmp_path, "vmpool-crash1-net")
+    hub = _hub(record)
+    backend = QemuBackend(QemuSettings(), tmp_path)
+    report = reap(JsonStateDir(tmp_path), backend, "vmpool")
+    assert report.networks_deleted == ["vmpool-crash1-net"], report
+    assert _wait_gone(hub.pid)
+    assert backend.list_networks("vmpool") == []
+    assert list((tmp_path / "qemu" / "networks").iterdir()) == []
+
+
+def test_a_deep_state_dir_puts_the_hub_socket_in_the_private_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    backend = QemuBackend(QemuSettings(), tmp_path / ("d" * 60) / ("e" * 60))
+    backend.create_network("vmpool-deep-net", {})
+    record = _network(backend, "vmpool-deep-net")
+    sock_dir = Path(str(record["sock_dir"]))
+    assert sock_dir.parent == tmp_path / f"vmpool-{os.getuid()}"
+    assert len(str(sock_dir / "hub.sock")) <= 107
+    a, b = _guest(record), _guest(record)
+    _send_frame(a, b"deep")
+    assert _recv_frame(b) == b"deep"
+    backend.delete_network("vmpool-deep-net")
+    assert _wait_gone(int(str(record["hub_pid"])))
+    assert not sock_dir.exists()
+
+
+def test_a_hub_that_cannot_start_fails_create_network_naming_why() -> None:
+    state = Path(tempfile.mkdtemp(prefix="vmpool-bad-"))  # short: the socket is in net_dir
+    try:
+        net_dir = state / "qemu" / "networks" / "vmpool-bad-net"
+        net_dir.mkdir(parents=True, mode=0o700)
+        (net_dir / "hub.sock").write_text("not a socket")
+        backend = QemuBackend(QemuSettings(), state)
+        with pytest.raises(BackendError, match=r"hub\.sock exists and is not a socket"):
+            backend.create_network("vmpool-bad-net", {})
+        assert backend.list_networks("vmpool-bad") == []
+        assert not net_dir.exists()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_a_guest_launch_restarts_a_hub_that_is_gone(tmp_path: Path) -> None:
+    backend = QemuBackend(QemuSettings(), tmp_path)
+    backend.create_network("vmpool-re-net", {})
+    try:
+        old = _hub(_network(backend, "vmpool-re-net"))
+        old.kill()
+        assert _wait_gone(old.pid)
+        launching = qemu_backend._Record(
+            name="vmpool-re-0", index=0, sock_dir=str(tmp_path), kernel="k", initrd="i",
+            network="vmpool-re-net", hub=str(tmp_path / "recorded-at-create"),
+        )
+        with backend._hub_held(launching):  # what every launch of a guest runs inside
+            record = _network(backend, "vmpool-re-net")
+            assert _hub(record).pid != old.pid
+        a, b = _guest(record), _guest(record)
+        _send_frame(a, b"again")
+        assert _recv_frame(b) == b"again"
+    finally:
+        backend.delete_network("vmpool-re-net")
+
+
+@as_another_user
+def test_another_user_cannot_connect_or_send_to_a_network_hub() -> None:
+    state = Path(tempfile.mkdtemp(prefix="vmpool-open-"))  # not pytest's tmp: that is 0700
+    backend = QemuBackend(QemuSettings(), state)
+    try:
+        backend.create_network("vmpool-priv-net", {})
+        hub = Path(str(_network(backend, "vmpool-priv-net")["sock_dir"])) / "hub.sock"
+        for level in (state, backend.root):
+            level.chmod(0o755)  # open up to qemu/: what refuses is the network's own directory
+        assert _other_user_tries([hub], backend.root) == ["EACCES EACCES"]
+    finally:
+        backend.delete_network("vmpool-priv-net")
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _other_user_tries(sockets: list[Path], readable: Path) -> list[str]:
+    """As uid 65534: list ``readable`` (so the refusal is not at some parent directory), then
+    per socket the errno of a stream connect() and of a datagram sendto() ("ok" if it worked)."""
+    probe = """
+import errno, os, socket, sys
+os.listdir(sys.argv[1])
+for path in sys.argv[2:]:
+    seen = []
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        s = socket.socket(socket.AF_UNIX, kind)
+        try:
+            s.connect(path) if kind == socket.SOCK_STREAM else s.sendto(b"x" * 64, path)
+            seen.append("ok")
+        except OSError as exc:
+            seen.append(errno.errorcode[exc.errno])
+    print(" ".join(seen))
+"""
+    done = subprocess.run(
+        [*NOBODY, OTHER_USER_PYTHON, "-I", "-c", probe, str(readable), *map(str, sockets)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
 
 
 # --- image -------------------------------------------------------------------------------
@@ -166,11 +425,73 @@ def test_delete_is_idempotent_and_cleans_sockets_of_a_long_state_dir(
     sock_dir = Path(record["sock_dir"])
     assert len(str(sock_dir / "qmp.sock")) <= 107
     assert sock_dir.is_dir()
+    for level in (sock_dir.parent, sock_dir):  # /tmp/vmpool-<uid>/<hash>: ours alone
+        st = os.lstat(level)
+        assert (st.st_uid, st.st_mode & 0o7777) == (os.getuid(), 0o700), level
     backend.delete(name)
     backend.delete(name)
     backend.delete(_unique("vmpool-never"))
     assert not (deep / "qemu" / name).exists()
     assert not sock_dir.exists()
+
+
+def _fallback_for(run_dir: Path) -> Path:
+    """Where the backend puts the sockets of a run directory too deep for sun_path."""
+    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"vmpool-{os.getuid()}" / digest
+
+
+def _plant(plant: str, fallback: Path, elsewhere: Path) -> None:
+    base = fallback.parent
+    if plant == "symlink":
+        base.symlink_to(elsewhere)
+        return
+    base.mkdir(mode=0o700)
+    if plant == "other-owner":
+        os.chown(base, 65534, 65534)
+    elif plant == "open-mode":
+        base.chmod(0o755)
+    elif plant == "subdir-symlink":
+        fallback.symlink_to(elsewhere)
+    elif plant == "subdir-other-owner":
+        fallback.mkdir(mode=0o700)
+        os.chown(fallback, 65534, 65534)
+    elif plant == "subdir-open-mode":
+        fallback.mkdir(mode=0o700)
+        fallback.chmod(0o777)
+
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+
+
+@qemu
+@needs_qemu
+@pytest.mark.parametrize(
+    "plant",
+    [
+        "symlink",
+        pytest.param("other-owner", marks=as_root),
+        "open-mode",
+        "subdir-symlink",
+        pytest.param("subdir-other-owner", marks=as_root),
+        "subdir-open-mode",
+    ],
+)
+def test_a_socket_fallback_directory_not_ours_alone_is_refused_not_followed(
+    image_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plant: str
+) -> None:
+    (tmp_path / "tmp").mkdir(mode=0o1777)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # not the host's /tmp
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    backend = QemuBackend(QemuSettings(image_dir=image_dir), deep)
+    name = _unique()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _plant(plant, _fallback_for(deep / "qemu" / name), elsewhere)
+    with pytest.raises(BackendError, match="refusing to put sockets there"):
+        backend.create(MachineSpec(name, {}))
+    assert list(elsewhere.iterdir()) == []  # nothing made through a symlink
+    assert not (deep / "qemu" / name).exists()
 
 
 @qemu
@@ -337,6 +658,27 @@ def test_machines_on_one_network_reach_each_other(backend: QemuBackend, pair: Pa
         pair.b, ["timeout", "10", "wget", "-q", "-O", "-", f"http://{addr_a}:8080/f"], 30
     )
     assert (fetched.returncode, fetched.stdout) == (0, "hello-from-a\n"), fetched.stderr
+
+
+@qemu
+@needs_qemu
+@as_another_user
+def test_another_user_can_open_no_socket_of_the_pool_network_or_its_guests(
+    backend: QemuBackend, pair: Pair
+) -> None:
+    hub = Path(str(_network(backend, pair.network)["sock_dir"])) / "hub.sock"
+    sockets = [hub]
+    for name in (pair.a, pair.b):
+        record = _record(backend, name)
+        assert record["hub"] == str(hub)
+        sockets += [Path(str(record["sock_dir"])) / s for s in ("qmp.sock", "qga.sock")]
+        qemu_proc = psutil.Process(int((backend.root / name / "qemu.pid").read_text()))
+        # no inet socket at all: no multicast group and port for anyone to join
+        assert qemu_proc.net_connections("inet") == []
+        assert "mcast=" not in " ".join(qemu_proc.cmdline())
+    # (and the guests reach each other: test_machines_on_one_network_reach_each_other)
+    backend.root.chmod(0o755)  # open up to qemu/: what refuses is the network's own directory
+    assert _other_user_tries(sockets, backend.root) == ["EACCES EACCES"] * len(sockets)
 
 
 @qemu
@@ -575,6 +917,7 @@ def test_a_truncated_template_is_not_used_but_rebuilt(
         assert backend.exec(name, ["hostname"], 30).stdout.strip() == name
     finally:
         backend.delete(name)
+        backend.delete_network(network)
 
 
 @qemu
@@ -610,6 +953,7 @@ def test_a_template_qemu_cannot_load_is_dropped_and_the_machine_boots(
         assert result.stdout.split()[0] == name and f"inet {record['ip']}/24" in result.stdout
     finally:
         backend.delete(name)
+        backend.delete_network(network)
 
 
 @qemu

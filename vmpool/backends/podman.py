@@ -13,6 +13,7 @@ a new address on its network (its name, which is also its hostname, stays).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -51,6 +52,10 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE = "localhost/vmpool-busybox:latest"
 #: Warm (snapshot) images are ``<WARM_REPO>/<machine name>:ready``.
 WARM_REPO = "localhost/vmpool-warm"
+#: The default image's label holding its recipe (see `image_current`).
+RECIPE_LABEL = "vmpool.recipe"
+#: Bump when the default image's contents change in a way its root's bytes do not show.
+_IMAGE_VERSION = 1
 #: Limits runc needs spelled out where the host's hard limits cannot be inherited.
 FALLBACK_ULIMITS: Mapping[str, str] = {"nofile": "1024:1024", "nproc": "1024:1024"}
 
@@ -172,11 +177,7 @@ class PodmanBackend:
             validate_name(spec.network)
         options = self._container_options(name, spec.labels, spec.network)
         command = list(self.settings.command)
-        agent = self._agent(name)
-        if agent is not None:
-            private_dir(agent.dir.parent)  # <tool>/exec/ and <tool>/ too: 0700 whatever the umask
-            agent.prepare()
-        self._agent_failed.pop(name, None)
+        self._rebuild_agent_dir(name)
         self._run("create", *options, self.settings.image, *command).check(f"create {name}")
         self._write_record(
             _Record(name, self.settings.image, options, command, network=spec.network)
@@ -288,8 +289,10 @@ class PodmanBackend:
         if record is None or not record.warm_image:
             raise BackendError(f"reset {name}: no snapshot recorded; snapshot() it first")
         self._remove_container(name)
-        self._agent_failed.pop(name, None)  # the new container gets its agent in wait_ready
-        run = ["run", "-d", *record.options]
+        # the last user may have tampered with the agent's files: the new container gets new
+        # ones (and its agent in wait_ready)
+        self._rebuild_agent_dir(name)
+        run = ["run", "-d", *self._with_agent_mounts(name, record.options)]
         result = None
         if record.ip:
             result = self._run(*run, "--ip", record.ip, record.warm_image, *record.command)
@@ -390,6 +393,9 @@ class PodmanBackend:
     def create_network(self, name: str, labels: Mapping[str, str]) -> None:
         validate_name(name)
         args = ["network", "create"]
+        if self._tool == "podman":
+            # podman bridges forward to each other by default; docker's are isolated already
+            args += ["--opt", "isolate=true"]
         for key, value in sorted(labels.items()):
             args += ["--label", f"{key}={value}"]
         result = self._run(*args, name)
@@ -517,10 +523,7 @@ class PodmanBackend:
             options += ["--memory", s.memory]
         if s.cpus:
             options += ["--cpus", f"{s.cpus:g}"]
-        agent = self._agent(name)
-        if agent is not None:
-            options += ["--volume", f"{agent.dir}:{_AGENT_MOUNT}"]
-        return options + list(s.extra_args)
+        return self._with_agent_mounts(name, options) + list(s.extra_args)
 
     # -- the exec agent (vmpool.backends.exec_agent) ---------------------------------------------
     def _agent(self, name: str) -> ExecAgent | None:
@@ -535,15 +538,44 @@ class PodmanBackend:
             return None
         return ExecAgent(directory)
 
+    def _rebuild_agent_dir(self, name: str) -> None:
+        """Make the agent's directory as new (its script, an empty FIFO directory), before a
+        container is made from the machine's recipe (create, reset): nothing a test left there
+        reaches the next one."""
+        agent = self._agent(name)
+        if agent is not None:
+            private_dir(agent.dir.parent)  # <tool>/exec/ and <tool>/ too: 0700 whatever the umask
+            agent.rebuild()
+        self._agent_failed.pop(name, None)
+
+    def _with_agent_mounts(self, name: str, options: Sequence[str]) -> _Argv:
+        """``options`` with the agent's ``--volume`` options as this version makes them (a
+        recipe written by an older one mounted the whole directory writable)."""
+        kept: _Argv = []
+        args = iter(options)
+        for arg in args:
+            if arg == "--volume":
+                value = next(args, "")
+                if value.partition(":")[2].startswith(_AGENT_MOUNT):
+                    continue
+                kept += [arg, value]
+            else:
+                kept.append(arg)
+        agent = self._agent(name)
+        for mount in agent.mounts() if agent is not None else ():
+            kept += ["--volume", mount]
+        return kept
+
     def _agent_ready(self, name: str, agent: ExecAgent) -> bool:
         """Whether ``agent`` listens, starting it (one ``exec -d``) if it should and does not.
 
-        A container made without one (no FIFO) never gets one; after a failed start, commands
-        go through ``exec`` for ``_AGENT_RETRY`` seconds before the next try.
+        A container made without one (no agent directory) never gets one; after a failed start,
+        commands go through ``exec`` for ``_AGENT_RETRY`` seconds before the next try. A request
+        FIFO the container replaced is put back first.
         """
         if agent.listening():
             return True
-        if not (agent.dir / "in").exists():
+        if not agent.installed():  # the container was made without one
             return False
         failed = self._agent_failed.get(name)
         if failed is not None and time.monotonic() - failed < _AGENT_RETRY:
@@ -553,6 +585,13 @@ class PodmanBackend:
                 return agent.listening()  # another process kept the lock; it may have started one
             if agent.listening():  # another process (or thread) started it meanwhile
                 return True
+            try:
+                agent.repair()  # a test may have replaced the FIFO: the agent needs a real one
+            except OSError as exc:
+                log.info("no exec agent in %s (commands use `%s exec`) for now: %s", name,
+                         self._tool, exc)
+                self._agent_failed[name] = time.monotonic()
+                return False
             result = self._run("exec", "-d", name, "sh", agent.script)
             if result.returncode == 0:
                 deadline = time.monotonic() + _AGENT_START
@@ -723,7 +762,8 @@ def build_image(
 ) -> str:
     """Make ``DEFAULT_IMAGE`` (a busybox-static rootfs) with ``<tool> import``; return its name.
 
-    An existing image is kept unless ``force``.
+    An existing image is kept while its recipe label matches (see `image_current`), unless
+    ``force``.
     """
 
     def say(message: str) -> None:
@@ -732,24 +772,21 @@ def build_image(
             progress(message)
 
     image = DEFAULT_IMAGE
-    if not force and _image_exists(settings, image, what="build"):
-        say(f"{image} already exists (force to rebuild)")
-        return image
     busybox = _find_busybox()
-    say(f"building a rootfs from {busybox}")
-    data = busybox.read_bytes()
-    if not _is_static_elf(data):
-        raise BackendUnavailable(
-            f"{busybox} is dynamically linked; the image needs a static one "
-            "(apt-get install busybox-static)"
-        )
-    tarball = _rootfs_tar(data, _applets(busybox))
+    tarball = _default_rootfs(busybox)
+    recipe = _recipe(tarball)
+    if not force and _image_exists(settings, image, what="build"):
+        if _image_label(settings, image, RECIPE_LABEL) == recipe:
+            say(f"{image} is up to date (force to rebuild)")
+            return image
+        say(f"{image} is out of date (its recipe or {busybox} changed): rebuilding")
     say(f"importing {image} ({len(tarball) // 1024} KiB) with {settings.tool}")
     _proc.run(
         [
             settings.tool, "import",
             "--change", "ENV PATH=/bin:/sbin:/usr/bin:/usr/sbin",
             "--change", 'CMD ["sleep", "infinity"]',
+            "--change", f"LABEL {RECIPE_LABEL}={recipe}",
             "-", image,
         ],
         input=tarball,
@@ -758,6 +795,41 @@ def build_image(
     ).check(f"import {image}")
     say(f"built {image}")
     return image
+
+
+def image_current(settings: PodmanSettings) -> bool:
+    """Whether the built default image matches what `build_image` would make now."""
+    try:
+        recipe = _recipe(_default_rootfs(_find_busybox()))
+    except BackendUnavailable:
+        return False
+    return _image_label(settings, DEFAULT_IMAGE, RECIPE_LABEL) == recipe
+
+
+def _default_rootfs(busybox: Path) -> bytes:
+    data = busybox.read_bytes()
+    if not _is_static_elf(data):
+        raise BackendUnavailable(
+            f"{busybox} is dynamically linked; the image needs a static one "
+            "(apt-get install busybox-static)"
+        )
+    return _rootfs_tar(data, _applets(busybox))
+
+
+def _recipe(tarball: bytes) -> str:
+    """The image's recipe: its root's bytes (the tar is reproducible) and the build's version."""
+    return hashlib.sha256(f"{_IMAGE_VERSION}\0".encode() + tarball).hexdigest()[:16]
+
+
+def _image_label(settings: PodmanSettings, image: str, label: str) -> str | None:
+    result = _proc.run(
+        [settings.tool, "image", "inspect", "--format",
+         f'{{{{index .Config.Labels "{label}"}}}}', image],
+        timeout=settings.command_timeout,
+        install_hint=_INSTALL_HINTS[settings.tool],
+    )
+    value = result.stdout.strip()
+    return value if result.returncode == 0 and value not in ("", "<no value>") else None
 
 
 def warm_image_name(name: str) -> str:
@@ -930,10 +1002,15 @@ def _json_rows(text: str) -> list[dict[str, Any]]:
 
 
 def _labels(raw: Any) -> dict[str, str]:
-    """Labels as a dict (podman) or ``k=v,k=v`` (docker's table output)."""
+    """Labels as a dict (podman) or ``k=v,k=v`` (docker's table output).
+
+    The image's recipe label, which every container of the image inherits, is not an owner
+    label of the machine and is left out.
+    """
     if isinstance(raw, dict):
-        return {str(k): str(v) for k, v in raw.items()}
-    if isinstance(raw, str) and raw:
-        pairs = (item.partition("=") for item in raw.split(","))
-        return {k: v for k, _, v in pairs if k}
-    return {}
+        pairs: Iterable[tuple[str, str]] = ((str(k), str(v)) for k, v in raw.items())
+    elif isinstance(raw, str) and raw:
+        pairs = ((k, v) for k, _, v in (item.partition("=") for item in raw.split(",")))
+    else:
+        return {}
+    return {k: v for k, v in pairs if k and k != RECIPE_LABEL}

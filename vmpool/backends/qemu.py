@@ -3,7 +3,8 @@
 Each machine is a run directory ``<state_dir>/qemu/<name>`` (labels, a qcow2 overlay of the
 image's base disk, pidfile, console log, sockets). QMP (``qemu.qmp``) does ``savevm``/``loadvm``
 and ``quit``; commands run through qemu-ga over a virtio-serial chardev socket. Machines of one
-pool share a network through a loopback-only multicast hub (``-netdev socket,mcast=…``).
+pool share a network through a hub process on a unix socket in a 0700 directory of ours
+(``-netdev stream``; ``qemu_net``): another local user can neither read nor send their frames.
 
 With ``warmup = "clone"`` a machine does not boot: it restores (``-incoming``) a running state
 saved once per host from a template guest of the same configuration, then the guest agent gives
@@ -50,6 +51,7 @@ from vmpool._files import (
     tighten,
     tighten_tree,
 )
+from vmpool.backends import qemu_net
 from vmpool.backends.base import (
     Capabilities,
     ExecResult,
@@ -74,8 +76,6 @@ IMG_INSTALL_HINT = "apt-get install qemu-utils"
 SNAPSHOT_TAG = "vmpool-ready"
 NETWORKS_DIR = "networks"
 
-#: sun_path holds 108 bytes including the terminating NUL.
-_MAX_SOCKET_PATH = 107
 _LAUNCH_TIMEOUT = 60.0
 _IMG_TIMEOUT = 60.0
 _QMP_TIMEOUT = 10.0
@@ -131,7 +131,8 @@ class _Record:
     ip: str | None = None
     prefix: int | None = None
     mac: str | None = None
-    mcast: str | None = None
+    #: the network hub's socket (-netdev stream connects to it)
+    hub: str | None = None
     accel: str | None = None
     #: the template state this machine was restored from (None: it booted)
     template: str | None = None
@@ -147,10 +148,18 @@ class _Record:
 class _Network:
     name: str
     labels: dict[str, str]
-    group: str
-    port: int
     subnet: str
     prefix: int
+    #: the directory of the hub's socket: 0700, ours (the network's own, or a short fallback)
+    sock_dir: str
+    #: names the hub serving this record (on its command line): it exits once it differs
+    token: str
+    #: the hub's pid, once it runs
+    hub_pid: int | None = None
+
+    @property
+    def hub_sock(self) -> Path:
+        return Path(self.sock_dir) / qemu_net.HUB_SOCK
 
     def host(self, index: int) -> str:
         host = _FIRST_HOST + index
@@ -206,6 +215,8 @@ class QemuBackend:
         self._agents: dict[str, _Agent] = {}
         #: template keys whose build failed in this process: their machines boot, no retry
         self._template_failed: set[str] = set()
+        #: one (re)start of a network's hub at a time (warm-up threads start machines at once)
+        self._hub_lock = threading.Lock()
 
     # --- checks and image -------------------------------------------------------------
 
@@ -242,8 +253,7 @@ class QemuBackend:
                     raise BackendError(
                         f"network {spec.network} does not exist (create_network() first)"
                     )
-            sock_dir = _socket_dir(run_dir)
-            sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            sock_dir = qemu_net.make_socket_dir(run_dir, _QMP_SOCK)
             record = _Record(
                 name=name,
                 index=spec.index,
@@ -254,7 +264,7 @@ class QemuBackend:
                 ip=net.host(spec.index) if net else None,
                 prefix=net.prefix if net else None,
                 mac=_mac(net.name, spec.index) if net else None,
-                mcast=f"{net.group}:{net.port}" if net else None,
+                hub=str(net.hub_sock) if net else None,
             )
             _make_overlay(image, run_dir / _OVERLAY)
             _write_json(run_dir / _RECORD, asdict(record))
@@ -437,40 +447,105 @@ class QemuBackend:
     # --- networks -----------------------------------------------------------------------
 
     def create_network(self, name: str, labels: Mapping[str, str]) -> None:
-        """Record a loopback multicast hub and a /24 for ``name`` (derived from its hash)."""
+        """Start the network's hub and record it with a /24 for ``name`` (from its hash).
+
+        The hub's socket is in a 0700 directory of ours; it runs until delete_network(), or
+        until this process has exited and no guest is connected to it.
+        """
         validate_name(name)
         digest = hashlib.sha256(name.encode()).digest()
+        private_dir(self.root)
+        folder = qemu_net.private_dir(self._networks_dir(), repair=True)
+        net_dir = qemu_net.private_dir(folder / name, repair=True)
         net = _Network(
             name=name,
             labels=dict(labels),
-            group=f"239.{digest[0]}.{digest[1]}.{max(digest[2], 1)}",
-            port=20000 + int.from_bytes(digest[3:5], "big") % 40001,
             subnet=f"10.{digest[5]}.{digest[6]}.0",
             prefix=24,
+            sock_dir=str(qemu_net.make_socket_dir(net_dir, qemu_net.HUB_SOCK)),
+            token="",
         )
-        path = self._network_path(name)
-        private_dir(path.parent)
-        _write_json(path, asdict(net))
+        try:
+            with self._hub_lock:
+                self._start_hub(net)
+        except BaseException:
+            self.delete_network(name)
+            raise
 
     def delete_network(self, name: str) -> None:
-        """Remove the network record; a missing network is success."""
+        """Stop the network's hub, remove its record and sockets; a missing network is success."""
         validate_name(name)
-        with contextlib.suppress(FileNotFoundError):
-            self._network_path(name).unlink()
+        path = self._network_path(name)
+        data = _read_json_quiet(path)
+        # the record first: a hub that cannot be signalled sees it gone and exits by itself
+        path.unlink(missing_ok=True)
+        proc = qemu_net.find_hub(data.get("hub_pid"), data.get("token"))
+        if proc is not None:
+            _kill(proc)
+        net_dir = self._networks_dir() / name
+        recorded = data.get("sock_dir")
+        sock_dirs = {qemu_net.socket_dir(net_dir, qemu_net.HUB_SOCK)}  # also without a record
+        if isinstance(recorded, str):
+            sock_dirs.add(Path(recorded))
+        shutil.rmtree(net_dir, ignore_errors=True)
+        for sock_dir in sock_dirs - {net_dir}:
+            if qemu_net.is_private_dir(sock_dir.parent):
+                shutil.rmtree(sock_dir, ignore_errors=True)
+
+    def _start_hub(self, net: _Network) -> _Network:
+        """Record ``net`` under a new token and start its hub (a previous one sees the new
+        token and exits); returns the record with the hub's pid. Call with _hub_lock held."""
+        net = replace(net, token=secrets.token_hex(12), hub_pid=None)
+        path = self._network_path(net.name)
+        _write_json(path, asdict(net))
+        pid = qemu_net.start_hub(
+            net.hub_sock, path, net.token, self._networks_dir() / net.name / qemu_net.HUB_LOG
+        )
+        net = replace(net, hub_pid=pid)
+        _write_json(path, asdict(net))
+        log.debug("network %s: hub pid %d on %s", net.name, pid, net.hub_sock)
+        return net
+
+    @contextlib.contextmanager
+    def _hub_held(self, record: _Record) -> Iterator[None]:
+        """Around a guest's launch: its network's hub runs (started if gone: it exits once its
+        creator is gone and no guest is connected) and a connection of ours holds it until
+        qemu has connected, which it does before -daemonize returns. (A qemu that finds no
+        hub to connect to starts all the same, silently offline.)"""
+        if record.network is None or record.hub is None:
+            yield
+            return
+        with self._hub_lock:
+            net = self._read_network(record.network)
+            if net is None:
+                raise BackendError(
+                    f"network {record.network} does not exist (create_network() first)"
+                )
+            held = None
+            if qemu_net.find_hub(net.hub_pid, net.token) is not None:
+                held = _connect_quiet(net.hub_sock)
+            if held is None:
+                log.info("network %s: its hub is not running; starting one", net.name)
+                net = self._start_hub(net)
+                held = _connect_quiet(net.hub_sock)
+                if held is None:
+                    raise BackendError(f"network {net.name}: its new hub does not accept")
+        with held:
+            yield
 
     def list_networks(self, prefix: str) -> builtins.list[MachineInfo]:
         """Network records whose name starts with ``prefix`` (a recorded network is usable)."""
         out: list[MachineInfo] = []
-        folder = self.root / NETWORKS_DIR
+        folder = self._networks_dir()
         if not folder.is_dir():
             return out
         for path in sorted(folder.glob("*.json")):
             name = path.stem
             if not name.startswith(prefix):
                 continue
-            net = self._read_network(name)
-            if net is not None:
-                out.append(MachineInfo(name, net.labels, True))
+            labels = _read_json(path).get("labels")
+            if isinstance(labels, dict):
+                out.append(MachineInfo(name, {str(k): str(v) for k, v in labels.items()}, True))
         return out
 
     # --- acceleration -------------------------------------------------------------------
@@ -552,8 +627,7 @@ class QemuBackend:
         started = time.monotonic()
         log.info("qemu: probing KVM by booting the image (deadline %gs)", timeout)
         try:
-            sock_dir = _socket_dir(run_dir)
-            sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            sock_dir = qemu_net.make_socket_dir(run_dir, _QMP_SOCK)
             record = _Record(
                 name="kvm-probe",
                 index=0,
@@ -584,8 +658,11 @@ class QemuBackend:
     def _run_dir(self, name: str) -> Path:
         return self.root / name
 
+    def _networks_dir(self) -> Path:
+        return self.root / NETWORKS_DIR
+
     def _network_path(self, name: str) -> Path:
-        return self.root / NETWORKS_DIR / f"{name}.json"
+        return self._networks_dir() / f"{name}.json"
 
     def _read_network(self, name: str) -> _Network | None:
         data = _read_json(self._network_path(name))
@@ -668,10 +745,10 @@ class QemuBackend:
             "-pidfile", str(run_dir / _PIDFILE),
         ]
         if record.mac is not None:
-            if record.mcast is not None:
-                # localaddr=127.0.0.1 keeps the hub on loopback: without it QEMU joins the group
-                # on the default-route interface and guest frames leave the host.
-                netdev = f"socket,id=n0,mcast={record.mcast},localaddr=127.0.0.1"
+            if record.hub is not None:
+                # a unix socket in a 0700 directory: only we can connect, unlike an inet
+                # socket (a multicast group on 127.0.0.1 is open to every local user)
+                netdev = f"stream,id=n0,server=off,addr.type=unix,addr.path={record.hub}"
             else:
                 # the template's NIC only has to exist: a hub port with nothing else on it
                 netdev = "hubport,id=n0,hubid=0"
@@ -694,7 +771,8 @@ class QemuBackend:
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         argv = self._argv(run_dir, record, accel, template=template, incoming=incoming)
-        result = _proc.run(argv, timeout=_LAUNCH_TIMEOUT, install_hint=INSTALL_HINT)
+        with self._hub_held(record):
+            result = _proc.run(argv, timeout=_LAUNCH_TIMEOUT, install_hint=INSTALL_HINT)
         if result.returncode != 0:
             raise BackendError(
                 f"qemu for {record.name} failed to start (exit {result.returncode}): "
@@ -826,8 +904,7 @@ class QemuBackend:
         tmp = self.template_dir / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         log.info("qemu: building the clone template %s", path)
         try:
-            sock_dir = _socket_dir(run_dir)
-            sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            sock_dir = qemu_net.make_socket_dir(run_dir, _QMP_SOCK)
             record = _Record(
                 name=_TEMPLATE_NAME,
                 index=0,
@@ -1099,13 +1176,10 @@ class QemuBackend:
             pid = int((run_dir / _PIDFILE).read_text().strip())
         except (OSError, ValueError):
             return None
-        try:
-            proc = psutil.Process(pid)
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-            cmdline = proc.cmdline()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        found = qemu_net.running(pid)
+        if found is None:
             return None
+        proc, cmdline = found
         pidfile = str(run_dir / _PIDFILE)
         ours = "-pidfile" in cmdline and pidfile in cmdline and "-name" in cmdline
         return proc if ours else None
@@ -1121,9 +1195,13 @@ class QemuBackend:
 
     def _remove_files(self, run_dir: Path) -> None:
         recorded = _read_json_quiet(run_dir / _RECORD).get("sock_dir")
-        sock_dir = Path(recorded) if isinstance(recorded, str) else _socket_dir(run_dir)
+        sock_dir = (
+            Path(recorded) if isinstance(recorded, str)
+            else qemu_net.socket_dir(run_dir, _QMP_SOCK)
+        )
         shutil.rmtree(run_dir, ignore_errors=True)
-        if sock_dir != run_dir:
+        # a fallback directory only through a parent that is still ours (never a symlink)
+        if sock_dir != run_dir and qemu_net.is_private_dir(sock_dir.parent):
             shutil.rmtree(sock_dir, ignore_errors=True)
 
     def _died_hint(self, run_dir: Path) -> str:
@@ -1306,17 +1384,15 @@ def _kill_guest_process(agent: _Agent, pid: int) -> None:
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _socket_dir(run_dir: Path) -> Path:
-    """``run_dir`` when its socket paths fit in sun_path, else a short per-user directory."""
-    longest = run_dir / _QMP_SOCK
-    if len(os.fsencode(str(longest))) <= _MAX_SOCKET_PATH:
-        return run_dir
-    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
-    base = Path(tempfile.gettempdir()) / f"vmpool-{os.getuid()}"
-    base.mkdir(mode=0o700, exist_ok=True)
-    if base.stat().st_uid != os.getuid():
-        raise BackendError(f"{base} belongs to another user; cannot put sockets there")
-    return base / digest
+def _connect_quiet(path: Path) -> socket.socket | None:
+    """A connection to the unix socket ``path``, or None if nothing accepts there."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 def _qmp_sock(record: _Record) -> Path:

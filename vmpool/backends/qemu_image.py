@@ -108,6 +108,22 @@ def find_image(settings: QemuSettings) -> ImagePaths:
     return paths
 
 
+def image_current(settings: QemuSettings) -> bool | None:
+    """Whether the built image matches its inputs now; None when they cannot be read."""
+    try:
+        inputs = _collect_inputs()
+        hashes = _input_hashes(inputs)
+    except (BackendError, OSError):
+        return None
+    return _is_current(image_dir(settings), inputs.kernel_version, hashes)
+
+
+def _input_hashes(inputs: _Inputs) -> dict[str, str]:
+    hashes = {str(p): _sha256(p) for p in inputs.all_files()}
+    hashes["<init>"] = hashlib.sha256(inputs.init_script.encode()).hexdigest()
+    return hashes
+
+
 def build_image(
     settings: QemuSettings,
     *,
@@ -136,8 +152,7 @@ def build_image(
 
 def _build_locked(target: Path, *, force: bool, say: Callable[[str], None]) -> Path:
     inputs = _collect_inputs()
-    input_hashes = {str(p): _sha256(p) for p in inputs.all_files()}
-    input_hashes["<init>"] = hashlib.sha256(inputs.init_script.encode()).hexdigest()
+    input_hashes = _input_hashes(inputs)
     if not force and _is_current(target, inputs.kernel_version, input_hashes):
         tighten_tree(target)  # built by an older vmpool with 0755/0644
         say(f"qemu image up to date in {target}")
