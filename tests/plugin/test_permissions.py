@@ -10,12 +10,18 @@ import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import QUICK, Harness
 
 from vmpool.backends.qemu_image import build_image
 from vmpool.config import QemuSettings
+
+if TYPE_CHECKING:
+    from conftest import Harness
+
+#: as the plugin harness runs pytest (conftest.QUICK)
+QUICK = ("-p", "no:cacheprovider", "-p", "no:benchmark", "-p", "no:hypothesispytest")
 
 #: a test that walks the directories while its pool is live (machines, records, locks, agents)
 SUITE = """
