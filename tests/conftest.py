@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from vmpool.backends.base import Backend
+from vmpool.client import VM, Lease
+from vmpool.ownership import current_process
+from vmpool.state import Holder
+
 
 @pytest.fixture
 def path_without(tmp_path: Path) -> Callable[..., str]:
@@ -31,3 +36,14 @@ def path_without(tmp_path: Path) -> Callable[..., str]:
         return str(farm)
 
     return build
+
+
+@pytest.fixture
+def handle() -> Callable[[Backend, str], VM]:
+    """``handle(backend, name)``: the VM handle a test gets for a machine, without a pool."""
+
+    def make(backend: Backend, name: str) -> VM:
+        holder = Holder(**current_process().model_dump())
+        return VM(name, backend, None, Lease("r", [name], {name: None}, holder, 0.0))
+
+    return make

@@ -109,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     common(build)
     build.add_argument("--backend", choices=["qemu", "podman", "docker"], default="qemu")
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    build.add_argument(
+        "--distro",
+        choices=["busybox", "debian"],
+        default=None,
+        help="the image to build (default: the profile's [podman] distro; qemu: busybox)",
+    )
     return p
 
 
@@ -190,12 +196,15 @@ def _image(args: argparse.Namespace) -> int:
     if args.backend == "qemu":
         from vmpool.backends.qemu_image import build_image
 
+        if args.distro == "debian":
+            raise ConfigError("--distro debian: only --backend podman builds it so far")
         print(build_image(profile.qemu, force=args.force, progress=progress))
     else:
         from vmpool.backends.podman import build_image as build_podman
 
         settings = profile.podman.model_copy(update={"tool": args.backend})
-        print(build_podman(settings, force=args.force, progress=progress))
+        print(build_podman(settings, force=args.force, progress=progress, distro=args.distro,
+                           image_settings=profile.image))
     return EXIT_OK
 
 

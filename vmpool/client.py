@@ -5,18 +5,30 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, overload
 
-from vmpool import leases, ops
+from vmpool import leases, ops, transfer
 from vmpool._files import private_opener
-from vmpool.backends.base import Backend, ExecResult
-from vmpool.errors import CommandFailed, PoolUnavailable, StateError, VmPoolError
+from vmpool.backends.base import Backend, ExecResult, SshAccess, probe_until
+from vmpool.errors import (
+    CapabilityError,
+    CommandFailed,
+    CommandSucceeded,
+    PoolUnavailable,
+    StateError,
+    TransferError,
+    UnitFailed,
+    VmPoolError,
+    WaitTimeout,
+)
 from vmpool.ownership import current_process
 from vmpool.state import Holder, StateStore
 
@@ -46,11 +58,162 @@ class VM:
 
         ``check=True`` raises CommandFailed (command, exit code, stdout, stderr) on non-zero.
         """
-        argv = ["sh", "-c", cmd] if isinstance(cmd, str) else [str(a) for a in cmd]
+        argv = _argv(cmd)
         result = self.backend.exec(self.name, argv, timeout)
         if check and result.returncode != 0:
             raise CommandFailed(argv, result.returncode, result.stdout, result.stderr)
         return result
+
+    @property
+    def ssh(self) -> SshAccess:
+        """How deploy tools log in (``.host``, ``.port``, ``.user``, ``.key_file``,
+        ``.argv(*cmd)``); CapabilityError for a machine without an ssh endpoint."""
+        access = self.backend.ssh(self.name)
+        if access is None:
+            raise CapabilityError(
+                f"{self.name} ({self.backend.name}) has no ssh endpoint: use a machine with "
+                'sshd, e.g. [podman] distro = "debian"'
+            )
+        return access
+
+    # -- the VM-test API (named as in the NixOS test driver) ---------------------------------
+    def succeed(self, cmd: Sequence[str] | str, *, timeout: float = 60.0) -> str:
+        """Run ``cmd`` and return its stdout; CommandFailed (with the output) unless it exits 0."""
+        return self.exec(cmd, timeout=timeout, check=True).stdout
+
+    def fail(self, cmd: Sequence[str] | str, *, timeout: float = 60.0) -> str:
+        """Run ``cmd`` and return its stdout; CommandSucceeded unless it exits non-zero."""
+        result = self.exec(cmd, timeout=timeout)
+        if result.returncode == 0:
+            raise CommandSucceeded(_argv(cmd), result.stdout, result.stderr)
+        return result.stdout
+
+    def wait_until_succeeds(self, cmd: Sequence[str] | str, *, timeout: float = 60.0) -> str:
+        """Run ``cmd`` until it exits 0 (backing off between tries) and return its stdout;
+        WaitTimeout with the last try's output after ``timeout`` seconds."""
+        out: list[str] = []
+
+        def attempt(left: float) -> None:
+            out[:] = [self.exec(cmd, timeout=left, check=True).stdout]
+
+        self._poll(attempt, timeout, f"{_argv(cmd)!r} did not succeed")
+        return out[0]
+
+    def wait_for_unit(self, unit: str, *, timeout: float = 60.0) -> None:
+        """Wait until the systemd unit ``unit`` is active. A unit that fails raises UnitFailed
+        at once with its ``systemctl status``; a machine without systemd, CapabilityError."""
+        if self.exec(["test", "-d", "/run/systemd/system"], timeout=timeout).returncode != 0:
+            raise CapabilityError(
+                f"wait_for_unit({unit!r}): {self.name} does not run systemd (no "
+                "/run/systemd/system); use a systemd machine, e.g. [podman] distro = \"debian\""
+            )
+
+        def attempt(left: float) -> None:
+            show = self.exec(
+                ["systemctl", "show", "--property=ActiveState,LoadState,SubState", "--", unit],
+                timeout=left,
+                check=True,
+            ).stdout
+            props = dict(line.partition("=")[::2] for line in show.splitlines())
+            state = props.get("ActiveState", "")
+            if state == "active":
+                return
+            if state == "failed":
+                status = self.exec(
+                    ["systemctl", "status", "--no-pager", "--full", "--lines=20", "--", unit],
+                    timeout=max(left, 5.0),
+                )
+                raise UnitFailed(
+                    f"unit {unit} in {self.name} failed:\n{status.stdout.rstrip()}"
+                    f"{status.stderr.rstrip()}"
+                )
+            raise WaitTimeout(
+                f"unit {unit} is {state or '?'} ({props.get('SubState', '?')}, load state "
+                f"{props.get('LoadState', '?')})"
+            )
+
+        self._poll(attempt, timeout, f"unit {unit} did not become active", fatal=(UnitFailed,))
+
+    def wait_for_port(self, port: int, *, timeout: float = 60.0) -> None:
+        """Wait until something listens on TCP ``port`` inside the machine (any address).
+
+        Reads the machine's /proc/net/tcp and tcp6, so nothing connects from the host.
+        """
+        if not 0 < port < 65536:
+            raise ValueError(f"wait_for_port: port {port} is not in 1-65535")
+
+        def attempt(left: float) -> None:
+            table = self.exec(
+                "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null", timeout=left
+            ).stdout
+            if port not in _listening_ports(table):
+                raise WaitTimeout(f"nothing listens on TCP port {port}")
+
+        self._poll(attempt, timeout, f"TCP port {port} is not listening")
+
+    def copy_to(
+        self, host_path: os.PathLike[str] | str, machine_path: str, *, timeout: float = 60.0
+    ) -> None:
+        """Copy a host file or directory (recursively, modes kept) to ``machine_path``, the
+        name it gets in the machine (its parents are made; an existing directory is merged)."""
+        parent, name = transfer.split_machine_path(machine_path)
+        data = transfer.pack(Path(host_path), name)
+        encoded = base64.b64encode(data).decode("ascii")
+        what = f"copy_to {host_path} -> {self.name}:{machine_path}"
+        try:
+            staging = self.succeed(["mktemp"], timeout=timeout).strip()
+            for i in range(0, len(encoded), transfer.CHUNK):
+                chunk = encoded[i : i + transfer.CHUNK]
+                self.succeed(
+                    ["sh", "-c", 'printf %s "$1" >> "$2"', "sh", chunk, staging], timeout=timeout
+                )
+            self.succeed(["sh", "-c", transfer.UNPACK_SCRIPT, "sh", staging, parent],
+                         timeout=timeout)
+        except CommandFailed as exc:
+            raise TransferError(f"{what}: {exc}") from exc
+
+    def copy_from(
+        self, machine_path: str, host_path: os.PathLike[str] | str, *, timeout: float = 60.0
+    ) -> None:
+        """Copy a file or directory of the machine (recursively, modes kept) to ``host_path``.
+
+        The archive is unpacked with tarfile's safety checks into a private directory and
+        renamed into place: nothing in it can make the host write outside ``host_path``.
+        """
+        parent, name = transfer.split_machine_path(machine_path)
+        try:
+            encoded = self.succeed(["sh", "-c", transfer.PACK_SCRIPT, "sh", parent, name],
+                                   timeout=timeout)
+        except CommandFailed as exc:
+            raise TransferError(f"copy_from {self.name}:{machine_path}: {exc}") from exc
+        try:
+            data = base64.b64decode(encoded)
+        except ValueError as exc:
+            raise TransferError(f"copy_from {self.name}:{machine_path}: bad base64: {exc}") from exc
+        transfer.unpack(data, name, Path(host_path))
+
+    def _poll(
+        self,
+        attempt: Callable[[float], None],
+        timeout: float,
+        what: str,
+        *,
+        fatal: tuple[type[Exception], ...] = (),
+    ) -> None:
+        """Call ``attempt(seconds_left)`` until it returns, backing off; WaitTimeout at the
+        deadline naming ``what``, the timeout and the last error."""
+        deadline = time.monotonic() + timeout
+
+        def probe() -> None:
+            attempt(max(deadline - time.monotonic(), 1.0))
+
+        def late(attempts: int, last: str) -> WaitTimeout:
+            return WaitTimeout(
+                f"{self.name}: {what} within {timeout:g}s ({attempts} tries); last: {last}"
+            )
+
+        probe_until(probe, timeout=timeout, what=what, fatal=fatal, on_timeout=late,
+                    max_interval=0.5)
 
     def mark_dirty(self) -> None:
         """Force a reset (or the stronger policy) when this machine is checked in."""
@@ -58,6 +221,25 @@ class VM:
 
     def __repr__(self) -> str:
         return f"VM({self.name!r}, backend={self.backend.name!r}, address={self.address!r})"
+
+
+def _argv(cmd: Sequence[str] | str) -> list[str]:
+    """A command as the machine runs it: a string goes to the guest's ``sh -c``."""
+    return ["sh", "-c", cmd] if isinstance(cmd, str) else [str(a) for a in cmd]
+
+
+def _listening_ports(table: str) -> set[int]:
+    """TCP ports in LISTEN state in the text of /proc/net/tcp and /proc/net/tcp6."""
+    ports = set()
+    for line in table.splitlines():
+        fields = line.split()
+        # sl local_address rem_address st ...; LISTEN is state 0A
+        if len(fields) > 3 and fields[3] == "0A" and ":" in fields[1]:
+            try:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+            except ValueError:
+                continue
+    return ports
 
 
 @dataclass

@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from vmpool.errors import ConfigError
 Policy = Literal["reuse", "reset", "replace"]
 BackendName = Literal["auto", "sim", "podman", "docker", "qemu", "orbstack"]
 NAME_PART = r"^[a-z][a-z0-9]{0,15}$"
+#: Debian's rule for package names (policy 5.6.1)
+DEBIAN_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 
 
 class _Strict(BaseModel):
@@ -123,9 +126,27 @@ class PodmanSettings(_Strict):
     """``[podman]``: podman or docker containers as machines."""
 
     tool: Literal["podman", "docker"] = Field("podman", description="The container CLI to drive.")
-    image: str = Field(
-        "localhost/vmpool-busybox:latest",
-        description="Image machines run (`vmpool image build --backend podman` makes the default).",
+    image: str | None = Field(
+        None,
+        description="Image machines run. Default: the one `vmpool image build --backend podman "
+        "--distro DISTRO` makes for `distro`.",
+    )
+    distro: Literal["busybox", "debian"] = Field(
+        "busybox",
+        description="The built image machines run when `image` is unset: busybox (tiny, starts "
+        "in a fraction of a second) or debian (Debian 12 with systemd, apt, python3, sudo and "
+        "sshd; ready in about 2 s).",
+    )
+    systemd: Literal["auto", True, False] = Field(
+        "auto",
+        description="Run systemd as PID 1 (`/sbin/init`, podman's --systemd=always). auto: when "
+        "the image's command is /sbin/init (the debian image's is). Needs podman, not docker.",
+    )
+    ready_states: list[str] = Field(
+        default_factory=lambda: ["running", "degraded"],
+        min_length=1,
+        description="A systemd machine is ready once `systemctl is-system-running` says one of "
+        "these.",
     )
     command: list[str] = Field(
         default_factory=lambda: ["sleep", "infinity"], description="Keeps the container running."
@@ -185,6 +206,28 @@ class QemuSettings(_Strict):
     )
 
 
+class ImageSettings(_Strict):
+    """``[image]``: what `vmpool image build --distro debian` puts in the Debian image."""
+
+    packages: list[str] = Field(
+        default_factory=list,
+        description="Debian packages to add to the image (it always has systemd, dbus, python3, "
+        "openssh-server, sudo, iproute2 and ca-certificates). Each set of packages gets an "
+        "image of its own, rebuilt when the set changes.",
+    )
+
+    @field_validator("packages")
+    @classmethod
+    def _package_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not DEBIAN_PACKAGE.match(name):
+                raise ValueError(
+                    f"{name!r} is not a Debian package name (lowercase letters, digits, '+', "
+                    "'-' and '.', at least two characters, starting with a letter or digit)"
+                )
+        return value
+
+
 class OrbstackSettings(_Strict):
     """``[orbstack]``: OrbStack Linux machines via ``orbctl`` (macOS only)."""
 
@@ -203,14 +246,17 @@ class Profile(_Strict):
     podman: PodmanSettings = PodmanSettings()
     qemu: QemuSettings = QemuSettings()
     orbstack: OrbstackSettings = OrbstackSettings()
+    image: ImageSettings = ImageSettings()
 
     def config_hash(self, backend: str) -> str:
         """Identity of the machines this profile makes (not of sizes or policies)."""
         section = getattr(self, backend, None)
-        payload = {
+        payload: dict[str, Any] = {
             "backend": backend,
             "settings": section.model_dump(mode="json") if isinstance(section, BaseModel) else None,
         }
+        if self.image.packages:  # only then: the hashes of every other pool stay as they were
+            payload["image"] = self.image.model_dump(mode="json")
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -223,6 +269,7 @@ class ConfigFile(_Strict):
     podman: PodmanSettings = PodmanSettings()
     qemu: QemuSettings = QemuSettings()
     orbstack: OrbstackSettings = OrbstackSettings()
+    image: ImageSettings = ImageSettings()
     profiles: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="[profiles.NAME]: pool keys and backend tables that override the defaults.",
@@ -231,8 +278,6 @@ class ConfigFile(_Strict):
     @field_validator("profiles")
     @classmethod
     def _profile_names(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        import re
-
         for name in value:
             if not re.match(NAME_PART, name) or name == "default":
                 raise ValueError(
@@ -242,7 +287,8 @@ class ConfigFile(_Strict):
 
 
 DEFAULT_PROFILE = "default"
-_BACKEND_TABLES = ("sim", "podman", "qemu", "orbstack")
+#: the tables besides [pool] that a profile may override
+_BACKEND_TABLES = ("sim", "podman", "qemu", "orbstack", "image")
 #: Environment variables for pool keys: VMPOOL_<KEY>.
 ENV_PREFIX = "VMPOOL_"
 

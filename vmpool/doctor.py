@@ -241,21 +241,28 @@ def _podman_checks(profile: Profile, state_dir: Path, *, live: bool) -> list[Che
                      f"storage driver {driver}"
                      + ("" if driver == "overlay" else ": every container copies its image"),
                      "modprobe overlay, then `podman system reset`", required=False))
-    from vmpool.backends.podman import DEFAULT_IMAGE, PodmanBackend, image_current
+    from vmpool.backends.podman import (
+        DEFAULT_IMAGE,
+        PodmanBackend,
+        image_current,
+        machine_image,
+    )
 
-    image = profile.podman.image
-    fix = "vmpool image build --backend podman"
+    image = machine_image(profile.podman, profile.image)
+    fix = "vmpool image build --backend podman" + (
+        " --distro debian" if profile.podman.distro == "debian" else "")
     exists = _proc.run(["podman", "image", "exists", image], timeout=_TIMEOUT).returncode == 0
     if not exists:
         out.append(Check("podman", "image", "missing", f"{image} not built", fix))
         return out
-    if image == DEFAULT_IMAGE and not image_current(profile.podman):
+    built = image == DEFAULT_IMAGE or profile.podman.image is None
+    if built and not image_current(profile.podman, profile.image):
         out.append(Check("podman", "image", "broken", f"{image} is out of date", fix))
     else:
         out.append(Check("podman", "image", "ok", image))
     if not live:
         return out
-    backend = PodmanBackend(profile.podman, state_dir / "doctor")
+    backend = PodmanBackend(profile.podman, state_dir / "doctor", profile.image)
     try:
         options = backend.run_options()
     except VmPoolError as exc:
@@ -263,11 +270,11 @@ def _podman_checks(profile: Profile, state_dir: Path, *, live: bool) -> list[Che
         return out
     out.append(Check("podman", "run", "ok",
                      f"a container runs ({' '.join(options.argv()) or 'default options'})"))
-    out.append(_podman_network_check(profile, options.argv()))
+    out.append(_podman_network_check(profile, options.argv(), image))
     return out
 
 
-def _podman_network_check(profile: Profile, run_argv: list[str]) -> Check:
+def _podman_network_check(profile: Profile, run_argv: list[str], image: str) -> Check:
     """Start a container on a new network: the step that needs netavark and iptables."""
     net = f"vmpool-doctor-{secrets.token_hex(3)}"
     created = _proc.run(["podman", "network", "create", "--label", "vmpool.doctor=1", net],
@@ -277,7 +284,7 @@ def _podman_network_check(profile: Profile, run_argv: list[str]) -> Check:
                      "see `podman network create --help`")
     try:
         ran = _proc.run(["podman", "run", "--rm", "--network", net, *run_argv,
-                         profile.podman.image, "true"], timeout=_TIMEOUT)
+                         image, "true"], timeout=_TIMEOUT)
     finally:
         _proc.run(["podman", "network", "rm", "-f", net], timeout=_TIMEOUT)
     if ran.returncode != 0:

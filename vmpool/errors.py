@@ -58,7 +58,34 @@ class CommandFailed(VmPoolError):
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
+        super().__init__(f"command {argv!r} exited {returncode}\n{_output(stdout, stderr)}")
+
+
+class CommandSucceeded(VmPoolError):
+    """A command expected to fail (``VM.fail``) exited 0; the message shows its output."""
+
+    def __init__(self, argv: list[str], stdout: str, stderr: str) -> None:
+        self.argv = argv
+        self.stdout = stdout
+        self.stderr = stderr
         super().__init__(
-            f"command {argv!r} exited {returncode}\n"
-            f"--- stdout ---\n{stdout.rstrip()}\n--- stderr ---\n{stderr.rstrip()}"
+            f"command {argv!r} succeeded but was expected to fail\n{_output(stdout, stderr)}"
         )
+
+
+class WaitTimeout(VmPoolError):
+    """A condition inside a machine (a command, a unit, a port) did not hold by its deadline;
+    the message names it, the timeout and the last thing seen."""
+
+
+class UnitFailed(VmPoolError):
+    """A systemd unit waited for entered the failed state; the message holds its status."""
+
+
+class TransferError(VmPoolError):
+    """A copy to or from a machine failed or was refused (e.g. an archive entry that would
+    land outside the destination)."""
+
+
+def _output(stdout: str, stderr: str) -> str:
+    return f"--- stdout ---\n{stdout.rstrip()}\n--- stderr ---\n{stderr.rstrip()}"

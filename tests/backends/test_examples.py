@@ -74,3 +74,44 @@ def test_examples_pass_through_the_pool_and_leave_nothing(tmp_path: Path, backen
         if any(str(state) in part for part in (p.info["cmdline"] or []))
     ]
     assert ours == [], ours
+
+
+
+@pytest.mark.podman
+@pytest.mark.xdist_group("ex-debian-podman")
+def test_debian_examples_pass_on_podman_through_the_pool_and_leave_nothing(
+    tmp_path: Path,
+) -> None:
+    from vmpool.backends.podman import build_image
+    from vmpool.config import PodmanSettings
+
+    build_image(PodmanSettings(distro="debian"))  # .ci/install built it: kept while current
+    state = tmp_path / "state"
+    prefix = "vmdeb" + secrets.token_hex(3)
+    config = tmp_path / "pool.toml"
+    # examples/debian/pool.toml, with a prefix of this run's own
+    shipped = (EXAMPLES / "debian" / "pool.toml").read_text()
+    config.write_text(shipped.replace("[pool]\n", f'[pool]\nname_prefix = "{prefix}"\n', 1))
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "pytest", "-n", "2",
+            "--vm-backend", "podman",
+            "--vm-state-dir", str(state),
+            "--vm-pool-config", str(config),
+            "-p", "no:cacheprovider",
+            "--rootdir", str(EXAMPLES / "debian"),
+            str(EXAMPLES / "debian"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    output = proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, output
+    assert "4 passed" in proc.stdout, output
+    assert "machines created 2" in proc.stdout, output
+    profile = load(config, environ={}).default
+    backend = make_backend("podman", profile, state)
+    assert backend.list(prefix + "-") == [], output
+    assert backend.list_networks(prefix + "-") == [], output
+    assert not list(state.glob("*.json")), "pool record left behind"

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from vmpool import config
 from vmpool.config import (
+    ImageSettings,
     OrbstackSettings,
     PodmanSettings,
     PoolSettings,
@@ -330,6 +331,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "podman": PodmanSettings,
     "qemu": QemuSettings,
     "orbstack": OrbstackSettings,
+    "image": ImageSettings,
 }
 
 
@@ -366,3 +368,34 @@ def test_shipped_pool_toml_mentions_every_key(table: str) -> None:
         if not re.search(rf"^\s*#?\s*{re.escape(key)}\s*=", section, re.M)
     ]
     assert not missing, f"{path}: [{table}] does not mention {missing}"
+
+
+# -- [image] and the podman distro ------------------------------------------------------------
+def test_image_packages_must_be_debian_package_names(tmp_path: Path) -> None:
+    path = write(tmp_path, '[image]\npackages = ["curl", "Bad Name"]\n')
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}: image.packages: ")
+    assert "'Bad Name' is not a Debian package name" in problem
+
+
+def test_image_packages_are_per_profile_and_part_of_its_machines_identity(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[podman]\ndistro = "debian"\n[profiles.web]\nimage = {packages = ["nginx-light"]}\n',
+    )
+    cfg = config.load(path, environ={})
+    default, web = cfg.profile(None), cfg.profile("web")
+    assert (default.image.packages, web.image.packages) == ([], ["nginx-light"])
+    assert web.podman.distro == "debian"
+    assert default.config_hash("podman") != web.config_hash("podman")
+    # no packages: the hash is what it was before [image] existed
+    assert default.config_hash("podman") == config.Profile(
+        name="x", podman=default.podman
+    ).config_hash("podman")
+
+
+def test_podman_systemd_takes_auto_or_a_boolean(tmp_path: Path) -> None:
+    loaded = config.load(write(tmp_path, "[podman]\nsystemd = true\n"), environ={})
+    assert loaded.default.podman.systemd is True
+    problem = only_problem(write(tmp_path, '[podman]\nsystemd = "yes"\n'))
+    assert problem.startswith(f"{tmp_path / 'pool.toml'}: podman.systemd: ")

@@ -34,7 +34,7 @@ def make_backend(name: str, profile: Profile, state_dir: Path) -> Backend:
         settings = profile.podman
         if settings.tool != name:
             settings = settings.model_copy(update={"tool": name})
-        return PodmanBackend(settings, state_dir)
+        return PodmanBackend(settings, state_dir, profile.image)
     if name == "qemu":
         from vmpool.backends.qemu import QemuBackend
 

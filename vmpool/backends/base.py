@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from vmpool.errors import ReadyTimeout, VmPoolError
@@ -81,6 +82,34 @@ class MachineInfo:
     running: bool = False
 
 
+#: ssh options that make a login non-interactive and trust a throwaway machine's host key
+#: (each machine makes its own when it first starts, so none could be known ahead)
+SSH_OPTIONS = (
+    "-o", "BatchMode=yes",
+    "-o", "StrictHostKeyChecking=no",
+    "-o", "UserKnownHostsFile=/dev/null",
+    "-o", "IdentitiesOnly=yes",
+    "-o", "LogLevel=ERROR",
+)
+
+
+@dataclass(frozen=True)
+class SshAccess:
+    """How a deploy tool (ssh, Ansible, testinfra, Fabric) logs in to a machine."""
+
+    host: str
+    port: int
+    user: str
+    key_file: Path
+
+    def argv(self, *cmd: str) -> builtins.list[str]:
+        """An ssh command line running ``cmd`` in the machine (a login shell without ``cmd``)."""
+        return [
+            "ssh", *SSH_OPTIONS, "-i", str(self.key_file), "-p", str(self.port),
+            f"{self.user}@{self.host}", *cmd,
+        ]
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A tool that makes machines. Every method may raise BackendError (or a subclass)."""
@@ -127,6 +156,9 @@ class Backend(Protocol):
     def list_networks(self, prefix: str) -> builtins.list[MachineInfo]:
         """Networks whose name starts with ``prefix``, with labels where supported."""
 
+    def ssh(self, name: str) -> SshAccess | None:
+        """How to log in to the machine by ssh, or None when it has no ssh endpoint."""
+
 
 def probe_until(
     probe: Callable[[], None],
@@ -137,11 +169,14 @@ def probe_until(
     sleep: Callable[[float], None] = time.sleep,
     first_interval: float = 0.05,
     max_interval: float = 1.0,
+    fatal: tuple[type[Exception], ...] = (),
+    on_timeout: Callable[[int, str], Exception] | None = None,
 ) -> None:
     """Call ``probe`` until it returns without raising, or raise ReadyTimeout.
 
     The interval grows from ``first_interval`` to ``max_interval``; the last probe error is
-    part of the ReadyTimeout message.
+    part of the ReadyTimeout message. Errors of a ``fatal`` type end the wait at once;
+    ``on_timeout(attempts, last_error)`` makes the exception raised at the deadline instead.
     """
     deadline = clock() + timeout
     interval = first_interval
@@ -152,12 +187,16 @@ def probe_until(
         try:
             probe()
             return
+        except fatal:
+            raise
         except VmPoolError as exc:
             last = str(exc)
         except OSError as exc:
             last = f"{type(exc).__name__}: {exc}"
         remaining = deadline - clock()
         if remaining <= 0:
+            if on_timeout is not None:
+                raise on_timeout(attempts, last)
             raise ReadyTimeout(
                 f"{what} not ready after {timeout:g}s ({attempts} probes); last error: {last}"
             )

@@ -40,6 +40,7 @@ from vmpool.backends.base import (
     ExecResult,
     MachineInfo,
     MachineSpec,
+    SshAccess,
     probe_until,
     validate_name,
 )
@@ -329,3 +330,7 @@ class OrbstackBackend:
     def list_networks(self, prefix: str) -> builtins.list[MachineInfo]:
         """Always empty: OrbStack has no per-pool networks."""
         return []
+
+    def ssh(self, name: str) -> SshAccess | None:
+        """None: log in with `orb -m NAME` (vmpool sets up no ssh endpoint here)."""
+        return None

@@ -23,6 +23,7 @@ import re
 import shutil
 import struct
 import tarfile
+import tempfile
 import threading
 import time
 import uuid
@@ -33,23 +34,36 @@ from typing import Any
 
 from vmpool import _proc
 from vmpool._files import atomic_write, private_dir
+from vmpool.backends import debian_image
 from vmpool.backends.base import (
     Capabilities,
     ExecResult,
     MachineInfo,
     MachineSpec,
+    SshAccess,
     probe_until,
     validate_name,
 )
 from vmpool.backends.exec_agent import EXEC_ENV, ExecAgent, kill_script
 from vmpool.backends.exec_agent import MOUNT_POINT as _AGENT_MOUNT
-from vmpool.config import PodmanSettings
+from vmpool.config import ImageSettings, PodmanSettings
 from vmpool.errors import BackendError, BackendUnavailable, ExecTimeout, VmPoolError
+from vmpool.ssh import pool_key
 
 log = logging.getLogger(__name__)
 
 #: The image `build_image` makes and ``[podman] image`` defaults to.
 DEFAULT_IMAGE = "localhost/vmpool-busybox:latest"
+#: Debian images are ``<DEBIAN_REPO>:12`` (``12-<hash>`` with ``[image] packages``).
+DEBIAN_REPO = "localhost/vmpool-debian"
+#: systemd as PID 1: the command, and podman's option that sets up /run, /tmp and cgroups for it
+INIT = "/sbin/init"
+_SYSTEMD_OPTION = "--systemd=always"
+#: image commands that mean "this image boots systemd" (``[podman] systemd = "auto"``)
+_SYSTEMD_COMMANDS = frozenset({INIT, "/lib/systemd/systemd", "/usr/lib/systemd/systemd"})
+#: sshd's port in a systemd machine, published on the host's 127.0.0.1 only
+SSH_PORT = 22
+_SSH_PUBLISH = f"127.0.0.1::{SSH_PORT}"
 #: Warm (snapshot) images are ``<WARM_REPO>/<machine name>:ready``.
 WARM_REPO = "localhost/vmpool-warm"
 #: The default image's label holding its recipe (see `image_current`).
@@ -143,11 +157,18 @@ class PodmanBackend:
 
     capabilities = Capabilities(reset=True, labels=True, network=True)
 
-    def __init__(self, settings: PodmanSettings, state_dir: Path) -> None:
+    def __init__(
+        self, settings: PodmanSettings, state_dir: Path, image: ImageSettings | None = None
+    ) -> None:
         self.settings = settings
         self.name: str = settings.tool
+        #: the image machines are made from
+        self.image = machine_image(settings, image)
         self._tool = settings.tool
+        self._state_dir = Path(state_dir)
         self._dir = Path(state_dir) / settings.tool
+        #: image -> whether it boots systemd (``[podman] systemd = "auto"``)
+        self._systemd_images: dict[str, bool] = {}
         self._options: RunOptions | None = None
         self._options_lock = threading.Lock()
         self._checked_at: float | None = None
@@ -165,7 +186,7 @@ class PodmanBackend:
         now = time.monotonic()
         if self._checked_at is not None and now - self._checked_at < _CHECK_TTL:
             return
-        image = self.settings.image
+        image = self.image
         if not _image_exists(self.settings, image, what="check"):
             raise BackendUnavailable(_missing_image_message(self._tool, image))
         self.run_options()
@@ -175,21 +196,24 @@ class PodmanBackend:
         name = validate_name(spec.name)
         if spec.network is not None:
             validate_name(spec.network)
-        options = self._container_options(name, spec.labels, spec.network)
-        command = list(self.settings.command)
+        systemd = self._boots_systemd()
+        options = self._container_options(name, spec.labels, spec.network, systemd=systemd)
+        command = [INIT] if systemd else list(self.settings.command)
         self._rebuild_agent_dir(name)
-        self._run("create", *options, self.settings.image, *command).check(f"create {name}")
-        self._write_record(
-            _Record(name, self.settings.image, options, command, network=spec.network)
-        )
+        self._run("create", *options, self.image, *command).check(f"create {name}")
+        self._write_record(_Record(name, self.image, options, command, network=spec.network))
 
     def start(self, name: str) -> None:
         self._run("start", validate_name(name)).check(f"start {name}")
         self._agent_failed.pop(name, None)  # an agent start that failed while it was stopped
 
     def wait_ready(self, name: str, timeout: float) -> None:
+        """Probe with `true` until the container answers; a systemd one is ready once
+        `systemctl is-system-running` says one of ``[podman] ready_states``."""
         validate_name(name)
         deadline = time.monotonic() + timeout
+        record = self._load_record(name)
+        systemd = record is not None and _SYSTEMD_OPTION in record.options
 
         def probe() -> None:
             # each probe gets the time left (at least a moment), so a hung exec cannot overrun
@@ -204,6 +228,8 @@ class PodmanBackend:
                 raise BackendError(
                     f"probe `true` exited {result.returncode}: {result.stderr.strip()[-500:]}"
                 )
+            if systemd:
+                self._probe_systemd(name, max(deadline - time.monotonic(), 0.5))
 
         try:
             probe_until(probe, timeout=timeout, what=f"{self._tool} container {name}")
@@ -268,6 +294,66 @@ class PodmanBackend:
         record.ip = self.address(name) if record.network else None
         self._write_record(record)
         log.debug("snapshot %s -> %s (%s) in %.3fs", name, warm, image_id, result.duration)
+
+    def _probe_systemd(self, name: str, timeout: float) -> None:
+        """Raise BackendError unless systemd in ``name`` is in one of the ready states."""
+        ready = self.settings.ready_states
+        result = self.exec(
+            name, ["systemctl", "is-system-running"],
+            timeout=min(timeout, self.settings.command_timeout),
+        )
+        state = result.stdout.strip()
+        if state in ready:
+            return
+        detail = ""
+        if state == "degraded":
+            failed = self.exec(name, ["systemctl", "--failed", "--no-legend", "--plain"],
+                               timeout=min(timeout, self.settings.command_timeout))
+            detail = f"; failed units: {' '.join(failed.stdout.split()[:20])}"
+        raise BackendError(
+            f"systemd is {state or result.stderr.strip()[-200:]!r}, not {' or '.join(ready)}"
+            f"{detail}"
+        )
+
+    def _boots_systemd(self) -> bool:
+        """Whether machines run systemd as PID 1 (``[podman] systemd``; auto: when the image's
+        command is systemd's, as the debian image's is)."""
+        setting = self.settings.systemd
+        if setting is False:
+            return False
+        if self._tool != "podman":
+            if setting is True:
+                raise BackendUnavailable(
+                    "[podman] systemd = true needs tool = \"podman\" (docker has no --systemd)"
+                )
+            return False
+        if setting is True:
+            return True
+        known = self._systemd_images.get(self.image)
+        if known is None:
+            result = self._run("image", "inspect", "--format", "{{json .Config.Cmd}}", self.image)
+            try:
+                cmd = json.loads(result.stdout) if result.returncode == 0 else None
+            except ValueError:
+                cmd = None
+            known = isinstance(cmd, list) and bool(cmd) and cmd[0] in _SYSTEMD_COMMANDS
+            self._systemd_images[self.image] = known
+        return known
+
+    def ssh(self, name: str) -> SshAccess | None:
+        """sshd of a systemd machine, published on 127.0.0.1; None for other machines."""
+        record = self._load_record(validate_name(name))
+        if record is None or _SSH_PUBLISH not in record.options:
+            return None
+        info = self._inspect(name)
+        if info is None:
+            raise BackendError(f"ssh {name}: no container named {name!r}")
+        ports = (info.get("NetworkSettings") or {}).get("Ports") or {}
+        for binding in ports.get(f"{SSH_PORT}/tcp") or []:
+            if binding.get("HostIp") == "127.0.0.1" and binding.get("HostPort"):
+                port = int(binding["HostPort"])
+                return SshAccess("127.0.0.1", port, "root", pool_key(self._state_dir))
+        raise BackendError(f"ssh {name}: port {SSH_PORT} is not published on 127.0.0.1: {ports}")
 
     def _unchanged(self, name: str) -> bool:
         """True when the container's filesystem differs from its image only by the directories
@@ -460,9 +546,9 @@ class PodmanBackend:
     def _probe_options(self) -> RunOptions:
         """Run ``IMAGE true`` with candidate options until one works; BackendUnavailable if none."""
         s = self.settings
-        if not _image_exists(s, s.image, what="runtime probe"):
+        if not _image_exists(s, self.image, what="runtime probe"):
             # else `run` would try a registry and fail with a misleading pull error
-            raise BackendUnavailable(_missing_image_message(self._tool, s.image))
+            raise BackendUnavailable(_missing_image_message(self._tool, self.image))
         runtimes: list[str | None] = [s.runtime] if s.runtime is not None else [None]
         if s.runtime is None and _have_runc():
             runtimes.append("runc")
@@ -474,7 +560,7 @@ class PodmanBackend:
             for ulimits in limit_sets:
                 candidate = RunOptions(runtime, ulimits)
                 result = self._run(
-                    "run", "--rm", "--network", "none", *candidate.argv(), s.image, "true"
+                    "run", "--rm", "--network", "none", *candidate.argv(), self.image, "true"
                 )
                 if result.returncode == 0:
                     return candidate
@@ -510,7 +596,7 @@ class PodmanBackend:
         )
 
     def _container_options(
-        self, name: str, labels: Mapping[str, str], network: str | None
+        self, name: str, labels: Mapping[str, str], network: str | None, *, systemd: bool = False
     ) -> _Argv:
         s = self.settings
         options = ["--name", name, "--hostname", name]
@@ -523,7 +609,16 @@ class PodmanBackend:
             options += ["--memory", s.memory]
         if s.cpus:
             options += ["--cpus", f"{s.cpus:g}"]
-        return self._with_agent_mounts(name, options) + list(s.extra_args)
+        options = self._with_agent_mounts(name, options)
+        if systemd:
+            # sshd for deploy tools: the pool's key is root's only way in (no passwords)
+            public = pool_key(self._state_dir).with_suffix(".pub")
+            if ":" in str(public):
+                raise BackendError(f"the state directory {self._state_dir} has a ':', which "
+                                   "--volume cannot say; choose another [pool] state_dir")
+            options += [_SYSTEMD_OPTION, "--publish", _SSH_PUBLISH,
+                        "--volume", f"{public}:/root/.ssh/authorized_keys:ro"]
+        return options + list(s.extra_args)
 
     # -- the exec agent (vmpool.backends.exec_agent) ---------------------------------------------
     def _agent(self, name: str) -> ExecAgent | None:
@@ -726,10 +821,10 @@ class PodmanBackend:
         networks = list((info.get("NetworkSettings") or {}).get("Networks") or {})
         network = networks[0] if len(networks) == 1 else None
         labels = {str(k): str(v) for k, v in (config.get("Labels") or {}).items()}
-        image = str(info.get("ImageName") or config.get("Image") or self.settings.image)
+        image = str(info.get("ImageName") or config.get("Image") or self.image)
         command = [str(c) for c in (config.get("Cmd") or self.settings.command)]
-        return _Record(name, image, self._container_options(name, labels, network), command,
-                       network=network)
+        options = self._container_options(name, labels, network, systemd=command == [INIT])
+        return _Record(name, image, options, command, network=network)
 
     def _record_path(self, name: str) -> Path:
         return self._dir / f"{name}.json"
@@ -754,13 +849,31 @@ class PodmanBackend:
 
 
 # -- the image ----------------------------------------------------------------------------------
+def machine_image(settings: PodmanSettings, image: ImageSettings | None = None) -> str:
+    """The image machines run: ``[podman] image``, else the built one of ``[podman] distro``."""
+    if settings.image:
+        return settings.image
+    if settings.distro == "debian":
+        return debian_image_name((image or ImageSettings()).packages)
+    return DEFAULT_IMAGE
+
+
+def debian_image_name(packages: Sequence[str] = ()) -> str:
+    """The Debian image made with ``packages`` added."""
+    return f"{DEBIAN_REPO}:{debian_image.Recipe(tuple(packages)).tag()}"
+
+
 def build_image(
     settings: PodmanSettings,
     *,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    distro: str | None = None,
+    image_settings: ImageSettings | None = None,
 ) -> str:
-    """Make ``DEFAULT_IMAGE`` (a busybox-static rootfs) with ``<tool> import``; return its name.
+    """Make the image of ``distro`` (default ``[podman] distro``) with ``<tool> import``; return
+    its name. busybox: ``DEFAULT_IMAGE``, a busybox-static rootfs; debian: Debian 12 with
+    systemd (`vmpool.backends.debian_image`) and ``image_settings.packages``.
 
     An existing image is kept while its recipe label matches (see `image_current`), unless
     ``force``.
@@ -771,6 +884,8 @@ def build_image(
         if progress is not None:
             progress(message)
 
+    if (distro or settings.distro) == "debian":
+        return _build_debian(settings, (image_settings or ImageSettings()).packages, force, say)
     image = DEFAULT_IMAGE
     busybox = _find_busybox()
     tarball = _default_rootfs(busybox)
@@ -797,8 +912,40 @@ def build_image(
     return image
 
 
-def image_current(settings: PodmanSettings) -> bool:
-    """Whether the built default image matches what `build_image` would make now."""
+def _build_debian(
+    settings: PodmanSettings, packages: Sequence[str], force: bool, say: Callable[[str], None]
+) -> str:
+    recipe = debian_image.Recipe(tuple(packages))
+    name, digest = debian_image_name(packages), recipe.digest()
+    if not force and _image_exists(settings, name, what="build"):
+        if _image_label(settings, name, RECIPE_LABEL) == digest:
+            say(f"{name} is up to date (force to rebuild)")
+            return name
+        say(f"{name} is out of date (its recipe changed): rebuilding")
+    with tempfile.TemporaryDirectory(prefix="vmpool-debian-") as tmp:
+        tar = Path(tmp) / "root.tar"
+        debian_image.build_root(recipe, tar, progress=say)
+        say(f"importing {name} ({tar.stat().st_size // 2**20} MiB) with {settings.tool}")
+        _proc.run(
+            [
+                settings.tool, "import",
+                "--change", f'CMD ["{INIT}"]',
+                "--change", f"LABEL {RECIPE_LABEL}={digest}",
+                str(tar), name,
+            ],
+            timeout=max(settings.command_timeout, 600.0),
+            install_hint=_INSTALL_HINTS[settings.tool],
+        ).check(f"import {name}")
+    say(f"built {name}")
+    return name
+
+
+def image_current(settings: PodmanSettings, image: ImageSettings | None = None) -> bool:
+    """Whether the built image of ``[podman] distro`` matches what `build_image` would make."""
+    if settings.distro == "debian":
+        packages = (image or ImageSettings()).packages
+        digest = debian_image.Recipe(tuple(packages)).digest()
+        return _image_label(settings, debian_image_name(packages), RECIPE_LABEL) == digest
     try:
         recipe = _recipe(_default_rootfs(_find_busybox()))
     except BackendUnavailable:
@@ -859,6 +1006,9 @@ def _missing_image_message(tool: str, image: str) -> str:
     build = f"`vmpool image build --backend {tool}`"
     if image == DEFAULT_IMAGE:
         return f"{tool} image {image} not found: run {build} to build it"
+    if image.startswith(f"{DEBIAN_REPO}:"):
+        return (f"{tool} image {image} not found: run `vmpool image build --backend {tool} "
+                "--distro debian` to build it")
     return (
         f"{tool} image {image} not found: build or pull it, or unset [podman] image and run "
         f"{build} for the default busybox image"

@@ -57,6 +57,7 @@ from vmpool.backends.base import (
     ExecResult,
     MachineInfo,
     MachineSpec,
+    SshAccess,
     probe_until,
     validate_name,
 )
@@ -547,6 +548,10 @@ class QemuBackend:
             if isinstance(labels, dict):
                 out.append(MachineInfo(name, {str(k): str(v) for k, v in labels.items()}, True))
         return out
+
+    def ssh(self, name: str) -> SshAccess | None:
+        """None: the busybox guest has no sshd (the Debian guest will forward one)."""
+        return None
 
     # --- acceleration -------------------------------------------------------------------
 

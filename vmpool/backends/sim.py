@@ -26,6 +26,7 @@ from vmpool.backends.base import (
     ExecResult,
     MachineInfo,
     MachineSpec,
+    SshAccess,
     probe_until,
     validate_name,
 )
@@ -202,6 +203,10 @@ class SimBackend:
             with contextlib.suppress(ValueError, OSError):
                 out.append(MachineInfo(f.stem, json.loads(f.read_text()).get("labels", {}), True))
         return out
+
+    def ssh(self, name: str) -> SshAccess | None:
+        """None: sim machines are directories; there is nothing to log in to."""
+        return None
 
     # -- fault injection for tests ---------------------------------------------------------------
     def kill(self, name: str) -> None:

@@ -1,0 +1,95 @@
+"""ssh for deploy tools: the pool's login key, and an Ansible inventory of leased machines.
+
+Each state directory has one ed25519 key (``<state_dir>/ssh/id_ed25519``, 0600, in a 0700
+directory), made with ``ssh-keygen`` the first time a machine needs it; backends install its
+public half in each machine when they create it. Machines are throwaway and their host keys
+change with every machine, so host keys are not checked (``SSH_OPTIONS``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import portalocker
+
+from vmpool import _proc
+from vmpool.backends.base import SSH_OPTIONS
+from vmpool.errors import CapabilityError, StateError
+
+if TYPE_CHECKING:
+    from vmpool.client import VM
+
+KEY_NAME = "id_ed25519"
+
+
+def pool_key(state_dir: Path, *, timeout: float = 30.0) -> Path:
+    """The private key of ``state_dir``'s pool, made (with its ``.pub``) if missing."""
+    folder = Path(state_dir) / "ssh"
+    key = folder / KEY_NAME
+    if key.is_file() and key.with_suffix(".pub").is_file():
+        return key
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    try:
+        with portalocker.Lock(str(folder / "key.lock"), mode="a", timeout=timeout):
+            if key.is_file() and key.with_suffix(".pub").is_file():
+                return key  # another process made it while this one waited
+            with tempfile.TemporaryDirectory(dir=folder, prefix=".keygen-") as tmp:
+                made = Path(tmp) / KEY_NAME
+                _proc.run(
+                    ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vmpool", "-f",
+                     str(made)],
+                    timeout=timeout,
+                    install_hint="apt-get install openssh-client",
+                ).check("ssh-keygen")
+                for path in (made, made.with_suffix(".pub")):
+                    os.chmod(path, 0o600)
+                # the public half first: a reader that sees the private key finds both
+                os.replace(made.with_suffix(".pub"), key.with_suffix(".pub"))
+                os.replace(made, key)
+    except portalocker.exceptions.LockException as exc:
+        raise StateError(f"{folder}: another process holds key.lock for over {timeout:g}s") from exc
+    return key
+
+
+def ansible_inventory(vms: Iterable[VM], path: os.PathLike[str] | str) -> Path:
+    """Write an Ansible INI inventory of ``vms`` (group ``vmpool``) to ``path``; return it.
+
+    Each host is the machine's name with ``ansible_host``, ``ansible_port``, ``ansible_user``
+    and ``ansible_ssh_private_key_file``; host key checking is off for the group. The file is
+    written 0600 and atomically. A machine without ssh raises CapabilityError.
+    """
+    lines = ["[vmpool]"]
+    for vm in vms:
+        access = vm.ssh
+        lines.append(
+            f"{vm.name} ansible_host={access.host} ansible_port={access.port} "
+            f"ansible_user={access.user} ansible_ssh_private_key_file={access.key_file}"
+        )
+    if len(lines) == 1:
+        raise CapabilityError("ansible_inventory: no machines given")
+    common = " ".join(SSH_OPTIONS)
+    lines += [
+        "",
+        "[vmpool:vars]",
+        "ansible_host_key_checking=False",
+        f"ansible_ssh_common_args='{common}'",
+        "ansible_python_interpreter=/usr/bin/python3",
+    ]
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return target
+
