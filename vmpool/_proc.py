@@ -44,11 +44,13 @@ def run(
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
     install_hint: str = "",
+    umask: int = -1,
 ) -> ProcResult:
     """Run ``argv`` (never through a shell) and wait at most ``timeout`` seconds.
 
     The child runs in its own process group so a timeout kills it and everything it started.
     A missing executable raises BackendUnavailable naming it (and ``install_hint``).
+    ``umask`` (when not -1) is the child's, for tools that create files in vmpool's directories.
     """
     args = [str(a) for a in argv]
     full_env = None if env is None else {**os.environ, **env}
@@ -64,6 +66,7 @@ def run(
             env=full_env,
             cwd=cwd,
             start_new_session=True,
+            umask=umask,
         )
     except FileNotFoundError as exc:
         hint = f" ({install_hint})" if install_hint else ""

@@ -21,7 +21,13 @@ from vmpool import reaper
 from vmpool.backends import NAMES, make_backend
 from vmpool.controller import Controller, Progress
 from vmpool.errors import ConfigError, StateError, VmPoolError
-from vmpool.ownership import is_alive, new_session_id, pool_machines
+from vmpool.ownership import (
+    check_pool_id,
+    is_alive,
+    new_session_id,
+    pool_machines,
+    pool_network,
+)
 from vmpool.state import JsonStateDir, Pool, default_state_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STATE = 0, 1, 2, 3
@@ -65,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
     down = sub.add_parser("down", help="destroy pools (kept or orphaned; --force for live ones)")
     common(down, backend=True)
-    down.add_argument("--pool", help="only this pool id")
+    down.add_argument("--pool", type=_pool_id_arg, help="only this pool id")
     down.add_argument(
         "--force",
         action="store_true",
@@ -110,6 +116,14 @@ def _parser() -> argparse.ArgumentParser:
         help="the image to build (default: the profile's [podman] distro; qemu: busybox)",
     )
     return p
+
+
+def _pool_id_arg(value: str) -> str:
+    """argparse type for a pool id: a bad one is a usage error (exit 2) naming the argument."""
+    try:
+        return check_pool_id(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -363,7 +377,7 @@ def _down(args: argparse.Namespace) -> int:
             except VmPoolError as exc:
                 print(f"vmpool: could not delete {name}: {exc}", file=sys.stderr)
                 failed = True
-        network = pool.network if pool else None
+        network = pool.network if pool else pool_network(backend, pid)
         if network:
             with contextlib.suppress(VmPoolError):
                 backend.delete_network(network)

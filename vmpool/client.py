@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal, overload
 
 from vmpool import leases, ops, transfer
+from vmpool._files import private_opener
 from vmpool.backends.base import Backend, ExecResult, SshAccess, probe_until
 from vmpool.errors import (
     CapabilityError,
@@ -430,7 +431,7 @@ class PoolClient:
     def _record_wait(self, waited: float) -> None:
         if self.wait_log is None:
             return
-        with contextlib.suppress(OSError), open(self.wait_log, "a") as fh:
+        with contextlib.suppress(OSError), open(self.wait_log, "a", opener=private_opener) as fh:
             fh.write(f"{self.clock():.3f} {waited:.6f} {self.worker}\n")
 
     @overload

@@ -30,6 +30,7 @@ from vmpool.ownership import (
     owner_labels,
     pool_id,
     pool_machines,
+    pool_network,
 )
 from vmpool.server import LeaseServer
 from vmpool.state import JsonStateDir, MachineState, Pool, Stats
@@ -537,7 +538,8 @@ class Controller:
                 break
             log.warning("teardown: deleting %s again: still there", sorted(unexplained))
             failed |= set(self._delete_all(unexplained))
-        network = final.network if final else None
+        # without a readable record, the network is found by the name it was made with
+        network = final.network if final else pool_network(self.backend, self.pool_id)
         if network:
             try:
                 self.backend.delete_network(network)

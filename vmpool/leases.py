@@ -228,8 +228,7 @@ def return_unused(pool: Pool, names: list[str], holder: ProcessRef) -> None:
             m is not None
             and m.state is MachineState.LEASED
             and m.holder is not None
-            and (m.holder.pid, m.holder.pid_start, m.holder.host)
-            == (holder.pid, holder.pid_start, holder.host)
+            and m.holder.same_process(holder)
         ):
             _ungrant(pool, m)
 
@@ -336,11 +335,7 @@ def checkin(
         m = pool.find(name)
         if m is None or m.state is not MachineState.LEASED or m.holder is None:
             continue  # reclaimed meanwhile: nothing of ours to return
-        if (m.holder.pid, m.holder.pid_start, m.holder.host) != (
-            holder.pid,
-            holder.pid_start,
-            holder.host,
-        ):
+        if not m.holder.same_process(holder):
             continue
         dirtied = name in (dirty or set())
         returned.append((m, decide(m, policy, failed=failed, dirty=dirtied, now=now)))

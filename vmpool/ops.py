@@ -159,13 +159,12 @@ class CheckinStep(BaseModel):
 
     def apply(self, pool: Pool) -> CheckinReply:
         actions = self._checkin(pool)
-        me = (self.holder.host, self.holder.pid, self.holder.pid_start)
         mine = []
         for name, action in actions.items():
             if action != "reset":
                 continue
             actor = pool.machine(name).actor
-            if actor and (actor.host, actor.pid, actor.pid_start) == me:
+            if actor and actor.same_process(self.holder):
                 mine.append(name)
         return CheckinReply(actions=actions, mine=mine)
 
@@ -292,7 +291,7 @@ class Encoder:
     def __init__(self, policy: leases.Policy) -> None:
         self.policy = policy
         self._policy = _POLICY_JSON.dump_json(policy).decode()
-        self._who: tuple[tuple[str, int, float, str], str] | None = None
+        self._who: tuple[tuple[str, int, str | None, int | None, str], str] | None = None
         self._last: tuple[Holder | None, str] = (None, "")
 
     def holder(self, h: Holder) -> str:
@@ -300,13 +299,14 @@ class Encoder:
         whole of it once for a check-out and its check-in, which name the same Holder)."""
         if h is self._last[0]:
             return self._last[1]
-        key = (h.host, h.pid, h.pid_start, h.worker)
+        key = (h.host, h.pid, h.boot_id, h.start_ticks, h.worker)
         if self._who is None or self._who[0] != key:
+            ticks = "null" if h.start_ticks is None else str(int(h.start_ticks))
             self._who = (
                 key,
                 (
-                    f'"host":{_j(h.host)},"pid":{int(h.pid)},"pid_start":{float(h.pid_start)!r},'
-                    f'"worker":{_j(h.worker)}'
+                    f'"host":{_j(h.host)},"pid":{int(h.pid)},"boot_id":{_j(h.boot_id)},'
+                    f'"start_ticks":{ticks},"worker":{_j(h.worker)}'
                 ),
             )
         out = (

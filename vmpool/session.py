@@ -8,14 +8,13 @@ Stored as ``<state_dir>/<session>.session`` beside the pool files, locked like t
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import portalocker
 from pydantic import BaseModel, Field, ValidationError
 
+from vmpool._files import atomic_write, private_opener
 from vmpool.errors import StateError
 from vmpool.ownership import ProcessRef
 
@@ -56,18 +55,14 @@ class SessionFile:
         with portalocker.Lock(
             self.lock_path,
             mode="a",
+            opener=private_opener,
             timeout=30,
             check_interval=0.001,
             flags=portalocker.LOCK_EX | portalocker.LOCK_NB,
         ):
             record = self.read()
             yield record
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".session.", suffix=".tmp")
-            with os.fdopen(fd, "w") as fh:
-                fh.write(record.model_dump_json())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            atomic_write(self.path, record.model_dump_json())
 
     def remove(self) -> None:
         for p in (self.path, self.lock_path):

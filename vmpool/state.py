@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,10 +24,15 @@ import portalocker
 from pydantic import BaseModel, Field, ValidationError
 
 from vmpool import _wire
+from vmpool._files import atomic_write, private_dir, private_opener
+from vmpool.backends.base import NAME_RE
 from vmpool.errors import StateError
-from vmpool.ownership import ProcessRef
+from vmpool.ownership import ProcessRef, check_pool_id
 
-SCHEMA_VERSION = 1
+#: 2: processes are identified by boot id and start in clock ticks (vmpool.ownership), not by
+#: a wall-clock start; a schema 1 record is read (its processes judged by pid alone) and
+#: written back as 2
+SCHEMA_VERSION = 2
 LOCK_TIMEOUT = 30.0
 #: a process waiting for a pool's lock re-announces itself this often (see announce_waiting)
 _ANNOUNCE_EVERY = 0.05
@@ -261,7 +265,7 @@ def _lock(path: Path, timeout: float) -> IO[str]:
     (portalocker sleeps >= 1 ms between attempts) and barge past longer waiters, which is what
     made the check-out tail latency ~3x worse (bench/checkout_latency.py).
     """
-    fh = open(path, "a")  # noqa: SIM115 - closed by the caller, or by the waiter
+    fh = open(path, "a", opener=private_opener)  # noqa: SIM115 - closed by caller or waiter
     try:
         portalocker.lock(fh, portalocker.LOCK_EX | portalocker.LOCK_NB)
     except portalocker.LockException:
@@ -349,7 +353,7 @@ class JsonStateDir:
             if not create:
                 return
             try:
-                p.mkdir(mode=0o700, parents=True, exist_ok=True)
+                private_dir(p)
             except OSError as exc:
                 raise StateError(f"state directory {p}: cannot create: {exc.strerror}") from exc
             st = os.lstat(p)
@@ -375,7 +379,8 @@ class JsonStateDir:
     def pool_ids(self) -> list[str]:
         if not self.path.is_dir():
             return []
-        return sorted(f.stem for f in self.path.glob("*.json") if not f.name.startswith("."))
+        # only names a pool can have: anything else there is not vmpool's
+        return sorted(f.stem for f in self.path.glob("*.json") if NAME_RE.match(f.stem))
 
     def store(self, pool_id: str) -> JsonStore:
         return JsonStore(self, pool_id)
@@ -398,6 +403,10 @@ class JsonStore:
     """
 
     def __init__(self, directory: JsonStateDir, pool_id: str) -> None:
+        try:
+            check_pool_id(pool_id)
+        except ValueError as exc:
+            raise StateError(f"{directory.path}: {exc}") from None
         self.dir = directory
         self.pool_id = pool_id
         self.path = directory.path / f"{pool_id}.json"
@@ -438,6 +447,7 @@ class JsonStore:
             pass
         else:
             if pool.schema_version <= SCHEMA_VERSION:
+                pool.schema_version = SCHEMA_VERSION
                 return pool
         try:
             raw = json.loads(data)
@@ -479,18 +489,7 @@ class JsonStore:
             return self._read_unlocked()
 
     def _write(self, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.pool_id}.", suffix=".tmp", dir=self.dir.path)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write(self.path, data)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Pool]:

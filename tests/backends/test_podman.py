@@ -741,6 +741,40 @@ def test_gc_removes_what_a_container_removed_outside_vmpool_left_in_the_state_di
             backend.delete(name)
 
 
+def test_teardown_with_a_corrupt_record_still_deletes_the_pools_network(
+    image: str, tmp_path: Path
+) -> None:
+    from vmpool.config import PoolSettings, Profile
+    from vmpool.controller import Controller
+
+    prefix = f"vmpooltest{uuid.uuid4().hex[:6]}"
+    directory = JsonStateDir(tmp_path / "state")
+    profile = Profile(
+        name="default",
+        pool=PoolSettings(name_prefix=prefix, backoff=0.0),
+        podman=PodmanSettings(image=image),
+    )
+    backend = PodmanBackend(profile.podman, directory.path)
+    controller = Controller(
+        directory=directory, backend=backend, profile=profile, size=1, session="corrupt"
+    )
+    controller.start()
+    try:
+        controller.wait_until_ready(1, 60)
+        assert [n.name for n in backend.list_networks(prefix)] == [f"{controller.pool_id}-net"]
+        # under the pool's lock, so that its owner (who keeps it in memory) reads it again
+        with directory.store(controller.pool_id)._locked():
+            controller.store.path.write_bytes(b"{not json")
+        controller.stop()
+        assert backend.list(prefix) == []
+        assert backend.list_networks(prefix) == []
+    finally:
+        for info in backend.list(prefix):
+            backend.delete(info.name)
+        for info in backend.list_networks(prefix):
+            backend.delete_network(info.name)
+
+
 # -- a hostile test against the agent's directory (issue 15, findings 3 and 4) ------------------
 def _in_machine(machine: str, script: str) -> None:
     """Run ``script`` in ``machine`` as test code would (a plain `podman exec`; failures of its

@@ -80,7 +80,6 @@ import os
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 MARKERS = Path({markers!r})
@@ -89,27 +88,36 @@ STALE = Path({stale!r})
 PROGRESS = Path({progress!r})
 
 
+def _stat(pid):
+    """(state, start in clock ticks since boot) of ``pid`` from /proc/PID/stat, or None.
+
+    The start in ticks never changes, whatever the wall clock does; the comm field before it
+    is in parentheses and may hold spaces and parentheses itself: split after the last ')'."""
+    try:
+        with open(f"/proc/{{pid}}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[19])
+
+
 def _alive(owner):
-    """Is the test that wrote ``owner`` ("pid start_time") still running? (as vmpool decides)"""
+    """Is the test that wrote ``owner`` ("pid start_ticks") still running?"""
     try:
         pid, started = owner.split()
-        pid, started = int(pid), float(started)
+        pid, started = int(pid), int(started)
     except ValueError:
         return True  # empty or partial: a claimer is writing it right now
-    try:
-        proc = psutil.Process(pid)
-        if abs(proc.create_time() - started) >= 0.05:
-            return False
-        # a SIGKILLed worker stays a zombie until xdist reaps it: it is dead
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    stat = _stat(pid)
+    # a SIGKILLed worker stays a zombie until xdist reaps it: it is dead
+    return stat is not None and stat[1] == started and stat[0] not in ("Z", "X")
 
 
 def claim(name):
     """Hold the marker of machine ``name`` for this test; None if a live test holds it."""
     path = MARKERS / name
-    me = f"{{os.getpid()}} {{psutil.Process().create_time()!r}}"
+    me = f"{{os.getpid()}} {{_stat(os.getpid())[1]}}"
     for _ in range(5):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -355,7 +363,7 @@ class ChaosRun:
 
     # -- running sessions --------------------------------------------------------------------
     def launch(
-        self, suite: Path, workers: int | None = None
+        self, suite: Path, workers: int | None = None, env: dict[str, str] | None = None
     ) -> tuple[subprocess.Popen[bytes], Path]:
         self._sessions += 1
         log = suite / f"session-{self._sessions}.log"
@@ -363,7 +371,7 @@ class ChaosRun:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-n", str(workers or self.workers), "."],
             cwd=suite,
-            env=child_env(),
+            env=env or child_env(),
             stdin=subprocess.DEVNULL,
             stdout=fh,
             stderr=subprocess.STDOUT,

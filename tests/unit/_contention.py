@@ -31,13 +31,13 @@ FAKE_HOST = "fake"
 
 
 def holder_id(ref: ProcessRef) -> str:
-    return f"{ref.host} {ref.pid} {ref.pid_start!r}"
+    return f"{ref.host} {ref.pid} {ref.boot_id} {ref.start_ticks}"
 
 
 def _ref_of(text: str) -> ProcessRef | None:
     try:
-        host, pid, start = text.split()
-        return ProcessRef(host=host, pid=int(pid), pid_start=float(start))
+        host, pid, boot, start = text.split()
+        return ProcessRef(host=host, pid=int(pid), boot_id=boot, start_ticks=int(start))
     except ValueError:
         return None  # a marker being written right now
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import psutil
-
-from vmpool.ownership import ProcessRef, hostname
+from vmpool.ownership import ProcessRef, boot_id, hostname, proc_stat
 
 
 def process_ref(pid: int) -> ProcessRef:
-    return ProcessRef(host=hostname(), pid=pid, pid_start=psutil.Process(pid).create_time())
+    """``pid`` as vmpool identifies it (running, or a zombie not yet waited for)."""
+    stat = proc_stat(pid)
+    assert stat is not None, f"no process {pid}"
+    return ProcessRef(host=hostname(), pid=pid, boot_id=boot_id(), start_ticks=stat[1])

@@ -187,6 +187,55 @@ def test_bad_arguments_exit_2_and_name_the_argument(
     assert not (tmp_path / "state").exists() or sim_machines(tmp_path / "state") == []
 
 
+@pytest.mark.parametrize("backend", ["sim", "podman"])
+@pytest.mark.parametrize("pool", ["../outside/victim", "/etc/passwd", "vmpool-abc/../x", "."])
+def test_down_with_a_path_for_pool_id_is_a_usage_error_and_deletes_nothing(
+    tmp_path: Path, backend: str, pool: str
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victims = [outside / "victim.json", outside / "victim.lock", tmp_path / "x.json"]
+    for v in victims:
+        v.write_text("precious")
+    down = vmpool(
+        tmp_path, "down", "--backend", backend, "--state-dir", str(state), "--pool", pool, "--force"
+    )
+    assert down.returncode == 2, down.stderr
+    assert f"argument --pool: invalid pool id {pool!r}" in down.stderr
+    assert "Traceback" not in down.stderr
+    assert all(v.read_text() == "precious" for v in victims)
+    assert Path("/etc/passwd").exists()
+
+
+def test_a_store_refuses_a_pool_id_that_is_a_path(tmp_path: Path) -> None:
+    # the library too, for callers other than the CLI
+    from vmpool.errors import StateError
+    from vmpool.state import JsonStateDir
+
+    with pytest.raises(StateError, match=r"invalid pool id '\.\./victim'"):
+        JsonStateDir(tmp_path / "state").store("../victim")
+
+
+def test_down_force_with_a_corrupt_record_deletes_the_pools_network(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    up = vmpool(tmp_path, "up", "--backend", "sim", "--size", "1", "--state-dir", str(state))
+    assert up.returncode == 0, up.stderr
+    (record,) = state.glob("vmpool-*.json")
+    sim = SimBackend(SimSettings(), state)
+    assert [n.name for n in sim.list_networks("vmpool-")] == [f"{record.stem}-net"]
+    record.write_text("{not json")
+    down = vmpool(
+        tmp_path, "down", "--backend", "sim", "--state-dir", str(state),
+        "--pool", record.stem, "--force",
+    )  # fmt: skip
+    assert down.returncode == 0, down.stderr
+    assert sim_machines(state) == []
+    assert sim.list_networks("vmpool-") == []
+    assert not record.exists()
+
+
 def test_image_build_of_debian_for_qemu_says_only_podman_builds_it(tmp_path: Path) -> None:
     done = vmpool(tmp_path, "image", "build", "--backend", "qemu", "--distro", "debian")
     assert done.returncode == 2, done.stderr

@@ -673,3 +673,19 @@ def test_pool_that_may_reset_takes_a_snapshot(start_pool: Factory) -> None:
     controller, backend = start_pool(1, checkin_policy="replace", failure_policy="reset")
     pool = controller.wait_until_ready(1, 10)
     assert (backend.root / "machines" / pool.machines[0].name / "snapshot").is_dir()
+
+
+@pytest.mark.parametrize("garbage", [b"{not json", b'{"schema_version": 2, "id": 3}', b""])
+def test_teardown_with_a_corrupt_record_still_deletes_the_network(
+    start_pool: Factory, state_dir: JsonStateDir, garbage: bytes
+) -> None:
+    controller, backend = start_pool(2)
+    controller.wait_until_ready(2, 10)
+    assert [n.name for n in backend.list_networks("")] == [f"{controller.pool_id}-net"]
+    # e.g. a disk filled mid-write, or a hand edit; under the pool's lock, so that the owner,
+    # who keeps the record in memory while busy (vmpool.writeback), lets go and reads it again
+    with state_dir.store(controller.pool_id)._locked():
+        controller.store.path.write_bytes(garbage)
+    controller.stop()
+    assert backend.list("") == []
+    assert backend.list_networks("") == []

@@ -18,11 +18,11 @@ from vmpool.ownership import ProcessRef, is_alive
 from vmpool.state import Holder, Machine, MachineState, Pool, Request
 
 NOW = 1000.0
-CONTROLLER = ProcessRef(host="h", pid=1, pid_start=1.0)
+CONTROLLER = ProcessRef(host="h", pid=1, boot_id="b", start_ticks=1)
 
 
 def ref(pid: int) -> ProcessRef:
-    return ProcessRef(host="h", pid=pid, pid_start=float(pid))
+    return ProcessRef(host="h", pid=pid, boot_id="b", start_ticks=pid)
 
 
 def holder(pid: int, test: str | None = None) -> Holder:
@@ -473,7 +473,8 @@ def test_lease_of_a_live_process_is_kept(live_process: ProcessRef) -> None:
 
 
 def test_reused_pid_is_not_mistaken_for_the_holder(live_process: ProcessRef) -> None:
-    impostor = live_process.model_copy(update={"pid_start": live_process.pid_start - 3600})
+    assert live_process.start_ticks is not None
+    impostor = live_process.model_copy(update={"start_ticks": live_process.start_ticks - 100})
     assert is_alive(live_process)
     assert not is_alive(impostor)
 
@@ -492,7 +493,7 @@ def test_exited_but_unreaped_process_is_dead() -> None:
 
 
 def test_process_on_another_host_is_assumed_alive() -> None:
-    assert is_alive(ProcessRef(host="elsewhere.invalid", pid=1, pid_start=0.0))
+    assert is_alive(ProcessRef(host="elsewhere.invalid", pid=1, boot_id="b", start_ticks=0))
 
 
 def test_dead_actors_transition_becomes_a_replacement() -> None:

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from test_leases import make_pool
 
 from vmpool import leases, ops
-from vmpool.ownership import ProcessRef, hostname
+from vmpool.ownership import ProcessRef, boot_id, hostname
 from vmpool.state import Holder, MachineState, Pool, Request
 
 _text = st.text(max_size=40)  # any unicode: quotes, backslashes, control characters, emoji
@@ -22,7 +22,8 @@ _holders = st.builds(
     Holder,
     host=_text,
     pid=st.integers(min_value=0, max_value=2**31),
-    pid_start=_finite,
+    boot_id=st.none() | _text,
+    start_ticks=st.none() | st.integers(min_value=0, max_value=2**63),
     worker=_text,
     test=st.none() | _text,
     since=_finite,
@@ -110,7 +111,9 @@ def test_a_checkin_line_is_the_checkin_the_models_build(
 
 
 def _holder(request: str = "r", test: str | None = "t") -> Holder:
-    return Holder(host="h", pid=1, pid_start=2.0, worker="gw0", test=test, request=request)
+    return Holder(
+        host="h", pid=1, boot_id="b", start_ticks=2, worker="gw0", test=test, request=request
+    )
 
 
 def _ask(
@@ -242,7 +245,7 @@ def test_one_encoder_writes_each_holder_as_the_model_does(holders: list[Holder])
 
 def test_a_forked_child_is_not_taken_for_its_parent() -> None:
     """The server's check for its own process is made once per process, and again in a child."""
-    me = ProcessRef(host=hostname(), pid=os.getpid(), pid_start=-1.0)  # a wrong start time:
+    me = ProcessRef(host=hostname(), pid=os.getpid(), boot_id=boot_id(), start_ticks=-1)  # wrong:
     assert ops._alive_or_me(me)  # only the shortcut for this very process says alive
     pid = os.fork()
     if pid == 0:

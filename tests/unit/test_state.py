@@ -333,7 +333,7 @@ def test_interrupted_lock_wait_does_not_keep_the_lock(store: JsonStore) -> None:
 # -- the in-memory checkpoint (vmpool.state.Checkpoint) ----------------------------------------
 def busy_pool() -> Pool:
     """A record with something in every part: machines leased and free, a line, a failure."""
-    holder = Holder(host="h", pid=1, pid_start=2.0, worker="gw0", test="t", since=3.0)
+    holder = Holder(host="h", pid=1, boot_id="b", start_ticks=2, worker="gw0", test="t", since=3.0)
     pool = new_pool()
     pool.machines = [
         Machine(

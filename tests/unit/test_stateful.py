@@ -54,7 +54,7 @@ _orphan_ids = itertools.count()
 
 
 def new_fake() -> ProcessRef:
-    return ProcessRef(host=FAKE_HOST, pid=next(_fake_pids), pid_start=1.0)
+    return ProcessRef(host=FAKE_HOST, pid=next(_fake_pids), boot_id="fake", start_ticks=1)
 
 
 @dataclass

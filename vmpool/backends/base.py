@@ -19,7 +19,9 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 LABEL_SESSION = "vmpool.session"
 LABEL_HOST = "vmpool.host"
 LABEL_PID = "vmpool.pid"
+#: the pid's start in clock ticks since boot (a wall-clock start before state schema 2)
 LABEL_PID_START = "vmpool.pid_start"
+LABEL_BOOT_ID = "vmpool.boot_id"
 LABEL_CONFIG_HASH = "vmpool.config_hash"
 LABEL_POOL = "vmpool.pool"
 

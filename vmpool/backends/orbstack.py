@@ -23,9 +23,7 @@ from __future__ import annotations
 import builtins
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from vmpool._files import atomic_write, private_dir
 from vmpool._proc import ProcResult, run
 from vmpool.backends.base import (
     NAME_RE,
@@ -186,18 +185,9 @@ class OrbstackBackend:
 
     def _write_record(self, name: str, labels: Mapping[str, str]) -> None:
         record = OwnershipRecord(name=name, labels=dict(labels))
-        self.records_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.records_dir)
         # a reader (another worker's list()) must never see a half-written record
-        fd, tmp = tempfile.mkstemp(dir=self.records_dir, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(record.model_dump_json(indent=2))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self._record_path(name))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self._record_path(name), record.model_dump_json(indent=2))
 
     def _read_labels(self, name: str) -> dict[str, str]:
         if not NAME_RE.match(name):

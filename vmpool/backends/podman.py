@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from vmpool import _proc
+from vmpool._files import atomic_write, private_dir
 from vmpool.backends import debian_image
 from vmpool.backends.base import (
     Capabilities,
@@ -684,6 +685,7 @@ class PodmanBackend:
         reaches the next one."""
         agent = self._agent(name)
         if agent is not None:
+            private_dir(agent.dir.parent)  # <tool>/exec/ and <tool>/ too: 0700 whatever the umask
             agent.rebuild()
         self._agent_failed.pop(name, None)
 
@@ -893,16 +895,8 @@ class PodmanBackend:
 
     def _write_json(self, path: Path, data: Any) -> None:
         """Write via a temporary file and rename, so readers never see half a file."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        private_dir(path.parent)
+        atomic_write(path, json.dumps(data, indent=1, sort_keys=True), fsync=False)
 
 
 # -- the image ----------------------------------------------------------------------------------

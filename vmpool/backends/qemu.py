@@ -42,6 +42,15 @@ import psutil
 from qemu.qmp import QMPClient, QMPError
 
 from vmpool import _proc
+from vmpool._files import (
+    DIR_MODE,
+    UMASK,
+    atomic_write,
+    private_dir,
+    private_opener,
+    tighten,
+    tighten_tree,
+)
 from vmpool.backends import qemu_net
 from vmpool.backends.base import (
     Capabilities,
@@ -231,9 +240,9 @@ class QemuBackend:
             raise BackendError(f"machine name {name!r} is reserved by the qemu backend")
         image = find_image(self.settings)
         run_dir = self._run_dir(name)
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         try:
-            run_dir.mkdir()
+            run_dir.mkdir(mode=DIR_MODE)
         except FileExistsError as exc:
             raise BackendError(f"qemu machine {name} already exists ({run_dir})") from exc
         try:
@@ -446,7 +455,7 @@ class QemuBackend:
         """
         validate_name(name)
         digest = hashlib.sha256(name.encode()).digest()
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         folder = qemu_net.private_dir(self._networks_dir(), repair=True)
         net_dir = qemu_net.private_dir(folder / name, repair=True)
         net = _Network(
@@ -570,11 +579,11 @@ class QemuBackend:
         cache_dir = Path(platformdirs.user_cache_dir("vmpool"))
         cache = cache_dir / "accel.json"
         lock = cache_dir / ".accel.lock"
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(cache_dir)
+        private_dir(self.root)
         wait = self.settings.kvm_probe_timeout * 2 + _LAUNCH_TIMEOUT
         try:
-            with portalocker.Lock(str(lock), mode="a", timeout=wait):
+            with portalocker.Lock(str(lock), mode="a", timeout=wait, opener=private_opener):
                 verdicts = _read_json(cache)
                 cached = verdicts.get(key)
                 if isinstance(cached, dict) and cached.get("accel") in ("kvm", "tcg"):
@@ -774,6 +783,7 @@ class QemuBackend:
                 f"qemu for {record.name} failed to start (exit {result.returncode}): "
                 f"{result.stderr.strip()[-2000:]}{self._died_hint(run_dir)}"
             )
+        tighten_tree(run_dir)  # qemu's -daemonize sets umask 027 (pidfile, console.log: 0640)
         log.debug("started qemu for %s (%s) in %.2fs", record.name, accel, result.duration)
 
     def _kill_run(self, run_dir: Path) -> None:
@@ -857,9 +867,11 @@ class QemuBackend:
             return found
         lock = self.template_dir / f".{key}.lock"
         try:
-            self.template_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.template_dir)
             # one builder per host: other processes (xdist workers, sessions) wait for it
-            with portalocker.Lock(str(lock), mode="a", timeout=_TEMPLATE_LOCK_TIMEOUT):
+            with portalocker.Lock(
+                str(lock), mode="a", timeout=_TEMPLATE_LOCK_TIMEOUT, opener=private_opener
+            ):
                 found = _valid_template(path)
                 if found is not None:
                     return found
@@ -926,6 +938,7 @@ class QemuBackend:
                     "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 },
             )
+            tighten(tmp)  # written by qemu under its own umask 027
             os.replace(tmp, path)
             self._prune_templates(keep=path)
             log.info(
@@ -1079,7 +1092,9 @@ class QemuBackend:
         """Remove the template state at ``path`` if it is still the file with ``stamp``."""
         lock = self.template_dir / f".{path.stem}.lock"
         try:
-            with portalocker.Lock(str(lock), mode="a", timeout=_DISCARD_LOCK_TIMEOUT):
+            with portalocker.Lock(
+                str(lock), mode="a", timeout=_DISCARD_LOCK_TIMEOUT, opener=private_opener
+            ):
                 if stamp is not None and _stamp(path) == stamp:
                     path.unlink(missing_ok=True)
                     log.warning("qemu: removed the clone template %s (qemu could not load it)",
@@ -1477,6 +1492,7 @@ def _make_overlay(image: ImagePaths, overlay: Path) -> None:
         ],
         timeout=_IMG_TIMEOUT,
         install_hint=IMG_INSTALL_HINT,
+        umask=UMASK,
     ).check("create overlay")
 
 
@@ -1523,9 +1539,7 @@ def _run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n", fsync=False)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import platformdirs
 import portalocker
 
 from vmpool import _proc
+from vmpool._files import private_dir, private_opener, tighten_tree
 from vmpool.config import QemuSettings
 from vmpool.errors import BackendError, BackendUnavailable
 
@@ -91,6 +92,8 @@ def find_image(settings: QemuSettings) -> ImagePaths:
     Raises BackendUnavailable naming the build command when a file is missing.
     """
     root = image_dir(settings)
+    if root.is_dir():
+        tighten_tree(root)  # an image an older vmpool built with 0755/0644
     paths = ImagePaths(
         kernel=settings.kernel or root / KERNEL_FILE,
         initrd=settings.initrd or root / INITRD_FILE,
@@ -134,10 +137,12 @@ def build_image(
     """
     say = progress or (lambda msg: log.info("%s", msg))
     target = image_dir(settings)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(target.parent)
     lock_path = target.parent / f".{target.name}.lock"
     try:
-        with portalocker.Lock(str(lock_path), mode="a", timeout=_LOCK_TIMEOUT):
+        with portalocker.Lock(
+            str(lock_path), mode="a", timeout=_LOCK_TIMEOUT, opener=private_opener
+        ):
             return _build_locked(target, force=force, say=say)
     except portalocker.exceptions.LockException as exc:
         raise BackendError(
@@ -149,12 +154,12 @@ def _build_locked(target: Path, *, force: bool, say: Callable[[str], None]) -> P
     inputs = _collect_inputs()
     input_hashes = _input_hashes(inputs)
     if not force and _is_current(target, inputs.kernel_version, input_hashes):
+        tighten_tree(target)  # built by an older vmpool with 0755/0644
         say(f"qemu image up to date in {target}")
         return target
 
     started = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-build-", dir=target.parent))
-    tmp.chmod(0o755)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-build-", dir=target.parent))  # 0700
     try:
         say(f"copying kernel {inputs.kernel}")
         shutil.copyfile(inputs.kernel, tmp / KERNEL_FILE)
@@ -176,6 +181,7 @@ def _build_locked(target: Path, *, force: bool, say: Callable[[str], None]) -> P
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        tighten_tree(tmp)  # copies and tools made their files with the umask's modes
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

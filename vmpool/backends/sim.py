@@ -20,6 +20,7 @@ from pathlib import Path
 import portalocker
 
 from vmpool import _proc
+from vmpool._files import DIR_MODE, FILE_MODE, atomic_write, private_dir, private_opener
 from vmpool.backends.base import (
     Capabilities,
     ExecResult,
@@ -40,7 +41,7 @@ class SimBackend:
     def __init__(self, settings: SimSettings, state_dir: Path) -> None:
         self.settings = settings
         self.root = Path(settings.root) if settings.root else Path(state_dir) / "sim"
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
 
     # -- helpers -----------------------------------------------------------------------------
     def _dir(self, name: str) -> Path:
@@ -55,10 +56,7 @@ class SimBackend:
         return data
 
     def _write_meta(self, name: str, meta: Mapping[str, object]) -> None:
-        d = self._dir(name)
-        tmp = d / "machine.json.tmp"
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, d / "machine.json")
+        atomic_write(self._dir(name) / "machine.json", json.dumps(meta), fsync=False)
 
     @staticmethod
     def _pause(seconds: float) -> None:
@@ -67,9 +65,9 @@ class SimBackend:
 
     def _next_create(self) -> int:
         counter = self.root / "creates"
-        with portalocker.Lock(self.root / "creates.lock", timeout=30):
+        with portalocker.Lock(self.root / "creates.lock", timeout=30, opener=private_opener):
             n = int(counter.read_text() or 0) + 1 if counter.exists() else 1
-            counter.write_text(str(n))
+            atomic_write(counter, str(n), fsync=False)
         return n
 
     # -- Backend -------------------------------------------------------------------------------
@@ -84,7 +82,9 @@ class SimBackend:
         d = self._dir(spec.name)
         if d.exists():
             raise BackendError(f"sim: machine {spec.name!r} already exists")
-        (d / "fs").mkdir(parents=True)
+        private_dir(d.parent)
+        os.mkdir(d, DIR_MODE)
+        os.mkdir(d / "fs", DIR_MODE)
         self._write_meta(
             spec.name,
             {
@@ -145,7 +145,7 @@ class SimBackend:
         if snap.exists():
             shutil.copytree(snap, d / "fs", symlinks=True)
         else:
-            (d / "fs").mkdir()
+            os.mkdir(d / "fs", DIR_MODE)
 
     def delete(self, name: str) -> None:
         d = self._dir(name)
@@ -186,12 +186,9 @@ class SimBackend:
         return f"10.99.{octet}.{10 + index}"
 
     def create_network(self, name: str, labels: Mapping[str, str]) -> None:
-        d = self.root / "networks"
-        d.mkdir(exist_ok=True)
-        path = d / f"{validate_name(name)}.json"
-        tmp = d / f".{path.name}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"labels": dict(labels)}))
-        os.replace(tmp, path)  # a concurrent list_networks never sees a half-written record
+        d = private_dir(self.root / "networks")
+        # a concurrent list_networks never sees a half-written record
+        atomic_write(d / f"{validate_name(name)}.json", json.dumps({"labels": dict(labels)}))
 
     def delete_network(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -214,4 +211,4 @@ class SimBackend:
     # -- fault injection for tests ---------------------------------------------------------------
     def kill(self, name: str) -> None:
         """Make the machine stop answering (a VM that died while leased)."""
-        (self._dir(name) / "dead").touch()
+        os.close(os.open(self._dir(name) / "dead", os.O_WRONLY | os.O_CREAT, FILE_MODE))
