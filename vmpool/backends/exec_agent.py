@@ -159,6 +159,17 @@ class ExecAgent:
             _empty(io)
             os.mkfifo(_IN, 0o600, dir_fd=io)
 
+    def scrub(self) -> None:
+        """Empty ``io`` but for its request FIFO, while the agent keeps running (a live reset):
+        nothing the last test left there reaches the next one. A ``in`` that is not a FIFO is
+        removed too; ``listening()`` then says the agent no longer serves."""
+        try:
+            with _directory(self.io) as io:
+                fifo = {_IN} if _is_fifo(io, _IN) else set()
+                _empty(io, keep=fifo)
+        except OSError as exc:
+            raise BackendError(f"cannot empty the exec agent's {self.io}: {exc}") from exc
+
     def repair(self) -> None:
         """Put a FIFO back as ``io/in`` if the container replaced it (call before starting an
         agent, under ``starting()``)."""
@@ -401,6 +412,13 @@ def _remove(fd: int, name: str) -> None:
         pass
     except IsADirectoryError:
         shutil.rmtree(name, dir_fd=fd)
+
+
+def _is_fifo(fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _is_directory(fd: int, name: str) -> bool:

@@ -310,7 +310,9 @@ class PodmanBackend:
             return
         info = self._inspect(name)
         if info is not None:
-            self._live.snapshot(name, info, {_AGENT_MOUNT}, self._address_in(name, info))
+            agent = self._agent(name)
+            own = {m.split(":")[1] for m in agent.mounts()} if agent is not None else set()
+            self._live.snapshot(name, info, own, self._address_in(name, info))
 
     def _probe_systemd(self, name: str, timeout: float) -> None:
         """Raise BackendError unless systemd in ``name`` is in one of the ready states."""
@@ -674,10 +676,14 @@ class PodmanBackend:
         return ExecAgent(directory)
 
     def _agent_intact(self, name: str) -> bool:
-        """After a live reset: the ready-time agent still reads the request FIFO (the only
-        processes left are the ready-time ones, so no test's process can be that reader)."""
+        """After a live reset: nothing of the last test is left in the agent's ``io`` (it is a
+        mount, outside what the live reset reverts), and the ready-time agent still reads the
+        request FIFO (only ready-time processes are left, so no test's process is that reader)."""
         agent = self._agent(name)
-        return agent is None or agent.listening()
+        if agent is None:
+            return True
+        agent.scrub()
+        return agent.listening()
 
     def _rebuild_agent_dir(self, name: str) -> None:
         """Make the agent's directory as new (its script, an empty FIFO directory), before a
