@@ -7,6 +7,7 @@ import logging
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,8 +181,10 @@ class ControllerRole:
             return self.session_file.read().usage_errors
         return []
 
-    def stop(self) -> list[ProfileOutcome]:
-        """Tear down every pool (or keep them), then reap orphans of dead sessions."""
+    def stop(self, lease_budget: Callable[[float], float] | None = None) -> list[ProfileOutcome]:
+        """Tear down every pool (or keep them), then reap orphans of dead sessions.
+
+        ``lease_budget`` maps a pool's teardown_timeout to how long to wait for its leases."""
         with self._lock:
             self._stop.set()
         if self._thread is not None:
@@ -189,7 +192,8 @@ class ControllerRole:
         outcomes = []
         for name, controller in self.controllers.items():
             waits = _read_waits(controller.store.side_file("waits"))
-            pool = controller.stop()
+            wait = controller.settings.teardown_timeout
+            pool = controller.stop(lease_timeout=lease_budget(wait) if lease_budget else None)
             outcomes.append(
                 ProfileOutcome(
                     name, controller.backend.name, pool, controller.adopted_from is not None, waits
@@ -236,6 +240,11 @@ class WorkerRole:
         self.directory = JsonStateDir(Path(settings.state_dir))
         self.session_file = SessionFile(self.directory.path, settings.session)
         self._clients: dict[str, PoolClient] = {}
+
+    def register(self) -> None:
+        """Record this worker's process in the session, for the controller to signal it."""
+        with self.session_file.update() as rec:
+            rec.workers[self.worker_id] = current_process()
 
     def report_demand(
         self, needs: dict[str, int], problems: list[str], *, final: bool = True

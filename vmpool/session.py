@@ -35,6 +35,8 @@ class SessionRecord(BaseModel):
     errors: dict[str, str] = Field(default_factory=dict)
     #: problems found while collecting (count too large, unknown profile): a usage error
     usage_errors: list[str] = Field(default_factory=list)
+    #: xdist worker id -> its process, so a controller stopped by a signal can stop them
+    workers: dict[str, ProcessRef] = Field(default_factory=dict)
 
 
 class SessionFile:
