@@ -18,7 +18,7 @@ from vmpool.backends.base import Backend
 from vmpool.client import Lease, PoolClient
 from vmpool.config import Config, Profile
 from vmpool.controller import Controller, Progress, policy_for
-from vmpool.errors import PoolUnavailable, StateError, VmPoolError
+from vmpool.errors import PoolUnavailable, StateError, VmPoolError, describe
 from vmpool.ownership import current_process, new_session_id
 from vmpool.session import SessionFile
 from vmpool.state import JsonStateDir, Pool, default_state_dir
@@ -98,12 +98,15 @@ class ControllerRole:
         self._thread.start()
 
     def _watch(self) -> None:
+        try:
+            self._watch_demand()
+        except Exception as exc:  # never die silently: the workers would wait out their timeout
+            log.exception("vmpool: the controller's demand watcher failed")
+            self._fail_all(exc)
+
+    def _watch_demand(self) -> None:
         while not self._stop.is_set():
-            try:
-                rec = self.session_file.read()
-            except StateError as exc:
-                log.error("%s", exc)
-                return
+            rec = self.session_file.read()
             if rec.usage_errors:
                 return
             for name in rec.demand:
@@ -118,6 +121,21 @@ class ControllerRole:
                     self._prepare_profile(name)
             self._stop.wait(_POLL)
 
+    def _fail_all(self, exc: BaseException) -> None:
+        """Record ``exc`` for every profile without a pool, so no worker waits for one."""
+        text = describe(exc)
+        try:
+            with self.session_file.update() as rec:
+                for name in set(rec.demand) | set(rec.early) | set(self.cfg.profiles):
+                    if name not in rec.pools:
+                        rec.errors.setdefault(name, text)
+                        self.errors.setdefault(name, text)
+        except VmPoolError as again:
+            log.error("vmpool: cannot tell the workers: %s", again)
+            for name in self.cfg.profiles:
+                if name not in self.controllers:
+                    self.errors.setdefault(name, text)
+
     def _prepare_profile(self, name: str) -> Backend | None:
         """Make and check the backend, reap orphans, do the backend's one-off preparation."""
         if name in self._backends:
@@ -131,16 +149,18 @@ class ControllerRole:
             prepare = getattr(backend, "prepare", None)
             if prepare is not None:
                 prepare(networked=profile.pool.network and backend.capabilities.network)
-        except VmPoolError as exc:
+        except Exception as exc:  # an OSError too: the workers must hear of it, not wait
             self._fail(name, exc)
             return None
         self._backends[name] = backend
         return backend
 
-    def _fail(self, name: str, exc: VmPoolError) -> None:
-        self.errors[name] = str(exc)
+    def _fail(self, name: str, exc: BaseException) -> None:
+        if not isinstance(exc, VmPoolError):
+            log.error("vmpool: profile %r", name, exc_info=exc)
+        self.errors[name] = describe(exc)
         with self.session_file.update() as rec:
-            rec.errors[name] = str(exc)
+            rec.errors[name] = describe(exc)
 
     def _start_profile(self, name: str) -> None:
         backend = self._prepare_profile(name)
@@ -164,7 +184,7 @@ class ControllerRole:
                 self.controllers[name] = controller
             with self.session_file.update() as rec:
                 rec.pools[name] = controller.pool_id
-        except VmPoolError as exc:
+        except Exception as exc:
             self._fail(name, exc)
 
     def _on_progress(self, event: Progress) -> None:

@@ -240,6 +240,8 @@ def unavailable(pool: Pool, count: int, alive: Alive | None = None) -> str | Non
     (vmpool.writeback), so nothing more is granted from it."""
     if pool.closing:
         return f"pool {pool.id} is shutting down"
+    if pool.error is not None:
+        return f"pool {pool.id}: its controller failed: {pool.error}"
     if alive is not None and pool.owner is not None and not alive(pool.owner):
         return (
             f"pool {pool.id}: its controller (pid {pool.owner.pid} on {pool.owner.host}) is "

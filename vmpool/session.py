@@ -8,8 +8,6 @@ Stored as ``<state_dir>/<session>.session`` beside the pool files, locked like t
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from vmpool.errors import StateError
 from vmpool.ownership import ProcessRef
+from vmpool.state import atomic_write, write_error
 
 
 class SessionRecord(BaseModel):
@@ -64,12 +63,10 @@ class SessionFile:
         ):
             record = self.read()
             yield record
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".session.", suffix=".tmp")
-            with os.fdopen(fd, "w") as fh:
-                fh.write(record.model_dump_json())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            try:
+                atomic_write(self.path, record.model_dump_json().encode(), prefix=".session.")
+            except OSError as exc:
+                raise write_error(self.path, exc) from exc
 
     def remove(self) -> None:
         for p in (self.path, self.lock_path):

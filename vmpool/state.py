@@ -115,6 +115,8 @@ class Pool(BaseModel):
     keep: bool = False
     closing: bool = False
     network: str | None = None
+    #: why the controller cannot keep the pool now (its maintainer's error): check-outs fail
+    error: str | None = None
     created_at: float
     next_serial: int = 0
     machines: list[Machine] = Field(default_factory=list)
@@ -244,6 +246,29 @@ class StateStore(Protocol):
 
 def default_state_dir() -> Path:
     return Path(platformdirs.user_state_dir("vmpool"))
+
+
+def atomic_write(path: Path, data: bytes, *, prefix: str) -> None:
+    """Replace ``path`` with ``data`` (mode 0600): a temp file beside it, fsync, rename. The
+    temp file never outlives a failure (a full disk, say); the OSError goes to the caller."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_error(path: Path, exc: OSError) -> StateError:
+    """The StateError for a record that cannot be written, with the system's reason (``No
+    space left on device``) in the text."""
+    return StateError(f"{path}: cannot write it: {exc.strerror or exc}")
 
 
 def _recovery(state_dir: Path, pool_id: str) -> str:
@@ -479,18 +504,10 @@ class JsonStore:
             return self._read_unlocked()
 
     def _write(self, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.pool_id}.", suffix=".tmp", dir=self.dir.path)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            atomic_write(self.path, data, prefix=f".{self.pool_id}.")
+        except OSError as exc:
+            raise write_error(self.path, exc) from exc
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Pool]:
