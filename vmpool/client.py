@@ -314,10 +314,11 @@ def reset_machine(
         error = str(exc)
         log.warning("reset of %s failed, it will be replaced: %s", name, exc)
     try:
-        with store.transaction() as pool:
-            leases.finish_reset(
-                pool, name, ok=error is None, error=error, now=clock(), address=address
+        store.run(
+            ops.ResetDoneStep(
+                name=name, ok=error is None, error=error, address=address, now=clock()
             )
-    except StateError:
-        log.warning("pool gone while resetting %s", name)
+        )
+    except StateError as exc:
+        log.warning("cannot record the reset of %s: %s", name, exc)
     return error is None

@@ -170,6 +170,34 @@ class CheckinStep(BaseModel):
         return CheckinReply(actions=actions, mine=mine)
 
 
+class ResetDoneStep(BaseModel):
+    """Record a reset the caller carried out (vmpool.leases.finish_reset). Through the lease
+    server, not the file lock: a worker never waits on a lock the owner keeps (a full disk
+    keeps it held, the record unwritten)."""
+
+    kind: Literal["reset_done"] = "reset_done"
+    name: str
+    ok: bool
+    error: str | None = None
+    address: str | None = None
+    now: float
+
+    def parse_reply(self, data: bytes) -> None:
+        return None
+
+    def apply(self, pool: Pool) -> None:
+        leases.finish_reset(
+            pool, self.name, ok=self.ok, error=self.error, now=self.now, address=self.address
+        )
+
+    def apply_json(self, pool: Pool) -> bytes:
+        self.apply(pool)
+        return b"null"
+
+    def apply_quietly(self, pool: Pool) -> None:
+        self.apply(pool)
+
+
 @functools.cache
 def _here() -> tuple[int, str]:
     """(pid, host name) of this process, looked up once (every check-out asks _alive_or_me),
@@ -186,8 +214,9 @@ def _alive_or_me(ref: ProcessRef) -> bool:
     return (ref.pid == pid and ref.host == host) or is_alive(ref)
 
 
-Op = Annotated[CheckoutStep | CheckinStep, Field(discriminator="kind")]
-OP_ADAPTER: TypeAdapter[CheckoutStep | CheckinStep] = TypeAdapter(Op)
+AnyStep = CheckoutStep | CheckinStep | ResetDoneStep
+Op = Annotated[AnyStep, Field(discriminator="kind")]
+OP_ADAPTER: TypeAdapter[AnyStep] = TypeAdapter(Op)
 
 
 R = TypeVar("R", CheckoutReply, CheckinReply)
@@ -212,7 +241,7 @@ class Encoded(Generic[R]):
     def model_dump_json(self) -> str:
         return self.line
 
-    def decode(self) -> CheckoutStep | CheckinStep:
+    def decode(self) -> AnyStep:
         """The operation as the lease server reads it."""
         return OP_ADAPTER.validate_json(self.line)
 

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from vmpool import _wire
 from vmpool.errors import StateError
-from vmpool.ops import OP_ADAPTER, CheckinStep, CheckoutStep
+from vmpool.ops import OP_ADAPTER, AnyStep
 from vmpool.state import JsonStore
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class LeaseServer:
         buffers: dict[socket.socket, bytes],
     ) -> None:
         replies: list[bytes | None] = [None] * len(batch)
-        ops: dict[int, CheckoutStep | CheckinStep] = {}
+        ops: dict[int, AnyStep] = {}
         quiet = set()  # requests whose client does not wait for the reply
         for i, (_, line) in enumerate(batch):
             if line.startswith(_wire.NO_REPLY):

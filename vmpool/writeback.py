@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from typing import IO
 
 from vmpool.errors import StateError
-from vmpool.state import Checkpoint, JsonStateDir, JsonStore, Pool
+from vmpool.state import Checkpoint, JsonStateDir, JsonStore, Operation, Pool, R_co
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class WriteBackStore(JsonStore):
                     yield pool
                 return
             if self._failed is not None:
-                raise StateError(f"pool {self.pool_id}: {self._failed}")
+                raise StateError(str(self._failed))
             pool = self._hold()
             before = Checkpoint.of(pool)
             try:
@@ -120,6 +120,12 @@ class WriteBackStore(JsonStore):
                 self._dirty = True
                 self._last_change = time.monotonic()
                 self._cond.notify_all()
+
+    def run(self, op: Operation[R_co]) -> R_co:
+        """Here and now: this process holds the record (its lease server applies it the same
+        way)."""
+        with self.transaction() as pool:
+            return op.apply(pool)
 
     def read(self) -> Pool | None:
         with self._cond:
