@@ -317,6 +317,7 @@ class VmPoolSession:
         for name, err in errors.items():
             tr.write_line(f"vmpool [{name}]: no pool: {err}", red=True)
         for o in self.outcomes:
+            self._show_trouble(tr, o)
             if o.pool is None:
                 continue
             s = o.pool.stats
@@ -343,6 +344,25 @@ class VmPoolSession:
                 f"p95 {percentile(waits, 95):.3f}s, max {max(waits, default=0.0):.3f}s; "
                 f"first machine ready after {first}"
             )
+
+    def _show_trouble(self, tr: Any, o: ProfileOutcome) -> None:
+        """The pool's error, and what its teardown left behind with the command that removes
+        it (shown even with -q)."""
+        assert self.controller is not None
+        label = o.profile if o.profile != "default" else (o.pool.id if o.pool else o.profile)
+        if o.error:
+            tr.write_line(f"vmpool {label}: error: {o.error}", red=True)
+        if not o.left_machines and not o.left_network:
+            return
+        left = []
+        if o.left_machines:
+            left.append(f"{len(o.left_machines)} machine(s) {', '.join(o.left_machines)}")
+        if o.left_network:
+            left.append(f"network {o.left_network}")
+        tr.write_line(
+            f"vmpool {label}: teardown left {' and '.join(left)} on {o.backend}", red=True
+        )
+        tr.write_line(f"  remove them with: {self.controller.gc_command(o)}", red=True)
 
 
 def _may_deselect(config: pytest.Config) -> bool:

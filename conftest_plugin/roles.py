@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import statistics
 import threading
 import time
@@ -69,6 +70,11 @@ class ProfileOutcome:
     pool: Pool | None
     adopted: bool
     waits: list[float] = field(default_factory=list)
+    #: the maintainer's error at teardown, if any
+    error: str | None = None
+    #: machines and the network teardown could not delete
+    left_machines: list[str] = field(default_factory=list)
+    left_network: str | None = None
 
 
 class ControllerRole:
@@ -196,6 +202,16 @@ class ControllerRole:
             out, self.progress = self.progress, []
         return out
 
+    def gc_command(self, outcome: ProfileOutcome) -> str:
+        """The `vmpool gc` command that removes what ``outcome``'s teardown left."""
+        argv = ["vmpool", "gc", "--state-dir", str(self.directory.path)]
+        argv += ["--backend", outcome.backend]
+        if self.settings.config_path:
+            argv += ["--config", self.settings.config_path]
+        if outcome.profile != "default":
+            argv += ["--profile", outcome.profile]
+        return shlex.join(argv)
+
     def usage_errors(self) -> list[str]:
         with contextlib.suppress(StateError):
             return self.session_file.read().usage_errors
@@ -216,7 +232,14 @@ class ControllerRole:
             pool = controller.stop(lease_timeout=lease_budget(wait) if lease_budget else None)
             outcomes.append(
                 ProfileOutcome(
-                    name, controller.backend.name, pool, controller.adopted_from is not None, waits
+                    name,
+                    controller.backend.name,
+                    pool,
+                    controller.adopted_from is not None,
+                    waits,
+                    error=describe(controller.error) if controller.error else None,
+                    left_machines=controller.left_machines,
+                    left_network=controller.left_network,
                 )
             )
             with contextlib.suppress(FileNotFoundError):

@@ -128,6 +128,9 @@ class Controller:
         #: serve check-outs/check-ins over a socket (vmpool.server); off, clients use the file
         self.serve = serve
         self.server: LeaseServer | None = None
+        #: what teardown could not delete (kept in the record for `vmpool gc`)
+        self.left_machines: list[str] = []
+        self.left_network: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -570,6 +573,8 @@ class Controller:
                 self.backend.delete_network(network)
             except VmPoolError as exc:
                 log.error("teardown: could not delete network %s: %s", network, exc)
+                self.left_network = network
+        self.left_machines = sorted(failed)
         if failed:
             # keep the record (owner dead after we exit) so `vmpool gc` can finish the job
             with contextlib.suppress(StateError), self.store.transaction() as pool:

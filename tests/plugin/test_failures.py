@@ -3,7 +3,9 @@ disk, machines that teardown could not delete."""
 
 from __future__ import annotations
 
+import shlex
 import subprocess
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -86,3 +88,26 @@ def test_full_state_disk_ends_the_run_with_the_reason_and_gc_leaves_nothing(
 
 def _run(argv: list[str]) -> None:
     subprocess.run(argv, check=True, timeout=30, capture_output=True)
+
+
+def test_what_teardown_left_is_listed_with_the_gc_command_that_removes_it(
+    harness: Harness,
+) -> None:
+    (harness.path / "pool.toml").write_text("[sim]\nfail_delete = true\n")
+    harness.pytester.makepyfile(test_two=TWO_TESTS)
+    result = harness.run("-n", "2", "--vm-pool-size", "2")
+    result.assert_outcomes(passed=2)
+    left = sorted(harness.machines())
+    assert len(left) == 2
+    out = result.stdout.str()
+    (line,) = [ln for ln in result.outlines if "teardown left" in ln]
+    assert f"2 machine(s) {', '.join(left)}" in line and "network " in line and "on sim" in line
+    (gc_line,) = [ln for ln in result.outlines if "remove them with: vmpool gc" in ln]
+    argv = shlex.split(gc_line.split("remove them with: ", 1)[1])
+    assert argv[:2] == ["vmpool", "gc"], out[-2000:]
+
+    (harness.path / "pool.toml").write_text("")  # the tool works again
+    gc = harness.pytester.run(sys.executable, "-m", "vmpool.cli", *argv[1:], timeout=120)
+    assert gc.ret == 0, gc.stdout.str() + gc.stderr.str()
+    harness.assert_nothing_left()
+    assert not list((harness.sim_root / "networks").glob("*.json"))
