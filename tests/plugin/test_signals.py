@@ -3,11 +3,13 @@ teardown_timeout, and the run exits with 128 + the signal's number."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import signal
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
     from conftest import Harness
 
 TEARDOWN_TIMEOUT = 15.0
+#: the real user's cache (the built QEMU image), read before pytester moves HOME
+CACHE_HOME = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
 
 SLEEPERS = """
 import os
@@ -99,6 +103,7 @@ SIGNALS = [pytest.param(signal.SIGTERM, id="SIGTERM"), pytest.param(signal.SIGHU
 def _check_stop(harness: Harness, backend: str, signum: int, mode: list[str]) -> None:
     prefix = "vmsig" + secrets.token_hex(3)
     proc, output, took = _stop_running_session(harness, backend, signum, mode, prefix)
+    print(f"{backend} {' '.join(mode)}: ended {took:.1f}s after {signal.Signals(signum).name}")
     assert proc.returncode == 128 + signum, output[-3000:]
     assert f"received {signal.Signals(signum).name}" in output
     assert took < TEARDOWN_TIMEOUT, f"took {took:.1f}s after the signal\n{output[-3000:]}"
@@ -123,7 +128,10 @@ def test_stop_signal_tears_the_podman_pool_down(harness: Harness, signum: int) -
 @pytest.mark.qemu
 @pytest.mark.xdist_group("signals-qemu")
 @pytest.mark.parametrize("signum", SIGNALS)
-def test_stop_signal_tears_the_qemu_pool_down(harness: Harness, signum: int) -> None:
+def test_stop_signal_tears_the_qemu_pool_down(
+    harness: Harness, signum: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", CACHE_HOME)
     _check_stop(harness, "qemu", signum, ["-n", "2"])
 
 
