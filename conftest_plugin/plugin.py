@@ -116,7 +116,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"vmpool: {exc}") from None
     distributed = _xdist_workers(config) > 0
     worker: WorkerRole | None = None if distributed else WorkerRole(cfg, settings, "main")
-    signals = StopSignals(controller.session_file)
+    signals = StopSignals(controller.session_file, controller.begin_closing)
     signals.install()
     config.pluginmanager.register(signals, PLUGIN_NAME + "-signals")
     config.pluginmanager.register(

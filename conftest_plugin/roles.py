@@ -217,6 +217,15 @@ class ControllerRole:
             return self.session_file.read().usage_errors
         return []
 
+    def begin_closing(self) -> None:
+        """A stop signal: pools about to be destroyed stop serving and resetting (see
+        Controller.begin_closing) before the workers are told to stop."""
+        with self._lock:
+            self._stop.set()  # and no new pool
+            controllers = list(self.controllers.values())
+        for controller in controllers:
+            controller.begin_closing()
+
     def stop(self, lease_budget: Callable[[float], float] | None = None) -> list[ProfileOutcome]:
         """Tear down every pool (or keep them), then reap orphans of dead sessions.
 
@@ -286,8 +295,11 @@ class WorkerRole:
 
     def register(self) -> None:
         """Record this worker's process in the session, for the controller to signal it."""
-        with self.session_file.update() as rec:
-            rec.workers[self.worker_id] = current_process()
+        try:
+            with self.session_file.update() as rec:
+                rec.workers[self.worker_id] = current_process()
+        except StateError as exc:  # then only xdist stops it, later; the tests can still run
+            log.warning("vmpool: worker %s not recorded in the session: %s", self.worker_id, exc)
 
     def report_demand(
         self, needs: dict[str, int], problems: list[str], *, final: bool = True

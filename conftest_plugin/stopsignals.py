@@ -49,8 +49,10 @@ class SignalInterrupt(KeyboardInterrupt):
 class StopSignals:
     """The controller's handlers for STOP_SIGNALS, and the plugin that tells workers to stop."""
 
-    def __init__(self, session_file: SessionFile) -> None:
+    def __init__(self, session_file: SessionFile, on_stop: Callable[[], None]) -> None:
+        """``on_stop`` runs once a signal stopped the tests, before the workers are told."""
         self.session_file = session_file
+        self.on_stop = on_stop
         #: the first stop signal received, and when (time.monotonic())
         self.received: int | None = None
         self.received_at = 0.0
@@ -104,7 +106,10 @@ class StopSignals:
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self.received is not None:
-            self._interrupt_workers()
+            try:
+                self.on_stop()
+            finally:
+                self._interrupt_workers()
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         self.restore()

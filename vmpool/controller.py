@@ -440,6 +440,16 @@ class Controller:
             log.exception("progress callback failed")
 
     # -- teardown ------------------------------------------------------------------------------
+    def begin_closing(self) -> None:
+        """Teardown is coming (a stop signal): a pool to be destroyed serves no more check-outs,
+        takes its machines back without resetting them and stops warming; a kept one goes on
+        until stop()."""
+        if self.keep:
+            return
+        self._cancel.set()
+        with contextlib.suppress(StateError), self.store.transaction() as pool:
+            pool.closing = True
+
     def stop(self, *, keep: bool | None = None, lease_timeout: float | None = None) -> Pool | None:
         """Wait (bounded) for leases, stop warming, then destroy the pool or keep it idle.
 
