@@ -17,6 +17,7 @@ from conftest_plugin.roles import (
     new_settings,
     percentile,
 )
+from conftest_plugin.stopsignals import StopSignals
 from vmpool import config as vmconfig
 from vmpool.errors import ConfigError, StateError, VmPoolError
 
@@ -99,9 +100,8 @@ def pytest_configure(config: pytest.Config) -> None:
         settings = Settings.from_workerinput(workerinput["vmpool"])
         cfg = _load(config, settings.config_path, settings.overrides)
         role = WorkerRole(cfg, settings, str(workerinput.get("workerid", "gw?")))
-        config.pluginmanager.register(
-            VmPoolSession(config, cfg, settings, None, role), PLUGIN_NAME
-        )
+        role.register()
+        config.pluginmanager.register(VmPoolSession(config, cfg, settings, None, role), PLUGIN_NAME)
         return
     path = _config_path(config)
     overrides = _overrides(config)
@@ -116,8 +116,11 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"vmpool: {exc}") from None
     distributed = _xdist_workers(config) > 0
     worker: WorkerRole | None = None if distributed else WorkerRole(cfg, settings, "main")
+    signals = StopSignals(controller.session_file, controller.begin_closing)
+    signals.install()
+    config.pluginmanager.register(signals, PLUGIN_NAME + "-signals")
     config.pluginmanager.register(
-        VmPoolSession(config, cfg, settings, controller, worker), PLUGIN_NAME
+        VmPoolSession(config, cfg, settings, controller, worker, signals), PLUGIN_NAME
     )
 
 
@@ -193,12 +196,14 @@ class VmPoolSession:
         settings: Settings,
         controller: ControllerRole | None,
         worker: WorkerRole | None,
+        signals: StopSignals | None = None,
     ) -> None:
         self.config = config
         self.cfg = cfg
         self.settings = settings
         self.controller = controller
         self.worker = worker
+        self.signals = signals
         self.outcomes: list[ProfileOutcome] = []
         self._shown: dict[str, int] = {}
         self._early: dict[str, int] = {}
@@ -275,10 +280,16 @@ class VmPoolSession:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self.controller is None:
             return
+        signals = self.signals
+        if signals is not None:
+            signals.teardown_begins()
         self._show_progress()
         problems = self.controller.usage_errors()
         try:
-            self.outcomes = self.controller.stop()
+            # after a stop signal, the whole teardown fits in teardown_timeout from the signal
+            self.outcomes = self.controller.stop(
+                lease_budget=signals.remaining if signals is not None else None
+            )
         except VmPoolError as exc:
             tr = self.config.pluginmanager.get_plugin("terminalreporter")
             if tr is not None:
@@ -288,6 +299,10 @@ class VmPoolSession:
             if tr is not None:
                 tr.write_line("ERROR: vmpool: " + "\n  ".join(problems), red=True)
             session.exitstatus = pytest.ExitCode.USAGE_ERROR
+        if signals is not None:
+            if signals.exit_status is not None:
+                session.exitstatus = signals.exit_status
+            signals.restore()  # nothing of the pool is left for a signal to leak
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.controller is None:
@@ -302,6 +317,7 @@ class VmPoolSession:
         for name, err in errors.items():
             tr.write_line(f"vmpool [{name}]: no pool: {err}", red=True)
         for o in self.outcomes:
+            self._show_trouble(tr, o)
             if o.pool is None:
                 continue
             s = o.pool.stats
@@ -328,6 +344,25 @@ class VmPoolSession:
                 f"p95 {percentile(waits, 95):.3f}s, max {max(waits, default=0.0):.3f}s; "
                 f"first machine ready after {first}"
             )
+
+    def _show_trouble(self, tr: Any, o: ProfileOutcome) -> None:
+        """The pool's error, and what its teardown left behind with the command that removes
+        it (shown even with -q)."""
+        assert self.controller is not None
+        label = o.profile if o.profile != "default" else (o.pool.id if o.pool else o.profile)
+        if o.error:
+            tr.write_line(f"vmpool {label}: error: {o.error}", red=True)
+        if not o.left_machines and not o.left_network:
+            return
+        left = []
+        if o.left_machines:
+            left.append(f"{len(o.left_machines)} machine(s) {', '.join(o.left_machines)}")
+        if o.left_network:
+            left.append(f"network {o.left_network}")
+        tr.write_line(
+            f"vmpool {label}: teardown left {' and '.join(left)} on {o.backend}", red=True
+        )
+        tr.write_line(f"  remove them with: {self.controller.gc_command(o)}", red=True)
 
 
 def _may_deselect(config: pytest.Config) -> bool:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from vmpool.backends.base import Backend
 from vmpool.client import Lease, PoolClient
 from vmpool.config import Config, Profile
 from vmpool.controller import Controller, Progress, policy_for
-from vmpool.errors import BackendError, PoolUnavailable, StateError, VmPoolError
+from vmpool.errors import BackendError, PoolUnavailable, StateError, VmPoolError, describe
 from vmpool.ownership import current_process, new_session_id
 from vmpool.session import SessionFile
 from vmpool.state import JsonStateDir, Pool, default_state_dir
@@ -68,6 +70,11 @@ class ProfileOutcome:
     pool: Pool | None
     adopted: bool
     waits: list[float] = field(default_factory=list)
+    #: the maintainer's error at teardown, if any
+    error: str | None = None
+    #: machines and the network teardown could not delete
+    left_machines: list[str] = field(default_factory=list)
+    left_network: str | None = None
 
 
 class ControllerRole:
@@ -97,12 +104,15 @@ class ControllerRole:
         self._thread.start()
 
     def _watch(self) -> None:
+        try:
+            self._watch_demand()
+        except Exception as exc:  # never die silently: the workers would wait out their timeout
+            log.exception("vmpool: the controller's demand watcher failed")
+            self._fail_all(exc)
+
+    def _watch_demand(self) -> None:
         while not self._stop.is_set():
-            try:
-                rec = self.session_file.read()
-            except StateError as exc:
-                log.error("%s", exc)
-                return
+            rec = self.session_file.read()
             if rec.usage_errors:
                 return
             for name in rec.demand:
@@ -117,6 +127,21 @@ class ControllerRole:
                     self._prepare_profile(name)
             self._stop.wait(_POLL)
 
+    def _fail_all(self, exc: BaseException) -> None:
+        """Record ``exc`` for every profile without a pool, so no worker waits for one."""
+        text = describe(exc)
+        try:
+            with self.session_file.update() as rec:
+                for name in set(rec.demand) | set(rec.early) | set(self.cfg.profiles):
+                    if name not in rec.pools:
+                        rec.errors.setdefault(name, text)
+                        self.errors.setdefault(name, text)
+        except VmPoolError as again:
+            log.error("vmpool: cannot tell the workers: %s", again)
+            for name in self.cfg.profiles:
+                if name not in self.controllers:
+                    self.errors.setdefault(name, text)
+
     def _prepare_profile(self, name: str) -> Backend | None:
         """Make and check the backend, reap orphans, do the backend's one-off preparation."""
         if name in self._backends:
@@ -130,14 +155,16 @@ class ControllerRole:
             prepare = getattr(backend, "prepare", None)
             if prepare is not None:
                 prepare(networked=profile.pool.network and backend.capabilities.network)
-        except VmPoolError as exc:
+        except Exception as exc:  # an OSError too: the workers must hear of it, not wait
             self._fail(name, exc)
             return None
         self._backends[name] = backend
         return backend
 
-    def _fail(self, name: str, exc: VmPoolError) -> None:
-        message = str(exc)
+    def _fail(self, name: str, exc: BaseException) -> None:
+        if not isinstance(exc, VmPoolError):
+            log.error("vmpool: profile %r", name, exc_info=exc)
+        message = describe(exc)
         if isinstance(exc, BackendError):
             backend = self.cfg.profile(name).pool.backend
             message = (
@@ -170,7 +197,7 @@ class ControllerRole:
                 self.controllers[name] = controller
             with self.session_file.update() as rec:
                 rec.pools[name] = controller.pool_id
-        except VmPoolError as exc:
+        except Exception as exc:
             self._fail(name, exc)
 
     def _on_progress(self, event: Progress) -> None:
@@ -182,13 +209,34 @@ class ControllerRole:
             out, self.progress = self.progress, []
         return out
 
+    def gc_command(self, outcome: ProfileOutcome) -> str:
+        """The `vmpool gc` command that removes what ``outcome``'s teardown left."""
+        argv = ["vmpool", "gc", "--state-dir", str(self.directory.path)]
+        argv += ["--backend", outcome.backend]
+        if self.settings.config_path:
+            argv += ["--config", self.settings.config_path]
+        if outcome.profile != "default":
+            argv += ["--profile", outcome.profile]
+        return shlex.join(argv)
+
     def usage_errors(self) -> list[str]:
         with contextlib.suppress(StateError):
             return self.session_file.read().usage_errors
         return []
 
-    def stop(self) -> list[ProfileOutcome]:
-        """Tear down every pool (or keep them), then reap orphans of dead sessions."""
+    def begin_closing(self) -> None:
+        """A stop signal: pools about to be destroyed stop serving and resetting (see
+        Controller.begin_closing) before the workers are told to stop."""
+        with self._lock:
+            self._stop.set()  # and no new pool
+            controllers = list(self.controllers.values())
+        for controller in controllers:
+            controller.begin_closing()
+
+    def stop(self, lease_budget: Callable[[float], float] | None = None) -> list[ProfileOutcome]:
+        """Tear down every pool (or keep them), then reap orphans of dead sessions.
+
+        ``lease_budget`` maps a pool's teardown_timeout to how long to wait for its leases."""
         with self._lock:
             self._stop.set()
         if self._thread is not None:
@@ -196,10 +244,18 @@ class ControllerRole:
         outcomes = []
         for name, controller in self.controllers.items():
             waits = _read_waits(controller.store.side_file("waits"))
-            pool = controller.stop()
+            wait = controller.settings.teardown_timeout
+            pool = controller.stop(lease_timeout=lease_budget(wait) if lease_budget else None)
             outcomes.append(
                 ProfileOutcome(
-                    name, controller.backend.name, pool, controller.adopted_from is not None, waits
+                    name,
+                    controller.backend.name,
+                    pool,
+                    controller.adopted_from is not None,
+                    waits,
+                    error=describe(controller.error) if controller.error else None,
+                    left_machines=controller.left_machines,
+                    left_network=controller.left_network,
                 )
             )
             with contextlib.suppress(FileNotFoundError):
@@ -243,6 +299,14 @@ class WorkerRole:
         self.directory = JsonStateDir(Path(settings.state_dir))
         self.session_file = SessionFile(self.directory.path, settings.session)
         self._clients: dict[str, PoolClient] = {}
+
+    def register(self) -> None:
+        """Record this worker's process in the session, for the controller to signal it."""
+        try:
+            with self.session_file.update() as rec:
+                rec.workers[self.worker_id] = current_process()
+        except StateError as exc:  # then only xdist stops it, later; the tests can still run
+            log.warning("vmpool: worker %s not recorded in the session: %s", self.worker_id, exc)
 
     def report_demand(
         self, needs: dict[str, int], problems: list[str], *, final: bool = True

@@ -499,6 +499,6 @@ def reset_machine(
     try:
         store.run(ops.ResetDone(name=name, ok=error is None, error=error, address=address,
                                 now=clock()))
-    except StateError:
-        log.warning("pool gone while resetting %s", name)
+    except StateError as exc:
+        log.warning("cannot record the reset of %s: %s", name, exc)
     return error is None

@@ -120,6 +120,7 @@ class SimSettings(_Strict):
     )
     fail_every_create: bool = Field(False, description="Every create fails.")
     hang_on_start: bool = Field(False, description="start() never becomes ready.")
+    fail_delete: bool = Field(False, description="Every delete of a machine or network fails.")
 
 
 class PodmanSettings(_Strict):

@@ -20,7 +20,7 @@ from vmpool import doctor, leases
 from vmpool.backends.base import Backend, MachineSpec
 from vmpool.client import reset_machine
 from vmpool.config import Profile
-from vmpool.errors import PoolUnavailable, ReadyTimeout, StateError, VmPoolError
+from vmpool.errors import PoolUnavailable, ReadyTimeout, StateError, VmPoolError, describe
 from vmpool.ownership import (
     ProcessRef,
     current_process,
@@ -124,10 +124,14 @@ class Controller:
         )
         self._thread: threading.Thread | None = None
         self._last_reclaim = 0.0
-        self.error: VmPoolError | None = None
+        #: the maintainer's last error, while it lasts (also on the record: Pool.error)
+        self.error: Exception | None = None
         #: serve check-outs/check-ins over a socket (vmpool.server); off, clients use the file
         self.serve = serve
         self.server: LeaseServer | None = None
+        #: what teardown could not delete (kept in the record for `vmpool gc`)
+        self.left_machines: list[str] = []
+        self.left_network: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -235,12 +239,34 @@ class Controller:
         while not self._stop.is_set():
             try:
                 busy = self._tick()
-            except VmPoolError as exc:
-                log.error("vmpool maintainer: %s", exc)
-                self.error = exc
+            except Exception as exc:  # an OSError too: the thread must not end, nor hide it
+                self._record_error(exc)
                 busy = False
+            else:
+                if self.error is not None:
+                    self._clear_error()
             self._wake.wait(_TICK if busy else _IDLE_TICK)
             self._wake.clear()
+
+    def _record_error(self, exc: Exception) -> None:
+        """Keep the maintainer's error, and put it on the pool: waiting check-outs fail with it
+        at once (vmpool.leases.unavailable) instead of waiting out their timeout."""
+        text = describe(exc)
+        if self.error is None or describe(self.error) != text:
+            log.error(
+                "vmpool maintainer of %s: %s",
+                self.pool_id,
+                text,
+                exc_info=None if isinstance(exc, VmPoolError) else exc,
+            )
+        self.error = exc
+        with contextlib.suppress(Exception), self.store.transaction() as pool:
+            pool.error = text
+
+    def _clear_error(self) -> None:
+        with contextlib.suppress(Exception), self.store.transaction() as pool:
+            pool.error = None
+            self.error = None
 
     def _tick(self) -> bool:
         with self._inflight_lock:
@@ -411,6 +437,16 @@ class Controller:
             log.exception("progress callback failed")
 
     # -- teardown ------------------------------------------------------------------------------
+    def begin_closing(self) -> None:
+        """Teardown is coming (a stop signal): a pool to be destroyed serves no more check-outs,
+        takes its machines back without resetting them and stops warming; a kept one goes on
+        until stop()."""
+        if self.keep:
+            return
+        self._cancel.set()
+        with contextlib.suppress(StateError), self.store.transaction() as pool:
+            pool.closing = True
+
     def stop(self, *, keep: bool | None = None, lease_timeout: float | None = None) -> Pool | None:
         """Wait (bounded) for leases, stop warming, then destroy the pool or keep it idle.
 
@@ -545,6 +581,8 @@ class Controller:
                 self.backend.delete_network(network)
             except VmPoolError as exc:
                 log.error("teardown: could not delete network %s: %s", network, exc)
+                self.left_network = network
+        self.left_machines = sorted(failed)
         if failed:
             # keep the record (owner dead after we exit) so `vmpool gc` can finish the job
             with contextlib.suppress(StateError), self.store.transaction() as pool:

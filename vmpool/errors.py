@@ -89,3 +89,11 @@ class TransferError(VmPoolError):
 
 def _output(stdout: str, stderr: str) -> str:
     return f"--- stdout ---\n{stdout.rstrip()}\n--- stderr ---\n{stderr.rstrip()}"
+
+
+def describe(exc: BaseException) -> str:
+    """An error as a user reads it: a VmPoolError's own message, anything else with its type
+    (``NotADirectoryError: [Errno 20] Not a directory: '…'``)."""
+    if isinstance(exc, VmPoolError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"

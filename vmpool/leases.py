@@ -234,11 +234,14 @@ def return_unused(pool: Pool, names: list[str], holder: ProcessRef) -> None:
 
 
 def unavailable(pool: Pool, count: int, alive: Alive | None = None) -> str | None:
-    """Why ``pool`` cannot serve ``count`` machines at all: closing, too small, all broken, or
+    """Why ``pool`` cannot serve ``count`` machines at all: closing, its controller's error
+    (Pool.error), too small, all broken, or
     (given ``alive``) its controller is dead: its last grants may never have reached the file
     (vmpool.writeback), so nothing more is granted from it."""
     if pool.closing:
         return f"pool {pool.id} is shutting down"
+    if pool.error is not None:
+        return f"pool {pool.id}: its controller failed: {pool.error}"
     if alive is not None and pool.owner is not None and not alive(pool.owner):
         return (
             f"pool {pool.id}: its controller (pid {pool.owner.pid} on {pool.owner.host}) is "
@@ -338,7 +341,11 @@ def checkin(
         if not m.holder.same_process(holder):
             continue
         dirtied = name in (dirty or set())
-        returned.append((m, decide(m, policy, failed=failed, dirty=dirtied, now=now)))
+        # a pool being destroyed deletes what comes back: no reset or replacement first
+        action = (
+            "reuse" if pool.closing else decide(m, policy, failed=failed, dirty=dirtied, now=now)
+        )
+        returned.append((m, action))
     # a spare is a machine other than those returned here; the scan is made only when a reset
     # asks for it (the common reuse check-in skips it)
     background = (

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError
 from vmpool._files import atomic_write, private_opener
 from vmpool.errors import StateError
 from vmpool.ownership import ProcessRef
+from vmpool.state import write_error
 
 
 class SessionRecord(BaseModel):
@@ -34,6 +35,8 @@ class SessionRecord(BaseModel):
     errors: dict[str, str] = Field(default_factory=dict)
     #: problems found while collecting (count too large, unknown profile): a usage error
     usage_errors: list[str] = Field(default_factory=list)
+    #: xdist worker id -> its process, so a controller stopped by a signal can stop them
+    workers: dict[str, ProcessRef] = Field(default_factory=dict)
 
 
 class SessionFile:
@@ -62,7 +65,10 @@ class SessionFile:
         ):
             record = self.read()
             yield record
-            atomic_write(self.path, record.model_dump_json())
+            try:
+                atomic_write(self.path, record.model_dump_json().encode())
+            except OSError as exc:
+                raise write_error(self.path, exc) from exc
 
     def remove(self) -> None:
         for p in (self.path, self.lock_path):

@@ -119,6 +119,8 @@ class Pool(BaseModel):
     keep: bool = False
     closing: bool = False
     network: str | None = None
+    #: why the controller cannot keep the pool now (its maintainer's error): check-outs fail
+    error: str | None = None
     created_at: float
     next_serial: int = 0
     machines: list[Machine] = Field(default_factory=list)
@@ -248,6 +250,12 @@ class StateStore(Protocol):
 
 def default_state_dir() -> Path:
     return Path(platformdirs.user_state_dir("vmpool"))
+
+
+def write_error(path: Path, exc: OSError) -> StateError:
+    """The StateError for a record that cannot be written, with the system's reason (``No
+    space left on device``) in the text."""
+    return StateError(f"{path}: cannot write it: {exc.strerror or exc}")
 
 
 def _recovery(state_dir: Path, pool_id: str) -> str:
@@ -489,7 +497,10 @@ class JsonStore:
             return self._read_unlocked()
 
     def _write(self, data: bytes) -> None:
-        atomic_write(self.path, data)
+        try:
+            atomic_write(self.path, data)
+        except OSError as exc:
+            raise write_error(self.path, exc) from exc
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Pool]:

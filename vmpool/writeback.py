@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from typing import IO
 
 from vmpool.errors import StateError
-from vmpool.state import Checkpoint, JsonStateDir, JsonStore, Pool
+from vmpool.state import Checkpoint, JsonStateDir, JsonStore, Operation, Pool, R_co
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,9 @@ class WriteBackStore(JsonStore):
         self._last_write = 0.0  # when the last write-back began
         self._cooldown_until = 0.0
         self._closed = False
+        #: why the last write-back failed (a full disk): transactions fail with it until one
+        #: succeeds, rather than pile up in memory a record that cannot reach the file
+        self._failed: StateError | None = None
         self._writing = False  # a write-back is in progress outside the mutex
         self._nap = threading.Event()  # set on close: a sleep that tests' patched time.sleep spares
         #: how many times the record was written back (for benchmarks and tests)
@@ -104,6 +107,8 @@ class WriteBackStore(JsonStore):
                 with super().transaction() as pool:
                     yield pool
                 return
+            if self._failed is not None:
+                raise StateError(str(self._failed))
             pool = self._hold()
             before = Checkpoint.of(pool)
             try:
@@ -115,6 +120,12 @@ class WriteBackStore(JsonStore):
                 self._dirty = True
                 self._last_change = time.monotonic()
                 self._cond.notify_all()
+
+    def run(self, op: Operation[R_co]) -> R_co:
+        """Here and now: this process holds the record (its lease server applies it the same
+        way)."""
+        with self.transaction() as pool:
+            return op.apply(pool)
 
     def read(self) -> Pool | None:
         with self._cond:
@@ -150,9 +161,15 @@ class WriteBackStore(JsonStore):
         with self._cond:
             if self._fh is not None:
                 if self._dump() != self._on_disk:
-                    self._write(self._image)
-                    self._on_disk = self._image
-                    self.writes += 1
+                    try:
+                        self._write(self._image)
+                    except StateError as exc:  # the file keeps its last state; gc reads it
+                        log.error(
+                            "pool %s: closing without its last changes: %s", self.pool_id, exc
+                        )
+                    else:
+                        self._on_disk = self._image
+                        self.writes += 1
                 self._let_go()
 
     # -- the lock and the image ------------------------------------------------------------------
@@ -265,11 +282,17 @@ class WriteBackStore(JsonStore):
         self._last_write = time.monotonic()
         try:
             self._write(image)
-        except OSError as exc:
-            log.error("pool %s: cannot write %s back (%s); retrying", self.pool_id, self.path, exc)
+        except StateError as exc:
+            with self._cond:
+                if self._failed is None or str(self._failed) != str(exc):
+                    log.error("pool %s: %s; retrying", self.pool_id, exc)
+                self._failed = exc
             self._nap.wait(_RETRY_WRITE)
             return False
         with self._cond:
+            if self._failed is not None:
+                log.warning("pool %s: written back again", self.pool_id)
+            self._failed = None
             self._on_disk = image
             self.writes += 1
         return True

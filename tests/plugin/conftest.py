@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,6 +64,28 @@ class Harness:
             str(self.state_dir),
             *args,
             timeout=timeout,
+        )
+
+    def popen(
+        self, *args: str, python: tuple[str, ...] = ("-m", "pytest")
+    ) -> subprocess.Popen[str]:
+        """``pytest`` as in run(), but started in the background (output in ``stdout``);
+        ``python`` replaces how the interpreter is told to run pytest."""
+        return subprocess.Popen(
+            [
+                sys.executable,
+                *python,
+                *QUICK,
+                "--vm-backend",
+                "sim",
+                "--vm-state-dir",
+                str(self.state_dir),
+                *args,
+            ],
+            cwd=self.path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
 
     def cli(self, *args: str) -> pytest.RunResult:

@@ -689,3 +689,28 @@ def test_teardown_with_a_corrupt_record_still_deletes_the_network(
     controller.stop()
     assert backend.list("") == []
     assert backend.list_networks("") == []
+
+
+# -- errors of the maintainer thread ------------------------------------------------------------
+def test_maintainer_survives_an_oserror_and_fails_waiting_checkouts_with_it(
+    start_pool: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    controller, _ = start_pool(1)
+    controller.wait_until_ready(1, 10)
+    client = client_for(controller, worker="gw1")
+    held = client.checkout(1, test="test_holds_it", timeout=5)
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr("vmpool.controller.leases.plan", broken)
+    started = time.monotonic()
+    with pytest.raises(PoolUnavailable, match="OSError: \\[Errno 24\\] Too many open files"):
+        client.checkout(1, test="test_waits", timeout=30)
+    assert time.monotonic() - started < 5  # at once, not after the check-out timeout
+    assert controller._thread is not None and controller._thread.is_alive()
+
+    monkeypatch.undo()  # the cause goes away: the pool serves again
+    wait_for(lambda: controller.snapshot().error is None)
+    client.checkin(held)
+    assert client.checkout(1, test="test_after", timeout=10).names

@@ -125,7 +125,9 @@ def test_failed_write_leaves_old_file_and_no_temp_file(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
-    with pytest.raises(OSError, match="No space"), store.transaction() as pool:
+    # a StateError naming the file, with the system's reason
+    reason = f"{store.path}: cannot write it: No space left on device"
+    with pytest.raises(StateError, match=reason), store.transaction() as pool:
         pool.size = 5
     assert store.path.read_bytes() == before
     assert not [p for p in state_dir.path.iterdir() if p.name.endswith(".tmp")]

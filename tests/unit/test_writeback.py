@@ -171,3 +171,29 @@ def test_after_close_transactions_go_to_the_file(
         pool.next_serial = 5
     on_file = state_dir.store("p1").read()
     assert on_file is not None and on_file.next_serial == 5
+
+
+def test_a_failing_write_back_fails_transactions_with_its_reason_until_one_succeeds(
+    owned: WriteBackStore, state_dir: JsonStateDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("vmpool.state.os.fsync", full)
+    with owned.transaction() as pool:
+        pool.next_serial = 1  # acknowledged in memory; its write-back fails
+
+    def refused() -> bool:
+        try:
+            with owned.transaction():
+                return False
+        except StateError as exc:
+            assert "cannot write it: No space left on device" in str(exc)
+            return True
+
+    _wait_for(refused)
+    assert not [p for p in state_dir.path.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()  # space is back: the pending write-back goes through
+    _wait_for(lambda: not refused())
+    stored = state_dir.store("p1").read()
+    assert stored is not None and stored.next_serial == 1

@@ -152,6 +152,8 @@ class SimBackend:
         if not d.exists():
             return
         self._pause(self.settings.delete_latency)
+        if self.settings.fail_delete:
+            raise BackendError(f"sim: injected failure of delete ({name})")
         # rename first so a concurrent list() never sees a half-deleted machine
         tomb = d.with_name(f".{d.name}.{os.getpid()}.deleting")
         try:
@@ -191,6 +193,8 @@ class SimBackend:
         atomic_write(d / f"{validate_name(name)}.json", json.dumps({"labels": dict(labels)}))
 
     def delete_network(self, name: str) -> None:
+        if self.settings.fail_delete:
+            raise BackendError(f"sim: injected failure of delete ({name})")
         with contextlib.suppress(FileNotFoundError):
             (self.root / "networks" / f"{validate_name(name)}.json").unlink()
 
