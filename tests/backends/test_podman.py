@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import threading
 import time
 import uuid
@@ -349,6 +350,60 @@ def test_machines_on_one_network_reach_each_other(
 
     probe_until(fetch, timeout=20, what="httpd on the server")
     assert fetched[-1] == "hello-from-a\n"
+
+
+def _route_only_to(pid: str, subnet: str, gateway: str) -> None:
+    """Leave the container of ``pid`` one route: to ``subnet`` via its own gateway.
+
+    With no default route left, nothing it sends can leave this host (the network rule); the
+    only way to ``subnet`` is the host's forwarding between the two bridges.
+    """
+    netns = f"--net=/proc/{pid}/ns/net"
+    for argv in (["ip", "route", "del", "default"],
+                 ["ip", "route", "add", subnet, "via", gateway]):
+        subprocess.run(["nsenter", netns, *argv], check=True, timeout=10, capture_output=True)
+
+
+def test_a_pool_network_is_unreachable_from_another_pools_machines(
+    backend: PodmanBackend, make_machine: Callable[..., str]
+) -> None:
+    nets = [unique("neta"), unique("netb")]
+    machines: list[str] = []
+    for net in nets:
+        backend.create_network(net, SESSION_LABELS)
+    try:
+        machines += [make_machine(network=net) for net in nets]
+        client, server = machines
+        assert backend.exec(
+            server, ["sh", "-c", "mkdir -p /www && echo secret > /www/f && httpd -p 8080 -h /www"],
+            timeout=10,
+        ).ok
+        address = backend.address(server)
+        local = backend.exec(server, ["timeout", "5", "wget", "-q", "-O", "-",
+                                      "http://127.0.0.1:8080/f"], timeout=10)
+        assert local.stdout == "secret\n"  # the server does serve
+        info = json.loads(podman("inspect", client).check("inspect").stdout)[0]
+        gateway = next(iter(info["NetworkSettings"]["Networks"].values()))["Gateway"]
+        subnet = json.loads(podman("network", "inspect", nets[1]).check("inspect").stdout)[0][
+            "subnets"][0]["subnet"]
+        _route_only_to(str(info["State"]["Pid"]), subnet, gateway)
+        result = backend.exec(client, ["timeout", "5", "wget", "-q", "-O", "-",
+                                       f"http://{address}:8080/f"], timeout=15)
+        assert not result.ok and "secret" not in result.stdout
+        rules = subprocess.run(["iptables", "-w", "10", "-S", "VMPOOL_ISOLATION"], check=True,
+                               capture_output=True, text=True, timeout=30).stdout
+        bridge = json.loads(podman("network", "inspect", nets[1]).check("inspect").stdout)[0][
+            "network_interface"]
+        assert f"-i {bridge} -o podman+ -j DROP" in rules
+    finally:
+        for name in machines:  # before their networks; make_machine's own delete then no-ops
+            backend.delete(name)
+        for net in nets:
+            backend.delete_network(net)
+    # the rules go with the networks
+    rules = subprocess.run(["iptables", "-w", "10", "-S", "VMPOOL_ISOLATION"], check=True,
+                           capture_output=True, text=True, timeout=30).stdout
+    assert f"-i {bridge} " not in rules
 
 
 def test_reset_keeps_the_address_on_the_network(

@@ -37,7 +37,7 @@ from typing import Any
 
 from vmpool import _proc
 from vmpool._files import atomic_write, private_dir
-from vmpool.backends import debian_image
+from vmpool.backends import debian_image, podman_isolation
 from vmpool.backends.base import (
     Capabilities,
     ExecResult,
@@ -518,19 +518,35 @@ class PodmanBackend:
         validate_name(name)
         args = ["network", "create"]
         if self._tool == "podman":
-            # podman bridges forward to each other by default; docker's are isolated already
+            # podman bridges forward to each other by default (docker's are isolated already);
+            # netavark's isolation can lapse (vmpool.backends.podman_isolation), vmpool's cannot
             args += ["--opt", "isolate=true"]
         for key, value in sorted(labels.items()):
             args += ["--label", f"{key}={value}"]
         result = self._run(*args, name)
         if result.returncode != 0:
-            if "already exists" in result.stderr:
-                log.debug("network %s already exists", name)
-                return
-            result.check(f"create network {name}")
+            if "already exists" not in result.stderr:
+                result.check(f"create network {name}")
+            log.debug("network %s already exists", name)
+        bridge = self._bridge(name)
+        if bridge is not None:
+            podman_isolation.isolate(bridge)
+
+    def _bridge(self, name: str) -> str | None:
+        """The host bridge of pool network ``name`` where vmpool isolates it (rootful podman),
+        else None."""
+        if self._tool != "podman" or not podman_isolation.applies():
+            return None
+        result = self._run("network", "inspect", "--format", "{{.NetworkInterface}}", name)
+        if result.returncode != 0:
+            return None
+        return result.stdout.strip() or None
 
     def delete_network(self, name: str) -> None:
         validate_name(name)
+        bridge = self._bridge(name)
+        if bridge is not None:
+            podman_isolation.release(bridge)
         result = self._run("network", "rm", name)
         if result.returncode != 0 and not _is_missing(result.stderr):
             result.check(f"delete network {name}")
