@@ -114,7 +114,7 @@ class Cgroup:
         while on and not self.frozen():
             if time.monotonic() > deadline:
                 raise Unsupported(f"{self.path} did not freeze within {timeout:g}s")
-            time.sleep(0.0005)
+            time.sleep(0.0005)  # the poll interval of a deadline loop (no event to wait on)
 
 
 def _wait_gone(pids: dict[int, int | None], timeout: float = 5.0) -> None:
@@ -122,7 +122,7 @@ def _wait_gone(pids: dict[int, int | None], timeout: float = 5.0) -> None:
     while any(start_time(p) == t for p, t in pids.items()):
         if time.monotonic() > deadline:
             raise Unsupported(f"processes {sorted(pids)} survived SIGKILL for {timeout:g}s")
-        time.sleep(0.0005)
+        time.sleep(0.0005)  # the poll interval of a deadline loop (no event to wait on)
 
 
 def _wait_clock_past(ns: int, timeout: float = 1.0) -> None:
@@ -132,7 +132,7 @@ def _wait_clock_past(ns: int, timeout: float = 1.0) -> None:
     while time.clock_gettime_ns(_COARSE) <= ns:
         if time.monotonic() > deadline:
             raise Unsupported("the coarse clock did not advance")
-        time.sleep(0.0005)
+        time.sleep(0.0005)  # the poll interval of a deadline loop (no event to wait on)
 
 
 # -- the baseline and the reset ------------------------------------------------------------------
