@@ -6,15 +6,18 @@ kernel's 128 KiB limit per argument), and back as one command's output. The mach
 ``sh``, ``tar``, ``base64`` and ``mktemp`` (busybox has them).
 
 Unpacking on the host trusts nothing in the archive: it goes into a fresh private directory
-beside the destination with tarfile's ``data`` filter's checks (no absolute names, nothing
-outside the destination, no link pointing out of it, no device files) and then is renamed into
-place, so a symlink the machine planted is never followed.
+beside the destination after checks of vmpool's own, the ones tarfile's ``data`` filter makes
+(no absolute names, nothing outside the destination, nothing through a symlink of the archive, no
+link pointing out of it, no device files; that filter is missing from Debian 12's Python 3.11.2)
+and then is renamed into place, so a symlink the machine planted is never followed.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import os
+import posixpath
 import shutil
 import stat
 import tarfile
@@ -23,6 +26,8 @@ from pathlib import Path, PurePosixPath
 
 from vmpool.errors import TransferError
 
+#: tarfile's extraction filters (Python >= 3.11.4; Debian 12 has 3.11.2)
+_HAS_FILTERS = hasattr(tarfile, "fully_trusted_filter")
 #: base64 characters per exec when sending (one argument of a command)
 CHUNK = 64 * 1024
 
@@ -88,7 +93,11 @@ def unpack(data: bytes, arcname: str, host_path: Path) -> None:
                         raise TransferError(
                             f"copy_from: the archive holds {member.name!r}, not under {arcname!r}"
                         )
-                tar.extractall(staging, members=members, filter=_keep_modes_safely)
+                safe = _checked(members)
+                if _HAS_FILTERS:  # the checks are done: tarfile's own would drop our modes
+                    tar.extractall(staging, members=safe, filter="fully_trusted")
+                else:
+                    tar.extractall(staging, members=safe)
         except (tarfile.TarError, OSError) as exc:
             raise TransferError(f"copy_from into {host_path}: {exc}") from exc
         received = staging / arcname
@@ -99,10 +108,37 @@ def unpack(data: bytes, arcname: str, host_path: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _keep_modes_safely(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """tarfile's ``data`` filter's refusals, but the entry's permission bits kept."""
-    checked = tarfile.data_filter(member, dest)  # raises a FilterError for anything unsafe
-    if member.issym():
-        return checked
-    return checked.replace(mode=member.mode & 0o777, deep=False)
+def _checked(members: list[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
+    """``members`` safe to extract into an empty directory, owned by this user, with their
+    permission bits but no setuid/setgid/sticky; TransferError naming the first unsafe one."""
+    links: set[str] = set()
+    out = []
+    for member in members:
+        name = _inside(member.name, member)
+        parts = name.split("/")
+        if any("/".join(parts[:i]) in links for i in range(1, len(parts))):
+            raise TransferError(f"copy_from: {member.name!r} lies under a symlink of the archive")
+        if member.issym():
+            _inside(posixpath.join(posixpath.dirname(name), member.linkname), member)
+            links.add(name)
+        elif member.islnk():
+            target = _inside(member.linkname, member)
+            target_parts = target.split("/")
+            if any("/".join(target_parts[:i]) in links for i in range(1, len(target_parts) + 1)):
+                raise TransferError(f"copy_from: hard link {member.name!r} goes through a symlink")
+        elif not (member.isreg() or member.isdir()):
+            raise TransferError(f"copy_from: {member.name!r} is a device, FIFO or special file")
+        safe = copy.copy(member)
+        safe.name, safe.mode = name, member.mode & 0o777
+        safe.uid, safe.gid, safe.uname, safe.gname = os.getuid(), os.getgid(), "", ""
+        out.append(safe)
+    return out
+
+
+def _inside(path: str, member: tarfile.TarInfo) -> str:
+    """``path`` normalised, or TransferError when it is absolute or climbs out of the root."""
+    norm = posixpath.normpath(path)
+    if path.startswith("/") or norm == ".." or norm.startswith("../"):
+        raise TransferError(f"copy_from: {member.name!r} points outside the destination ({path!r})")
+    return norm
 

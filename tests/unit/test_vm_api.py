@@ -191,9 +191,32 @@ def _entry(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.
     ],
     ids=["dotdot", "through-symlink", "hardlink-out", "device", "other-top-entry"],
 )
-def test_unpack_refuses_entries_that_escape(entries: list[tarfile.TarInfo], tmp_path: Path) -> None:
+@pytest.mark.parametrize("filters", [True, False], ids=["tarfile-filters", "python-3.11.2"])
+def test_unpack_refuses_entries_that_escape(
+    entries: list[tarfile.TarInfo], filters: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Debian 12's Python 3.11.2 has no tarfile filters: vmpool's own checks must hold alone
+    monkeypatch.setattr(transfer, "_HAS_FILTERS", filters and transfer._HAS_FILTERS)
     dest = tmp_path / "dest"
     dest.mkdir()
     with pytest.raises(TransferError):
         transfer.unpack(_tar(*entries, data=b"x"), "d", dest / "d")
     assert list(dest.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
+
+
+def test_unpack_without_tarfile_filters_keeps_modes_and_not_owners(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(transfer, "_HAS_FILTERS", False)
+    d = _entry("d", tarfile.DIRTYPE)
+    d.mode = 0o750
+    f = _entry("d/f")
+    f.mode, f.size, f.uid, f.gid = 0o4755, 1, 4242, 4242
+    link = _entry("d/l", tarfile.SYMTYPE, "f")
+    dest = tmp_path / "dest"
+    transfer.unpack(_tar(d, f, link, data=b"x"), "d", dest)
+    assert (dest / "f").read_bytes() == b"x"
+    assert stat.S_IMODE((dest / "f").stat().st_mode) == 0o755  # setuid dropped
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o750
+    assert (dest / "f").stat().st_uid == os.getuid()
+    assert os.readlink(dest / "l") == "f"
