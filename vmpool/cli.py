@@ -291,6 +291,7 @@ def _status(args: argparse.Namespace) -> int:
             _print_status(doc, directory.path)
         if not args.watch:
             return EXIT_OK
+        sys.stdout.flush()  # each refresh reaches a pipe (`| tee`, a CI log) as it is made
         time.sleep(_WATCH_INTERVAL)  # a refresh period for a human, not a readiness wait
 
 

@@ -146,7 +146,12 @@ def kept_session(cwd: Path, state: Path) -> str:
 def test_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VMPOOL_")}
+    # stdout is a pipe, block-buffered unless PYTHONUNBUFFERED is set (it is on some hosts)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("VMPOOL_") and k != "PYTHONUNBUFFERED"
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "vmpool.cli", "status", "--watch", "--state-dir", str(state)],
         cwd=tmp_path,
