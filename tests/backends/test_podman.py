@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -540,6 +541,30 @@ def test_commands_go_through_the_exec_agent_not_a_tool_process(
                for i in range(5)]
     assert [(r.returncode, r.stdout) for r in results] == [(i, f"{i}\n") for i in range(5)]
     assert calls == []
+
+
+def test_a_command_s_output_files_are_private_while_it_runs(
+    backend: PodmanBackend, machine: str
+) -> None:
+    io_dir = backend._dir / "exec" / machine / "io"
+    done = threading.Event()
+    worker = threading.Thread(
+        target=lambda: (backend.exec(machine, ["sleep", "2"], timeout=20), done.set())
+    )
+    worker.start()
+    try:
+        outputs: list[Path] = []
+        deadline = time.monotonic() + 10
+        while not outputs and not done.is_set() and time.monotonic() < deadline:
+            outputs = [*io_dir.glob("*.out"), *io_dir.glob("*.err")]
+        assert outputs, "no output file seen while the command ran"
+        modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in outputs if p.exists()}
+        assert set(modes.values()) <= {"0o600"}, modes
+        # and the command itself keeps the umask podman exec gives it
+        assert backend.exec(machine, ["sh", "-c", "umask"], timeout=10).stdout.strip() in (
+            "0022", "022")
+    finally:
+        worker.join()
 
 
 def test_the_agent_passes_argv_verbatim(backend: PodmanBackend, machine: str) -> None:

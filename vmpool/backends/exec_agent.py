@@ -82,6 +82,7 @@ while read -r verb id <&3; do
   case $id in *[!0-9a-f]*|'') continue ;; esac
   case $verb in
     run) (
+        (umask 077; : >"$d/$id.out"; : >"$d/$id.err")  # 0600, the command keeps its umask
         sh "$d/$id.sh" </dev/null >"$d/$id.out" 2>"$d/$id.err"
         s=$?; [ -p "$d/$id.done" ] && echo $s >"$d/$id.done"
       ) 3<&- & ;;
