@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import portalocker
 
 from vmpool import _proc
+from vmpool._files import private_dir
 from vmpool.backends.base import SSH_OPTIONS
 from vmpool.errors import CapabilityError, StateError
 
@@ -33,8 +34,7 @@ def pool_key(state_dir: Path, *, timeout: float = 30.0) -> Path:
     key = folder / KEY_NAME
     if key.is_file() and key.with_suffix(".pub").is_file():
         return key
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
+    private_dir(folder)  # missing parents are made 0700 too, not with the umask's mode
     try:
         with portalocker.Lock(str(folder / "key.lock"), mode="a", timeout=timeout):
             if key.is_file() and key.with_suffix(".pub").is_file():

@@ -67,6 +67,7 @@ def test_install_the_package_and_use_its_service(pool_vm: VM, package: str) -> N
 def test_the_next_machine_has_none_of_it(pool_vm: VM) -> None:
     pool_vm.fail("dpkg -s hello-vmpool")
     pool_vm.fail(f"systemctl cat {UNIT}")
+    pool_vm.fail("test -e /etc/deployed")  # test_deploy_tools' Ansible copy
     with pytest.raises(WaitTimeout):
         pool_vm.wait_for_port(PORT, timeout=0.5)
     assert pool_vm.succeed("test -e /tmp/hello.deb || echo clean") == "clean\n"

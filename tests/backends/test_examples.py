@@ -108,7 +108,7 @@ def test_debian_examples_pass_on_podman_through_the_pool_and_leave_nothing(
     )
     output = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, output
-    assert "4 passed" in proc.stdout, output
+    assert "6 passed" in proc.stdout, output
     assert "machines created 2" in proc.stdout, output
     profile = load(config, environ={}).default
     backend = make_backend("podman", profile, state)
