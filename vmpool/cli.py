@@ -23,12 +23,13 @@ from vmpool.controller import Controller, Progress
 from vmpool.errors import ConfigError, StateError, VmPoolError
 from vmpool.ownership import (
     check_pool_id,
+    current_process,
     is_alive,
     new_session_id,
     pool_machines,
     pool_network,
 )
-from vmpool.state import JsonStateDir, Pool, default_state_dir
+from vmpool.state import JsonStateDir, Pool, StateStore, default_state_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STATE = 0, 1, 2, 3
 _WATCH_INTERVAL = 1.0
@@ -342,6 +343,26 @@ def _up(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _LiveSession(Exception):
+    """`vmpool down` found the pool owned by a live session (and no --force)."""
+
+
+def _claim_for_down(store: StateStore, *, force: bool) -> Pool | None:
+    """Decide and mark the pool closing in one transaction: a session adopting the kept pool
+    takes the same lock, so either it adopted first (and the pool is live: skipped) or it sees
+    the pool closing, owned by this process, and does not adopt it. None: no record."""
+    if store.read() is None:
+        return None
+    with store.transaction() as pool:
+        live = pool.owner is not None and is_alive(pool.owner) and not pool.keep
+        if live and not force:
+            raise _LiveSession(store.pool_id)
+        pool.closing = True
+        pool.keep = False
+        pool.owner = current_process()
+        return pool.model_copy(deep=True)
+
+
 def _down(args: argparse.Namespace) -> int:
     cfg = _load(args)
     directory = _state_dir(cfg)
@@ -351,14 +372,13 @@ def _down(args: argparse.Namespace) -> int:
         store = directory.store(pid)
         pool: Pool | None
         try:
-            pool = store.read()
+            pool = _claim_for_down(store, force=args.force)
         except StateError as exc:
             if not args.force:
                 raise
             print(f"vmpool: {exc}; --force: destroying by labels", file=sys.stderr)
             pool = None
-        live = pool is not None and pool.owner and is_alive(pool.owner) and not pool.keep
-        if live and not args.force:
+        except _LiveSession:
             print(
                 f"vmpool: pool {pid} belongs to a live session; skipped (use --force)",
                 file=sys.stderr,

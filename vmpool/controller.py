@@ -208,6 +208,7 @@ class Controller:
     def _adoptable(self, pool: Pool) -> bool:
         return (
             pool.keep
+            and not pool.closing  # `vmpool down` has it
             and (pool.owner is None or not is_alive(pool.owner))
             and pool.backend == self.backend.name
             and pool.profile == self.profile.name
