@@ -15,10 +15,9 @@ machine at once, all contending for the same pool. The target is p99(check-out +
 lock-step) between check-out and check-in, like a test's run time; 0, the default, is the worst
 case: every process hammers the store back to back.
 
-Check-ins are made as the ``pool_vm`` fixture makes them: ``PoolClient.checkin(wait=False)``,
-sent to the lease server without waiting for its answer (under the reuse policy nothing of it
-falls to the worker; the server applies it before the worker's next check-out, which is timed).
-``--wait-checkin`` times check-ins that wait for the answer instead.
+Check-ins are made as the ``pool_vm`` fixture makes them: answered by the lease server (a
+check-in the pool refuses reaches the test). ``--wait-checkin`` is kept for old command lines
+and changes nothing: every check-in waits for its answer.
 """
 
 from __future__ import annotations
@@ -77,7 +76,7 @@ def _worker(
         pre_ping=False,
     )
     for _ in range(_WARMUP_CYCLES):  # imports, page cache, first-call costs
-        client.checkin(client.checkout(1, timeout=60), wait=wait_checkin)
+        client.checkin(client.checkout(1, timeout=60))
     start.wait(timeout=600)
     cpu0 = time.process_time()
     clock = time.perf_counter
@@ -90,7 +89,7 @@ def _worker(
         if hold:
             time.sleep(rng.uniform(0.5, 1.5) * hold)
         t2 = clock()
-        client.checkin(lease, wait=wait_checkin)
+        client.checkin(lease)
         t3 = clock()
         samples.append((t1 - t0, t3 - t2))
     results.put((index, samples, time.process_time() - cpu0))
