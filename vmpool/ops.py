@@ -169,7 +169,23 @@ class CheckinStep(BaseModel):
         return CheckinReply(actions=actions, mine=mine)
 
 
-class ResetDone(BaseModel):
+class _Effect(BaseModel):
+    """An operation whose reply says only that it was applied."""
+
+    def apply(self, pool: Pool) -> Applied:
+        raise NotImplementedError
+
+    def parse_reply(self, data: bytes) -> Applied:
+        return Applied.model_validate_json(data)
+
+    def apply_json(self, pool: Pool) -> bytes:
+        return self.apply(pool).model_dump_json().encode()
+
+    def apply_quietly(self, pool: Pool) -> None:
+        self.apply(pool)
+
+
+class ResetDone(_Effect):
     """Record the outcome of a reset this process did (vmpool.leases.finish_reset).
 
     Through the lease server, not a transaction of the caller's own: the record's owner holds
@@ -182,15 +198,6 @@ class ResetDone(BaseModel):
     error: str | None = None
     address: str | None = None
     now: float
-
-    def parse_reply(self, data: bytes) -> Applied:
-        return Applied.model_validate_json(data)
-
-    def apply_json(self, pool: Pool) -> bytes:
-        return self.apply(pool).model_dump_json().encode()
-
-    def apply_quietly(self, pool: Pool) -> None:
-        self.apply(pool)
 
     def apply(self, pool: Pool) -> Applied:
         leases.finish_reset(
@@ -244,7 +251,7 @@ class Cancel(BaseModel):
         return CancelReply(timeout=str(late))
 
 
-class ReturnUnhealthy(BaseModel):
+class ReturnUnhealthy(_Effect):
     """A check-out whose pre-ping failed: the ``bad`` machines are replaced
     (vmpool.leases.mark_unhealthy), the others go back unused, as they were."""
 
@@ -253,15 +260,6 @@ class ReturnUnhealthy(BaseModel):
     unused: list[str]
     holder: Holder
     now: float
-
-    def parse_reply(self, data: bytes) -> Applied:
-        return Applied.model_validate_json(data)
-
-    def apply_json(self, pool: Pool) -> bytes:
-        return self.apply(pool).model_dump_json().encode()
-
-    def apply_quietly(self, pool: Pool) -> None:
-        self.apply(pool)
 
     def apply(self, pool: Pool) -> Applied:
         for name, error in self.bad.items():
