@@ -356,11 +356,7 @@ def report(result: dict[str, Any]) -> str:
         f"(machine held {result['hold_ms']:g} ms) on a "
         f"{result['machines']}-machine zero-latency sim pool "
         f"(state file {result['state_file_bytes']} bytes, {result['host']['cpus']} CPUs); "
-        + (
-            "check-ins wait for the pool's answer (--wait-checkin)"
-            if result["wait_checkin"]
-            else "check-ins sent without a wait, as the pool_vm fixture sends them"
-        )
+        + "check-ins answered by the pool, as the pool_vm fixture makes them"
         + f"\n\n{table}\n\n"
         f"throughput: {result['cycles_per_s']:.0f} check-out+check-in cycles/s "
         f"({result['cycles']} cycles in {result['wall_s']:.2f} s)\n"
@@ -406,8 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--wait-checkin",
         action="store_true",
-        help="check-ins wait for the pool's answer (by default they are sent without a wait, "
-        "as the pool_vm fixture does under the reuse policy)",
+        help="no effect, kept for old command lines: every check-in waits for its answer",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     parser.add_argument(
