@@ -15,10 +15,9 @@ machine at once, all contending for the same pool. The target is p99(check-out +
 lock-step) between check-out and check-in, like a test's run time; 0, the default, is the worst
 case: every process hammers the store back to back.
 
-Check-ins are made as the ``pool_vm`` fixture makes them: ``PoolClient.checkin(wait=False)``,
-sent to the lease server without waiting for its answer (under the reuse policy nothing of it
-falls to the worker; the server applies it before the worker's next check-out, which is timed).
-``--wait-checkin`` times check-ins that wait for the answer instead.
+Check-ins are made as the ``pool_vm`` fixture makes them: answered by the lease server (a
+check-in the pool refuses reaches the test). ``--wait-checkin`` is kept for old command lines
+and changes nothing: every check-in waits for its answer.
 """
 
 from __future__ import annotations
@@ -77,7 +76,7 @@ def _worker(
         pre_ping=False,
     )
     for _ in range(_WARMUP_CYCLES):  # imports, page cache, first-call costs
-        client.checkin(client.checkout(1, timeout=60), wait=wait_checkin)
+        client.checkin(client.checkout(1, timeout=60))
     start.wait(timeout=600)
     cpu0 = time.process_time()
     clock = time.perf_counter
@@ -90,7 +89,7 @@ def _worker(
         if hold:
             time.sleep(rng.uniform(0.5, 1.5) * hold)
         t2 = clock()
-        client.checkin(lease, wait=wait_checkin)
+        client.checkin(lease)
         t3 = clock()
         samples.append((t1 - t0, t3 - t2))
     results.put((index, samples, time.process_time() - cpu0))
@@ -357,11 +356,7 @@ def report(result: dict[str, Any]) -> str:
         f"(machine held {result['hold_ms']:g} ms) on a "
         f"{result['machines']}-machine zero-latency sim pool "
         f"(state file {result['state_file_bytes']} bytes, {result['host']['cpus']} CPUs); "
-        + (
-            "check-ins wait for the pool's answer (--wait-checkin)"
-            if result["wait_checkin"]
-            else "check-ins sent without a wait, as the pool_vm fixture sends them"
-        )
+        + "check-ins answered by the pool, as the pool_vm fixture makes them"
         + f"\n\n{table}\n\n"
         f"throughput: {result['cycles_per_s']:.0f} check-out+check-in cycles/s "
         f"({result['cycles']} cycles in {result['wall_s']:.2f} s)\n"
@@ -407,8 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--wait-checkin",
         action="store_true",
-        help="check-ins wait for the pool's answer (by default they are sent without a wait, "
-        "as the pool_vm fixture does under the reuse policy)",
+        help="no effect, kept for old command lines: every check-in waits for its answer",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     parser.add_argument(

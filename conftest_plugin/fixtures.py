@@ -25,7 +25,7 @@ def _lease(request: pytest.FixtureRequest) -> Iterator[tuple[VM, ...]]:
         failed = request.node.stash.get(call_failed_key, False)
         # no wait for the pool's answer unless a reset may fall to this worker: the lease
         # server applies the check-in before this worker's next check-out
-        client.checkin(lease, failed=failed, wait=False)
+        client.checkin(lease, failed=failed)
 
 
 @pytest.fixture

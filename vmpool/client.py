@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, overload
 
 from vmpool import leases, ops, transfer
 from vmpool._files import private_opener
 from vmpool.backends.base import Backend, ExecResult, SshAccess, probe_until
 from vmpool.errors import (
     CapabilityError,
+    CheckoutTimeout,
     CommandFailed,
     CommandSucceeded,
     PoolUnavailable,
@@ -326,13 +326,12 @@ class PoolClient:
                 lease.vms = [VM(n, self.backend, addresses[n], lease) for n in names]
                 self._record_wait(waited)
                 return lease
-            with self.store.transaction() as pool:
-                now = self.clock()
-                for name in bad:
-                    leases.mark_unhealthy(pool, name, bad[name], now)
-                # the healthy ones were never used: back as they were (a check-in would leave
-                # them resetting with us as actor, a reset nobody here performs)
-                leases.return_unused(pool, [n for n in names if n not in bad], holder)
+            # the healthy ones were never used: back as they were (a check-in would leave
+            # them resetting with us as actor, a reset nobody here performs)
+            self.store.run(ops.ReturnUnhealthy(
+                bad=bad, unused=[n for n in names if n not in bad], holder=holder,
+                now=self.clock(),
+            ))
             log.warning("pre-ping failed for %s; replacing and asking again", sorted(bad))
             front = True
 
@@ -376,17 +375,13 @@ class PoolClient:
             while reply.granted is None:
                 now = self.clock()
                 if now >= deadline:
-                    late = None
-                    with self.store.transaction() as pool:
-                        granted = leases.cancel(pool, request_id) or None
-                        if granted is None:
-                            late = leases.timeout_error(pool, now - since, count, now)
-                        else:
-                            reply = ops.CheckoutReply(
-                                granted=granted, machines=ops.views(pool, granted)
-                            )
-                    if late is not None:
-                        raise late
+                    ended = self.store.run(ops.Cancel(
+                        request=request_id, holder=holder, keep=True, waited=now - since,
+                        count=count, now=now,
+                    ))
+                    if ended.granted is None:
+                        raise CheckoutTimeout(ended.timeout or f"check-out of {count} timed out")
+                    reply = ops.CheckoutReply(granted=ended.granted, machines=ended.machines)
                     break
                 time.sleep(min(interval, max(deadline - now, 0)))
                 interval = min(interval * 2, _MAX_POLL)
@@ -399,8 +394,8 @@ class PoolClient:
         except BaseException:
             # timeout, unusable pool, or an interrupt while waiting: leave the line, and give
             # back anything granted meanwhile
-            with contextlib.suppress(StateError), self.store.transaction() as pool:
-                leases.return_unused(pool, leases.cancel(pool, request_id), holder)
+            with contextlib.suppress(StateError):
+                self.store.run(ops.Cancel(request=request_id, holder=holder, now=self.clock()))
             raise
         assert reply.granted is not None  # the loop only ends with a grant
         return reply.granted, request_id, holder, reply.machines
@@ -434,26 +429,12 @@ class PoolClient:
         with contextlib.suppress(OSError), open(self.wait_log, "a", opener=private_opener) as fh:
             fh.write(f"{self.clock():.3f} {waited:.6f} {self.worker}\n")
 
-    @overload
-    def checkin(
-        self, lease: Lease, *, failed: bool = False, wait: Literal[True] = True
-    ) -> dict[str, leases.Action]: ...
-
-    @overload
-    def checkin(
-        self, lease: Lease, *, failed: bool = False, wait: bool
-    ) -> dict[str, leases.Action] | None: ...
-
-    def checkin(
-        self, lease: Lease, *, failed: bool = False, wait: bool = True
-    ) -> dict[str, leases.Action] | None:
+    def checkin(self, lease: Lease, *, failed: bool = False) -> dict[str, leases.Action]:
         """Return the machines: reuse, reset (here and now, or by the controller when the pool
         has a spare) or replace (the controller's job). Returns what was done with each.
 
-        ``wait=False`` does not wait for the pool's answer when none of it can fall to this
-        process (the policy cannot ask for a reset: a reuse, or a replacement, which is the
-        controller's job) and returns None: the lease server applies the check-in before this
-        process's next operation. Otherwise it waits as usual.
+        Always answered: a check-in the pool refuses raises StateError here, in the test that
+        made it, rather than in a log line of the lease server.
         """
         # what this process keeps open to a machine (qemu's guest-agent connection) would
         # block its next holder
@@ -471,9 +452,6 @@ class PoolClient:
             dirty=sorted(lease.dirty) if lease.dirty else [],
             now=self.clock(),
         )
-        if not wait and not self.policy.may_reset(failed=failed, dirty=bool(lease.dirty)):
-            self.store.post(step)
-            return None
         reply = self.store.run(step)
         actions, mine = reply.actions, reply.mine
         for name in mine:

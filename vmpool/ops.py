@@ -169,7 +169,23 @@ class CheckinStep(BaseModel):
         return CheckinReply(actions=actions, mine=mine)
 
 
-class ResetDone(BaseModel):
+class _Effect(BaseModel):
+    """An operation whose reply says only that it was applied."""
+
+    def apply(self, pool: Pool) -> Applied:
+        raise NotImplementedError
+
+    def parse_reply(self, data: bytes) -> Applied:
+        return Applied.model_validate_json(data)
+
+    def apply_json(self, pool: Pool) -> bytes:
+        return self.apply(pool).model_dump_json().encode()
+
+    def apply_quietly(self, pool: Pool) -> None:
+        self.apply(pool)
+
+
+class ResetDone(_Effect):
     """Record the outcome of a reset this process did (vmpool.leases.finish_reset).
 
     Through the lease server, not a transaction of the caller's own: the record's owner holds
@@ -183,15 +199,6 @@ class ResetDone(BaseModel):
     address: str | None = None
     now: float
 
-    def parse_reply(self, data: bytes) -> Applied:
-        return Applied.model_validate_json(data)
-
-    def apply_json(self, pool: Pool) -> bytes:
-        return self.apply(pool).model_dump_json().encode()
-
-    def apply_quietly(self, pool: Pool) -> None:
-        self.apply(pool)
-
     def apply(self, pool: Pool) -> Applied:
         leases.finish_reset(
             pool, self.name, ok=self.ok, error=self.error, now=self.now, address=self.address
@@ -201,6 +208,64 @@ class ResetDone(BaseModel):
 
 class Applied(BaseModel):
     """The reply of an operation that returns nothing."""
+
+
+class CancelReply(BaseModel):
+    #: machines granted before the request left the line (the caller keeps them), if any
+    granted: list[str] | None = None
+    machines: dict[str, MachineView] = Field(default_factory=dict)
+    #: with no grant and ``timed_out``: the pool's summary for the CheckoutTimeout
+    timeout: str | None = None
+
+
+class Cancel(BaseModel):
+    """Leave the line (vmpool.leases.cancel). ``keep``: a grant that came meanwhile is the
+    caller's (a check-out at its deadline); otherwise it goes back unused (an interrupt)."""
+
+    kind: Literal["cancel"] = "cancel"
+    request: str
+    holder: Holder
+    keep: bool = False
+    #: how long the request waited and for how many machines (for the timeout's message)
+    waited: float = 0.0
+    count: int = 1
+    now: float
+
+    def parse_reply(self, data: bytes) -> CancelReply:
+        return CancelReply.model_validate_json(data)
+
+    def apply_json(self, pool: Pool) -> bytes:
+        return self.apply(pool).model_dump_json().encode()
+
+    def apply_quietly(self, pool: Pool) -> None:
+        self.apply(pool)
+
+    def apply(self, pool: Pool) -> CancelReply:
+        granted = leases.cancel(pool, self.request)
+        if not self.keep:
+            leases.return_unused(pool, granted, self.holder)
+            return CancelReply()
+        if granted:
+            return CancelReply(granted=granted, machines=views(pool, granted))
+        late = leases.timeout_error(pool, self.waited, self.count, self.now)
+        return CancelReply(timeout=str(late))
+
+
+class ReturnUnhealthy(_Effect):
+    """A check-out whose pre-ping failed: the ``bad`` machines are replaced
+    (vmpool.leases.mark_unhealthy), the others go back unused, as they were."""
+
+    kind: Literal["return_unhealthy"] = "return_unhealthy"
+    bad: dict[str, str]
+    unused: list[str]
+    holder: Holder
+    now: float
+
+    def apply(self, pool: Pool) -> Applied:
+        for name, error in self.bad.items():
+            leases.mark_unhealthy(pool, name, error, self.now)
+        leases.return_unused(pool, self.unused, self.holder)
+        return Applied()
 
 
 @functools.cache
@@ -219,7 +284,7 @@ def _alive_or_me(ref: ProcessRef) -> bool:
     return (ref.pid == pid and ref.host == host) or is_alive(ref)
 
 
-Step = CheckoutStep | CheckinStep | ResetDone
+Step = CheckoutStep | CheckinStep | ResetDone | Cancel | ReturnUnhealthy
 Op = Annotated[Step, Field(discriminator="kind")]
 OP_ADAPTER: TypeAdapter[Step] = TypeAdapter(Op)
 

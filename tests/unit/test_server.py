@@ -19,7 +19,7 @@ from vmpool.backends.sim import SimBackend
 from vmpool.client import PoolClient
 from vmpool.config import Profile
 from vmpool.controller import Controller, policy_for
-from vmpool.errors import PoolUnavailable
+from vmpool.errors import BackendError, CheckoutTimeout, PoolUnavailable
 from vmpool.ownership import ProcessRef, current_process
 from vmpool.state import Holder, JsonStateDir, MachineState, Request
 
@@ -172,26 +172,26 @@ def test_pool_of_a_dead_controller_grants_nothing(start: Start, dead_process: Pr
         pool.owner = c.me
 
 
-# -- check-ins sent without a wait (PoolClient.checkin(wait=False), the fixture's way) ----------
-def test_checkin_without_a_wait_is_applied_before_the_next_checkout(start: Start) -> None:
+# -- check-ins: always answered ------------------------------------------------------------
+def test_checkin_is_applied_before_the_next_checkout(start: Start) -> None:
     c = start(size=1)
     assert c.server is not None
     client = worker_client(c)
     for _ in range(20):  # one machine: each check-out needs the check-in sent just before it
         lease = client.checkout(1, timeout=5)
-        assert client.checkin(lease, wait=False) is None
+        assert client.checkin(lease) == {lease.names[0]: "reuse"}
     pool = c.directory.store(c.pool_id).read_current()
     assert pool is not None and pool.stats.checkouts == 20
     assert pool.machines[0].state is MachineState.READY and pool.machines[0].holder is None
     assert c.server.stats.ops == 40
 
 
-def test_checkin_that_may_fall_to_this_process_still_waits(start: Start) -> None:
+def test_checkin_whose_reset_falls_to_this_process_resets_here(start: Start) -> None:
     # a reset with no spare is the holder's to do, so the holder must hear of it
     c = start(size=1, checkin_policy="reset")
     client = worker_client(c)
     lease = client.checkout(1, timeout=5)
-    assert client.checkin(lease, wait=False) == {lease.names[0]: "reset"}
+    assert client.checkin(lease) == {lease.names[0]: "reset"}
     assert c.snapshot().machines[0].state is MachineState.READY
     assert c.snapshot().stats.reset == 1
 
@@ -211,10 +211,11 @@ def test_a_worker_reports_its_reset_to_the_server_not_through_the_file_lock(
     assert c.snapshot().stats.reset == 1
 
 
-def test_checkin_without_a_wait_and_without_a_server_uses_the_file(start: Start) -> None:
+def test_checkin_without_a_server_uses_the_file(start: Start) -> None:
     c = start(size=1, serve=False)
     client = worker_client(c)
-    assert client.checkin(client.checkout(1, timeout=5), wait=False) is None
+    lease = client.checkout(1, timeout=5)
+    assert client.checkin(lease) == {lease.names[0]: "reuse"}
     pool = c.directory.store(c.pool_id).read()
     assert pool is not None and pool.machines[0].state is MachineState.READY
 
@@ -255,12 +256,12 @@ client = PoolClient(
 )
 lease = client.checkout(1, test="t::dies", timeout=10)
 print(lease.names[0], flush=True)
-client.checkin(lease, wait=False)
+client.checkin(lease)
 os.kill(os.getpid(), signal.SIGKILL)  # at once: nothing flushed, closed or waited for
 """
 
 
-def test_checkin_without_a_wait_survives_its_sender_dying_at_once(
+def test_checkin_survives_its_sender_dying_at_once(
     start: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # no reclaim meanwhile: the machine must come back through the check-in itself
@@ -285,3 +286,35 @@ def test_checkin_without_a_wait_survives_its_sender_dying_at_once(
         time.sleep(0.01)
     assert c.snapshot().stats.reclaimed == 0
     assert c.snapshot().machine(name).uses == 1
+
+
+def test_a_worker_never_writes_the_pool_file_while_its_controller_lives(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the lease server is the only writer: a check-out, a cancel at the deadline, a failed
+    # pre-ping and a check-in are all operations it answers
+    c = start(size=2)
+    store = c.directory.store(c.pool_id)
+
+    def forbidden(*args: object, **kwargs: object) -> Any:
+        raise AssertionError("a worker wrote the pool file during a live session")
+
+    monkeypatch.setattr(store, "transaction", forbidden)
+    monkeypatch.setattr(store, "_write", forbidden)
+    real_exec = c.backend.exec
+    pings: list[str] = []
+
+    def exec_failing_first_ping(name: str, argv: list[str], timeout: float) -> Any:
+        pings.append(name)
+        if len(pings) == 1:
+            raise BackendError(f"{name}: not answering")
+        return real_exec(name, argv, timeout)
+
+    monkeypatch.setattr(c.backend, "exec", exec_failing_first_ping)
+    client = PoolClient(store, c.backend, policy_for(c.profile, c.backend), pre_ping=True)
+    both = client.checkout(2, timeout=20)  # the first ping fails: replaced, asked again
+    assert len(pings) >= 3 and c.snapshot().stats.checkouts >= 1
+    with pytest.raises(CheckoutTimeout):
+        client.checkout(1, timeout=0.05)  # leaves the line through the server
+    assert client.checkin(both) == {n: "reuse" for n in both.names}
+    assert not c.snapshot().queue

@@ -220,17 +220,14 @@ class PoolMachine(RuleBasedStateMachine):
         self.leases[me.pid].append(lease)
 
     @precondition(lambda self: bool(self._live_leases()))
-    @rule(data=st.data(), failed=st.booleans(), dirty=st.booleans(), wait=st.booleans())
-    def checkin(self, data: st.DataObject, failed: bool, dirty: bool, wait: bool) -> None:
+    @rule(data=st.data(), failed=st.booleans(), dirty=st.booleans())
+    def checkin(self, data: st.DataObject, failed: bool, dirty: bool) -> None:
         me, lease = data.draw(st.sampled_from(self._live_leases()))
         if dirty:
             lease.vms[0].mark_dirty()
         release(self.arena.claims, lease.names, me)
         self.leases[me.pid].remove(lease)
-        actions = self.clients[me.pid].checkin(lease, failed=failed, wait=wait)
-        if actions is None:  # sent without a wait: only when no reset can fall to the holder
-            assert not wait and not self.arena.policy.may_reset(failed=failed, dirty=dirty)
-            return
+        actions = self.clients[me.pid].checkin(lease, failed=failed)
         assert sorted(actions) == sorted(lease.names)
         if failed:
             assert set(actions.values()) == {"replace"}
