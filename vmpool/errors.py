@@ -97,3 +97,13 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, VmPoolError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+class StoreError(VmPoolError):
+    """The shared lease store (PostgreSQL) cannot be used; the message names the DSN (without
+    its password) and the cause."""
+
+
+class StoreUnsafe(StoreError):
+    """The store's server or session is configured so that acknowledged leases could be lost
+    (e.g. ``synchronous_commit`` is not ``on``)."""
