@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from vmpool import _proc
 from vmpool.backends import podman_api
 from vmpool.backends.podman_live import start_time
 
@@ -50,3 +51,35 @@ def test_gc_stops_a_service_another_process_started(state_dir: Path) -> None:
         assert start_time(record.pid) != record.start
     finally:
         service.stop()
+
+
+def _spec(name: str) -> dict[str, object]:
+    return {
+        "name": name, "image": "localhost/vmpool-busybox:latest",
+        "command": ["sleep", "1000"], "oci_runtime": "runc",
+        "r_limits": [{"type": "nofile", "hard": 1024, "soft": 1024},
+                     {"type": "nproc", "hard": 1024, "soft": 1024}],
+        "labels": {"vmpool.test": "podman_api"},
+    }
+
+
+def test_recreate_gives_a_fresh_container_and_leaves_nothing(state_dir: Path) -> None:
+    service = podman_api.ApiService(state_dir)
+    api = service.start(timeout=30)
+    name = f"vmpool-api-{os.getpid()}"
+    try:
+        api.create(_spec(name))
+        api.start(name)
+        first = api.inspect(name)
+        assert first is not None
+        old_pid = first["State"]["Pid"]
+        _proc.run(["podman", "exec", name, "touch", "/tmp/mark"], timeout=30).check()
+        info = podman_api.recreate(api, name, _spec(name), timeout=30)
+        gone = _proc.run(["podman", "exec", name, "test", "-e", "/tmp/mark"], timeout=30)
+        assert gone.returncode == 1
+        assert info["State"]["Running"] and info["Id"] != first["Id"]
+        assert start_time(old_pid) is None
+    finally:
+        api.delete(name)
+        service.stop()
+    assert api.ping() is False

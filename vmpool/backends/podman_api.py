@@ -314,3 +314,52 @@ def _message(decoded: Any, raw: bytes) -> str:
             if isinstance(decoded.get(key), str) and decoded[key]:
                 return str(decoded[key])
     return raw.decode(errors="replace").strip()[-500:] or "(empty body)"
+
+
+def recreate(api: PodmanApi, name: str, spec: Mapping[str, Any], *,
+             timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+    """The full reset through the API: SIGKILL the container's processes from the host (its
+    cgroup's pids), delete it with its anonymous volumes, create ``spec`` and start it; ready
+    when inspect says Running (never an API exec: those leave conmon processes for minutes).
+    Returns the new container's inspect record."""
+    deadline = time.monotonic() + timeout
+    info = api.inspect(name)
+    pid = int(info.get("State", {}).get("Pid") or 0) if info else 0
+    if pid > 0:
+        _kill_cgroup(pid)
+    while True:
+        try:
+            api.delete(name)
+            break
+        except ApiError as exc:  # "container state improper" right after a host-side kill
+            if exc.status != 500 or time.monotonic() >= deadline:
+                raise
+            time.sleep(_POLL)
+    api.create(spec)
+    api.start(name)
+    while True:
+        info = api.inspect(name)
+        if info is not None and info.get("State", {}).get("Running"):
+            return info
+        if time.monotonic() >= deadline:
+            raise BackendError(f"podman API: {name} not running {timeout}s after start: "
+                               f"{(info or {}).get('State')!r}")
+        time.sleep(_POLL)
+
+
+def _kill_cgroup(pid: int) -> None:
+    """SIGKILL every process in ``pid``'s cgroup (the container's), from the host."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        _, _, rel = line.split(":", 2)
+        for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup/unified"),
+                     Path("/sys/fs/cgroup")):
+            procs = root / rel.lstrip("/") / "cgroup.procs"
+            if rel != "/" and procs.exists():
+                for entry in procs.read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(entry), signal.SIGKILL)
+                return
