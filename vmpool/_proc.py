@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from vmpool.errors import BackendError, BackendUnavailable, ExecTimeout
 
@@ -86,6 +87,25 @@ def run(
         err.decode(errors="replace"),
         time.monotonic() - started,
     )
+
+
+def spawn(
+    argv: Sequence[str], *, log_path: Path, install_hint: str = ""
+) -> subprocess.Popen[bytes]:
+    """Start a long-running ``argv`` (a service) in its own session, output appended to
+    ``log_path`` (0600); the caller owns the process and must stop it."""
+    args = [str(a) for a in argv]
+    log.debug("spawn %s", args)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        return subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True
+        )
+    except FileNotFoundError as exc:
+        hint = f" ({install_hint})" if install_hint else ""
+        raise BackendUnavailable(f"{args[0]}: command not found{hint}") from exc
+    finally:
+        os.close(fd)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
