@@ -21,6 +21,7 @@ def test_the_qemu_recipe_adds_kernel_agent_and_a_tuned_boot() -> None:
     hook = recipe.hook
     assert "Address=10.0.2.15/24" in hook and "DefaultDependencies=no" in hook
     assert "virtio_console" in hook and "MODULES=list" in hook and "update-initramfs" in hook
+    assert "virtio_blk ext4; do" in hook  # MODULES=list adds no root filesystem module
     assert "PasswordAuthentication no" in hook  # the podman root's hook comes first
 
 

@@ -45,6 +45,8 @@ GUEST_ADDRESS = "10.0.2.15"
 KERNEL_CMDLINE = "root=/dev/vda rw console=ttyS0 quiet mitigations=off net.ifnames=0"
 #: modules udev would load under TCG for nothing (seconds of boot)
 BLACKLIST = ("floppy", "parport_pc", "parport", "kvm_amd", "kvm_intel", "bochs", "drm", "pcspkr")
+#: MODULES=list adds nothing by itself: the root filesystem's module must be named too
+INITRD_MODULES = (*MODULES, "ext4")
 BUILD_HINT = "run `vmpool image build --backend qemu --distro debian`"
 
 _TOOL_TIMEOUT = 300.0
@@ -99,7 +101,7 @@ class QemuRecipe(debian_image.Recipe):
     @property
     def hook(self) -> str:
         qemu = QEMU_CUSTOMIZE.format(
-            address=GUEST_ADDRESS, blacklist=" ".join(BLACKLIST), modules=" ".join(MODULES)
+            address=GUEST_ADDRESS, blacklist=" ".join(BLACKLIST), modules=" ".join(INITRD_MODULES)
         )
         return super().hook + qemu
 
