@@ -195,10 +195,14 @@ def _image(args: argparse.Namespace) -> int:
         print(f"vmpool: {msg}", file=sys.stderr)
 
     if args.backend == "qemu":
+        if args.distro == "debian":
+            from vmpool.backends import qemu_debian
+
+            print(qemu_debian.build_image(profile.qemu, packages=profile.image.packages,
+                                          force=args.force, progress=progress))
+            return EXIT_OK
         from vmpool.backends.qemu_image import build_image
 
-        if args.distro == "debian":
-            raise ConfigError("--distro debian: only --backend podman builds it so far")
         print(build_image(profile.qemu, force=args.force, progress=progress))
     else:
         from vmpool.backends.podman import build_image as build_podman

@@ -241,12 +241,6 @@ def test_down_force_with_a_corrupt_record_deletes_the_pools_network(tmp_path: Pa
     assert not record.exists()
 
 
-def test_image_build_of_debian_for_qemu_says_only_podman_builds_it(tmp_path: Path) -> None:
-    done = vmpool(tmp_path, "image", "build", "--backend", "qemu", "--distro", "debian")
-    assert done.returncode == 2, done.stderr
-    assert "--distro debian: only --backend podman builds it so far" in done.stderr
-
-
 def test_image_build_with_an_invalid_package_name_names_the_key(tmp_path: Path) -> None:
     (tmp_path / "pool.toml").write_text('[image]\npackages = ["no spaces"]\n')
     done = vmpool(tmp_path, "image", "build", "--backend", "podman", "--distro", "debian")
