@@ -123,7 +123,7 @@ def churn(
             lease.vms[0].mark_dirty()
         release(claims, lease.names, me)
         try:
-            client.checkin(lease, failed=rng.random() < 0.15, wait=rng.random() < 0.5)
+            client.checkin(lease, failed=rng.random() < 0.15)
         except StateError:
             return
         time.sleep(rng.uniform(0.002, 0.01))
