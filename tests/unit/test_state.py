@@ -281,9 +281,11 @@ def test_lock_timeout_is_a_state_error(store: JsonStore, monkeypatch: pytest.Mon
 
 
 def _hold_lock(store: JsonStore, locked: Any, release: Any) -> None:
+    # hold until told: every caller sets ``release`` (in a finally). A bounded hold shorter than
+    # a loaded CI machine's scheduling stalls let the waiter through uninterrupted
     with store.transaction():
         locked.set()
-        release.wait(10)
+        release.wait(120)
 
 
 def test_waiting_transaction_proceeds_when_the_holder_releases(store: JsonStore) -> None:
@@ -319,6 +321,7 @@ def test_interrupted_lock_wait_does_not_keep_the_lock(store: JsonStore) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0.1)
         with pytest.raises(KeyboardInterrupt), store.transaction():
             pass
+        assert holder.is_alive(), "the holder let go before the interrupt: nothing was tested"
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
