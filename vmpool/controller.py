@@ -20,7 +20,14 @@ from vmpool import doctor, leases
 from vmpool.backends.base import Backend, MachineSpec
 from vmpool.client import reset_machine
 from vmpool.config import Profile
-from vmpool.errors import PoolUnavailable, ReadyTimeout, StateError, VmPoolError, describe
+from vmpool.errors import (
+    PoolGone,
+    PoolUnavailable,
+    ReadyTimeout,
+    StateError,
+    VmPoolError,
+    describe,
+)
 from vmpool.ownership import (
     ProcessRef,
     current_process,
@@ -33,7 +40,7 @@ from vmpool.ownership import (
     pool_network,
 )
 from vmpool.server import LeaseServer
-from vmpool.state import JsonStateDir, MachineState, Pool, Stats
+from vmpool.state import JsonStateDir, JsonStore, MachineState, Pool, Stats
 from vmpool.writeback import WriteBackStore
 
 log = logging.getLogger(__name__)
@@ -181,22 +188,12 @@ class Controller:
                 continue
             if seen is None or not self._adoptable(seen):
                 continue
-            with store.transaction() as pool:
-                if not self._adoptable(pool):
-                    continue
-                pool.owner = self.me
-                pool.keep = False
-                pool.closing = False
-                pool.size = self.size
-                pool.queue = []
-                pool.config_hash = self.config_hash  # stale machines are replaced by plan()
-                # the stats are this session's (the end-of-run summary), not the pool's history
-                usable = any(
-                    m.state is MachineState.READY and m.config_hash == self.config_hash
-                    for m in pool.machines
-                )
-                pool.stats = Stats(first_ready_at=self.clock() if usable else None)
-                adopted = pool.model_copy(deep=True)
+            try:
+                adopted = self._take_over(store)
+            except PoolGone:  # `vmpool down` removed it since it was read: not adoptable
+                continue
+            if adopted is None:
+                continue
             self.pool_id = candidate
             self.store = store
             self.session = adopted.session
@@ -204,6 +201,25 @@ class Controller:
             log.info("adopted kept pool %s", candidate)
             return adopted
         return None
+
+    def _take_over(self, store: JsonStore) -> Pool | None:
+        """Make this session the owner of ``store``'s pool if it is still adoptable."""
+        with store.transaction() as pool:
+            if not self._adoptable(pool):
+                return None
+            pool.owner = self.me
+            pool.keep = False
+            pool.closing = False
+            pool.size = self.size
+            pool.queue = []
+            pool.config_hash = self.config_hash  # stale machines are replaced by plan()
+            # the stats are this session's (the end-of-run summary), not the pool's history
+            usable = any(
+                m.state is MachineState.READY and m.config_hash == self.config_hash
+                for m in pool.machines
+            )
+            pool.stats = Stats(first_ready_at=self.clock() if usable else None)
+            return pool.model_copy(deep=True)
 
     def _adoptable(self, pool: Pool) -> bool:
         return (

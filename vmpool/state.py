@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field, ValidationError
 from vmpool import _wire
 from vmpool._files import atomic_write, private_dir, private_opener
 from vmpool.backends.base import NAME_RE
-from vmpool.errors import StateError
+from vmpool.errors import PoolGone, StateError
 from vmpool.ownership import ProcessRef, check_pool_id
 
 #: 2: processes are identified by boot id and start in clock ticks (vmpool.ownership), not by
@@ -507,7 +507,7 @@ class JsonStore:
         with self._locked():
             raw = self._read_raw()
             if raw is None:
-                raise StateError(f"pool {self.pool_id} does not exist in {self.dir.path}")
+                raise PoolGone(f"pool {self.pool_id} does not exist in {self.dir.path}")
             pool = self._parse(raw)
             yield pool
             new = pool.model_dump_json().encode()
