@@ -1,8 +1,5 @@
 """The lease server's socket: where it is, and the client end (one JSON line each way).
 
-A request line that starts with ``NO_REPLY`` is one the client does not wait for: the server
-applies it in order with the connection's other lines and sends nothing back.
-
 Kept free of the state models so that the store (vmpool.state) and the server (vmpool.server)
 can both use it.
 """
@@ -21,13 +18,9 @@ from pathlib import Path
 
 #: sun_path holds 108 bytes with its NUL; longer paths are reached through /proc/self/fd
 _SUN_PATH_MAX = 107
-#: after a failed connect, use the file and try the socket again this much later
-RETRY_AFTER = 1.0
 
 
 _OK = b'{"ok":'
-#: first byte of a request line that gets no reply (see Connection.post)
-NO_REPLY = b"!"
 
 
 @dataclass(frozen=True)
@@ -94,11 +87,15 @@ def error_line(message: str) -> bytes:
 
 
 class Connection:
-    """A client's connection to one pool's lease server, opened on first use.
+    """A client's connection to one pool's lease server: one request line, one reply line, in
+    order. It is the client's lifeline: the server reclaims what a closed connection's
+    processes held (vmpool.server), so it stays open for the client's life.
 
-    ``call`` returns the reply's JSON (for the operation to parse), a Failure, or None when no
-    server answers (the caller then runs the operation itself against the file); it raises
-    ServerGone when the server went away with a request in flight.
+    ``call`` returns the reply's JSON (for the operation to parse) or a Failure; it raises
+    ServerGone when the server is gone or did not answer within the timeout, with the
+    request's outcome unknown. A call interrupted while waiting (KeyboardInterrupt) leaves its
+    reply owed: the next call reads it first and drops it, so replies never pair with the
+    wrong request.
     """
 
     def __init__(self, path: Path, timeout: float) -> None:
@@ -106,61 +103,51 @@ class Connection:
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._buffer = b""
-        self._retry_at = 0.0
+        self._owed = 0  # replies to interrupted calls, still to be read and dropped
         self._pid = os.getpid()
         self._lock = threading.Lock()
 
-    def _connect(self, *, now_or_never: bool = False) -> socket.socket | None:
-        now = time.monotonic()
-        if now < self._retry_at and not now_or_never:
-            return None
-        sock = connect(self.path, self.timeout)
-        if sock is None:
-            self._retry_at = now + RETRY_AFTER
-            return None
-        self._buffer = b""
-        return sock
-
-    def _send(self, line: bytes) -> bool:
-        """Send one request line (caller holds _lock); False when no server took it."""
+    def _socket(self) -> socket.socket:
         if self._pid != os.getpid():  # a forked child must not share its parent's socket
-            self._sock, self._pid = None, os.getpid()
-        for attempt in range(2):
-            if self._sock is None:
-                self._sock = self._connect(now_or_never=attempt > 0)
-                if self._sock is None:
-                    return False
-            try:
-                self._sock.sendall(line)
-                return True
-            except OSError:
-                # closed before reading it all: the server acts on whole lines only, so the
-                # request was not applied; one fresh connection may take it
-                self.close()
-        return False
+            self._sock, self._pid, self._buffer, self._owed = None, os.getpid(), b"", 0
+        if self._sock is None:
+            sock = connect(self.path, self.timeout)
+            if sock is None:
+                raise ServerGone(f"{self.path}: no lease server answers there")
+            self._sock = sock
+        return self._sock
 
-    def post(self, line: bytes) -> bool:
-        """Send a request without waiting for its outcome; False when no server took it (the
-        caller then runs it itself). The server applies it before this connection's later
-        requests, and only logs it if it fails."""
-        with self._lock:
-            return self._send(NO_REPLY + line)
+    def _line(self, sock: socket.socket, deadline: float) -> bytes:
+        while b"\n" not in self._buffer:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ServerGone(f"{self.path}: server closed the connection")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
 
-    def call(self, line: bytes) -> bytes | Failure | None:
+    def call(self, line: bytes, *, wait: float = 0.0) -> bytes | Failure:
+        """Send ``line``; its reply, which may take ``wait`` seconds more than the timeout."""
         with self._lock:
-            if not self._send(line):
-                return None
-            assert self._sock is not None
+            sock = self._socket()
             try:
-                while b"\n" not in self._buffer:
-                    chunk = self._sock.recv(65536)
-                    if not chunk:
-                        raise ServerGone(f"{self.path}: server closed the connection")
-                    self._buffer += chunk
+                sock.settimeout(self.timeout)
+                try:
+                    sock.sendall(line)
+                except BaseException:
+                    self.close()  # part of a line may have gone: this stream is unusable
+                    raise
+                deadline = time.monotonic() + self.timeout + wait
+                while self._owed:
+                    self._line(sock, deadline)
+                    self._owed -= 1
+                self._owed += 1
+                reply = self._line(sock, deadline)
+                self._owed -= 1
             except (OSError, ServerGone) as exc:
                 self.close()
                 raise ServerGone(f"{self.path}: no reply from the lease server ({exc})") from exc
-            reply, _, self._buffer = self._buffer.partition(b"\n")
         if is_ok(reply) and reply.endswith(b"}"):
             return reply[len(_OK) : -1]
         try:
@@ -173,3 +160,4 @@ class Connection:
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
+        self._buffer, self._owed = b"", 0

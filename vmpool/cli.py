@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vmpool import config as vmconfig
-from vmpool import reaper
+from vmpool import reaper, transport
 from vmpool.backends import NAMES, make_backend
 from vmpool.controller import Controller, Progress
 from vmpool.errors import ConfigError, StateError, VmPoolError
@@ -243,7 +243,10 @@ def _doctor(args: argparse.Namespace) -> int:
 # -- status --------------------------------------------------------------------------------------
 def _status_doc(directory: JsonStateDir) -> dict[str, Any]:
     pools = []
-    for pool in directory.pools():
+    for pool_id in directory.pool_ids():
+        pool = transport.read_current(directory.store(pool_id))  # a live pool's server: current
+        if pool is None:
+            continue
         now = time.time()
         pools.append(
             {

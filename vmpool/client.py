@@ -1,6 +1,7 @@
 """Check-out and check-in from any process (an xdist worker, the CLI, a library user).
 
-``PoolClient`` drives the lease protocol against a StateStore; ``VM`` is the handle a test gets.
+``PoolClient`` drives the lease protocol through a transport (vmpool.transport); ``VM`` is
+the handle a test gets.
 """
 
 from __future__ import annotations
@@ -30,13 +31,10 @@ from vmpool.errors import (
     WaitTimeout,
 )
 from vmpool.ownership import current_process
-from vmpool.state import Holder, StateStore
+from vmpool.state import Holder, JsonStore, Request
+from vmpool.transport import Transport, connect
 
 log = logging.getLogger(__name__)
-
-_FIRST_POLL = 0.002
-_MAX_POLL = 0.1
-_RECLAIM_EVERY = 1.0
 
 
 class VM:
@@ -256,11 +254,15 @@ class Lease:
 
 
 class PoolClient:
-    """Check machines out of one pool and back in."""
+    """Check machines out of one pool and back in.
+
+    Its transport (vmpool.transport) is chosen once, here: the pool's lease server if one
+    answers, else the pool file. ``close()`` gives its connection up (and with it, to the
+    server, whatever this process still holds)."""
 
     def __init__(
         self,
-        store: StateStore,
+        store: JsonStore,
         backend: Backend,
         policy: leases.Policy,
         *,
@@ -270,6 +272,7 @@ class PoolClient:
         ping_timeout: float = 15.0,
         clock: Callable[[], float] = time.time,
         wait_log: os.PathLike[str] | str | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -280,24 +283,10 @@ class PoolClient:
         self.ping_timeout = ping_timeout
         self.clock = clock
         self.wait_log = wait_log
-        self._me = current_process()
-        self._base: Holder | None = None  # this process as holder, for self.worker
-        self._encoder: ops.Encoder | None = None  # requests under self.policy
+        self.transport = transport if transport is not None else connect(store, policy)
 
-    def _holder(self, test: str | None, request_id: str, since: float) -> Holder:
-        """This process as the holder of request ``request_id``, made at ``since`` (the lease
-        server records it as is when it grants the request at once, as most are)."""
-        base = self._base
-        if base is None or base.worker != self.worker:
-            base = self._base = Holder(**self._me.model_dump(), worker=self.worker)
-        return base.model_copy(update={"test": test, "request": request_id, "since": since})
-
-    def _lines(self) -> ops.Encoder:
-        """How this client's requests are encoded (vmpool.ops.Encoder), under its policy."""
-        encoder = self._encoder
-        if encoder is None or (encoder.policy is not self.policy and encoder.policy != self.policy):
-            encoder = self._encoder = ops.Encoder(self.policy)
-        return encoder
+    def close(self) -> None:
+        self.transport.close()
 
     def checkout(
         self,
@@ -312,23 +301,23 @@ class PoolClient:
         Raises CheckoutTimeout (with the pool's summary) or PoolUnavailable.
         """
         started = self.clock()
-        deadline = started + timeout
+        begun = time.monotonic()
         front = False
         while True:
-            names, request_id, holder, views = self._wait_for_grant(
-                count, fresh, test, deadline, front, self.clock() if front else started
-            )
+            left = max(timeout - (time.monotonic() - begun), 0.0)
+            since = self.clock() if front else started
+            names, holder, views = self._wait_for_grant(count, fresh, test, left, front, since)
             addresses = {n: views[n].address if n in views else None for n in names}
             bad = self._ping(self._needs_ping(views, names)) if self.pre_ping else {}
             if not bad:
                 waited = self.clock() - started
-                lease = Lease(request_id, names, addresses, holder, waited)
+                lease = Lease(holder.request, names, addresses, holder, waited)
                 lease.vms = [VM(n, self.backend, addresses[n], lease) for n in names]
                 self._record_wait(waited)
                 return lease
             # the healthy ones were never used: back as they were (a check-in would leave
             # them resetting with us as actor, a reset nobody here performs)
-            self.store.run(ops.ReturnUnhealthy(
+            self.transport.run(ops.ReturnUnhealthy(
                 bad=bad, unused=[n for n in names if n not in bad], holder=holder,
                 now=self.clock(),
             ))
@@ -340,65 +329,33 @@ class PoolClient:
         count: int,
         fresh: bool,
         test: str | None,
-        deadline: float,
+        wait: float,
         front: bool,
         since: float,
-    ) -> tuple[list[str], str, Holder, dict[str, ops.MachineView]]:
-        """Join the line (at ``since``) and wait; returns the grant with what the caller needs
-        of each machine (address, last health check) as of the grant, so it needs no extra
-        read."""
+    ) -> tuple[list[str], Holder, dict[str, ops.MachineView]]:
+        """Join the line (at ``since``) and wait up to ``wait`` seconds for the grant; returns
+        it with what the caller needs of each machine (address, last health check)."""
         request_id = os.urandom(6).hex()
-        holder = self._holder(test, request_id, since)
-        # Errors are raised after a transaction, never inside it: an exception inside one
-        # discards its changes, and a cancel that is not written leaves a ghost request at the
-        # head of the line that is granted machines nobody takes.
-        encode = self._lines().checkout
-
-        def ask(*, join: bool, now: float, reclaim: bool = False) -> ops.Encoded[ops.CheckoutReply]:
-            return encode(
-                holder=holder,
-                count=count,
-                fresh=fresh,
-                since=since,
-                join=join,
-                front=front and join,
-                reclaim=reclaim,
-                now=now,
-            )
-
-        reply = self.store.run(ask(join=True, now=since))
-        if reply.problem is not None:
-            raise PoolUnavailable(reply.problem)
-        interval = _FIRST_POLL
-        last_reclaim = since  # no clock read for the check-out served at once
+        holder = Holder(**current_process().model_dump(), worker=self.worker, test=test,
+                        request=request_id, since=since)
+        step = ops.CheckoutStep(
+            request=Request(id=request_id, holder=holder, count=count, fresh=fresh, since=since),
+            front=front, wait=wait, now=since,
+        )
         try:
-            while reply.granted is None:
-                now = self.clock()
-                if now >= deadline:
-                    ended = self.store.run(ops.Cancel(
-                        request=request_id, holder=holder, keep=True, waited=now - since,
-                        count=count, now=now,
-                    ))
-                    if ended.granted is None:
-                        raise CheckoutTimeout(ended.timeout or f"check-out of {count} timed out")
-                    reply = ops.CheckoutReply(granted=ended.granted, machines=ended.machines)
-                    break
-                time.sleep(min(interval, max(deadline - now, 0)))
-                interval = min(interval * 2, _MAX_POLL)
-                reclaim = self.clock() - last_reclaim >= _RECLAIM_EVERY
-                reply = self.store.run(ask(join=False, reclaim=reclaim, now=self.clock()))
-                if reclaim:
-                    last_reclaim = self.clock()
-                if reply.problem is not None:
-                    raise PoolUnavailable(reply.problem)
+            reply = self.transport.run(step)
         except BaseException:
-            # timeout, unusable pool, or an interrupt while waiting: leave the line, and give
+            # an interrupt, or a pool that could not be reached: leave the line, and give
             # back anything granted meanwhile
             with contextlib.suppress(StateError):
-                self.store.run(ops.Cancel(request=request_id, holder=holder, now=self.clock()))
+                self.transport.run(ops.Cancel(request=request_id, holder=holder,
+                                              now=self.clock()))
             raise
-        assert reply.granted is not None  # the loop only ends with a grant
-        return reply.granted, request_id, holder, reply.machines
+        if reply.problem is not None:
+            raise PoolUnavailable(reply.problem)
+        if reply.granted is None:
+            raise CheckoutTimeout(reply.timeout or f"check-out of {count} timed out")
+        return reply.granted, holder, reply.machines
 
     def _needs_ping(self, views: dict[str, ops.MachineView], names: list[str]) -> list[str]:
         """Machines not known healthy within ``pre_ping_after`` seconds."""
@@ -445,22 +402,21 @@ class PoolClient:
                     release(name)
                 except VmPoolError as exc:
                     log.warning("releasing %s: %s", name, exc)
-        step = self._lines().checkin(
+        reply = self.transport.run(ops.CheckinStep(
             names=lease.names,
             holder=lease.holder,
+            policy=self.policy,
             failed=failed,
-            dirty=sorted(lease.dirty) if lease.dirty else [],
+            dirty=sorted(lease.dirty),
             now=self.clock(),
-        )
-        reply = self.store.run(step)
-        actions, mine = reply.actions, reply.mine
-        for name in mine:
-            reset_machine(self.store, self.backend, name, self.clock)
-        return actions
+        ))
+        for name in reply.mine:
+            reset_machine(self.transport, self.backend, name, self.clock)
+        return reply.actions
 
 
 def reset_machine(
-    store: StateStore, backend: Backend, name: str, clock: Callable[[], float]
+    transport: Transport, backend: Backend, name: str, clock: Callable[[], float]
 ) -> bool:
     """Restore a machine in state ``resetting`` to its snapshot and record the outcome.
 
@@ -475,7 +431,7 @@ def reset_machine(
         error = str(exc)
         log.warning("reset of %s failed, it will be replaced: %s", name, exc)
     try:
-        store.run(ops.ResetDone(name=name, ok=error is None, error=error, address=address,
+        transport.run(ops.ResetDone(name=name, ok=error is None, error=error, address=address,
                                 now=clock()))
     except StateError as exc:
         log.warning("cannot record the reset of %s: %s", name, exc)

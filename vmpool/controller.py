@@ -41,6 +41,7 @@ from vmpool.ownership import (
 )
 from vmpool.server import LeaseServer
 from vmpool.state import JsonStateDir, JsonStore, MachineState, Pool, Stats
+from vmpool.transport import FileTransport
 from vmpool.writeback import WriteBackStore
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ class Controller:
             )
         if self.serve:
             self.store = WriteBackStore(self.directory, self.pool_id)
-            server = LeaseServer(self.store)
+            server = LeaseServer(self.store, self.policy, clock=self.clock)
             if server.start():
                 self.server = server
         self._thread = threading.Thread(
@@ -220,6 +221,14 @@ class Controller:
             )
             pool.stats = Stats(first_ready_at=self.clock() if usable else None)
             return pool.model_copy(deep=True)
+
+    def _alive(self, ref: ProcessRef) -> bool:
+        """Whether a holder lives: one connected to the lease server does (its connection
+        closing is what reclaims it); only the others are looked up in the process table."""
+        server = self.server
+        if server is not None and any(ref.same_process(h) for h in server.connected):
+            return True
+        return is_alive(ref)
 
     def _adoptable(self, pool: Pool) -> bool:
         return (
@@ -292,7 +301,7 @@ class Controller:
         with self.store.transaction() as pool:
             now = self.clock()
             if now - self._last_reclaim >= _RECLAIM_EVERY:
-                reclaimed = leases.reclaim(pool, self.policy, is_alive, now)
+                reclaimed = leases.reclaim(pool, self.policy, self._alive, now)
                 if reclaimed:
                     log.warning("reclaimed machines of dead processes: %s", reclaimed)
                 self._last_reclaim = now
@@ -415,7 +424,7 @@ class Controller:
                 leases.record_deleted(pool, name, replaced=False)
 
     def _reset(self, name: str) -> None:
-        reset_machine(self.store, self.backend, name, self.clock)
+        reset_machine(FileTransport(self.store), self.backend, name, self.clock)
 
     def _delete(self, name: str, *, replaced: bool) -> None:
         try:

@@ -1,25 +1,23 @@
 """The lease operations a client asks of its pool, as data that runs wherever the record lives.
 
-``StateStore.run(op)`` applies an op to the pool record in one transaction: in this process under
-the file lock, or in the controller's lease server (vmpool.server), which commits the ops of many
-clients in one write. Either way the decisions are vmpool.leases'; an op only bundles the steps of
-one round trip and says what goes back.
+Every change a client makes to a pool is one of these operations: applied to the record in one
+transaction, it says what goes back. A transport (vmpool.transport) carries it to the record:
+to the controller's lease server (vmpool.server) while the controller lives, else into a file
+transaction here. The decisions are vmpool.leases'; an op only bundles the steps of one round
+trip and says what goes back.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import math
 import os
-from collections.abc import Sequence
-from typing import Annotated, Generic, Literal, TypeVar, cast
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
 
 from vmpool import leases
 from vmpool.ownership import ProcessRef, hostname, is_alive
-from vmpool.state import Holder, Machine, Pool, Request
+from vmpool.state import Holder, Machine, MachineState, Pool, Request
 
 
 class MachineView(BaseModel):
@@ -43,19 +41,32 @@ class CheckoutReply(BaseModel):
     granted: list[str] | None = None
     #: why the pool cannot serve this request at all (the request is not in the line)
     problem: str | None = None
+    #: the request waited its ``wait`` out and left the line: the pool's summary, for the
+    #: CheckoutTimeout
+    timeout: str | None = None
     machines: dict[str, MachineView] = Field(default_factory=dict)
+
+    @property
+    def final(self) -> bool:
+        """Whether the request is done with: granted, refused or timed out."""
+        return self.granted is not None or self.problem is not None or self.timeout is not None
 
 
 class CheckoutStep(BaseModel):
-    """Join the line (first step) or look again (later steps); take the grant if served."""
+    """Join the line (``join``) or look again; take the grant if served.
+
+    ``wait``: how long the request may wait in line. The lease server answers it only once it
+    is granted, refused or out of time (it owns the line); without a server the caller's
+    transport looks again until then (vmpool.transport.FileTransport)."""
 
     kind: Literal["checkout"] = "checkout"
     request: Request
     join: bool = True
     #: join at the head of the line (a request re-asked after a failed pre-ping)
     front: bool = False
-    #: reclaim leases of dead processes first, under this policy
+    #: reclaim leases of dead processes first, under this policy (a client without a server)
     reclaim: leases.Policy | None = None
+    wait: float = 0.0
     now: float
 
     def parse_reply(self, data: bytes) -> CheckoutReply:
@@ -67,26 +78,20 @@ class CheckoutStep(BaseModel):
             return CheckoutReply(problem=problem)
         return CheckoutReply(granted=[m.name for m in granted], machines=_views(granted))
 
-    def apply_quietly(self, pool: Pool) -> None:
-        """Apply it for a client that does not wait for the reply (none is built)."""
-        self._outcome(pool)
+    def look(self, now: float, *, reclaim: leases.Policy | None = None) -> CheckoutStep:
+        """This request looked at again at ``now`` (it is in the line already)."""
+        return self.model_copy(update={"join": False, "front": False, "now": now,
+                                       "reclaim": reclaim})
 
-    def apply_json(self, pool: Pool) -> bytes:
-        """``apply(pool).model_dump_json()``, written straight from the outcome: the lease
-        server answers every check-out, and building the reply's models to dump them cost
-        it about 4 us of the 15 us a check-out takes it (warm; about twice that on a busy
-        host). tests/unit/test_ops.py checks that both parse to the same reply."""
-        granted, problem = self._outcome(pool)
-        if granted is None:
-            return f'{{"granted":null,"problem":{_j(problem)},"machines":{{}}}}'.encode()
-        views = ",".join(
-            f'{_str(m.name)}:{{"address":{_j(m.address)},"checked_at":{_number(m.checked_at)}}}'
-            for m in granted
-        )
-        return (
-            f'{{"granted":{_list([m.name for m in granted])},"problem":null,'
-            f'"machines":{{{views}}}}}'
-        ).encode()
+    def expire(self, pool: Pool, waited: float, now: float) -> CheckoutReply:
+        """The request's wait is over: it leaves the line. A grant that came meanwhile is
+        still the caller's; otherwise the reply says why nothing was free."""
+        ended = Cancel(request=self.request.id, holder=self.request.holder, keep=True,
+                       waited=waited, count=self.request.count, now=now).apply(pool)
+        if ended.granted is not None:
+            return CheckoutReply(granted=ended.granted, machines=ended.machines)
+        return CheckoutReply(timeout=ended.timeout or f"check-out of {self.request.count} "
+                             "timed out")
 
     def _outcome(self, pool: Pool) -> tuple[list[Machine] | None, str | None]:
         """The machines granted (None while the request waits), or why none can be."""
@@ -94,19 +99,13 @@ class CheckoutStep(BaseModel):
             leases.reclaim(pool, self.reclaim, is_alive, self.now)
         problem = leases.unavailable(pool, self.request.count, _alive_or_me)
         if problem is not None:
+            # out of the line, and whatever it was granted goes back as it was
+            leases.return_unused(pool, leases.cancel(pool, self.request.id), self.request.holder)
             return None, problem
         joining = self.join and not any(r.id == self.request.id for r in pool.queue)
-        if joining and leases.nobody_waits(pool):
-            # served at once or not at all: the line it would join and leave in this same
-            # transaction is skipped (as is the copy of the request that joining needs)
-            granted = leases.grant(pool, self.request, self.now)
-            if granted is not None:
-                return granted, None
         if joining:
-            # a copy (the holder is frozen): the record must not share the op's mutable parts,
-            # for the server may apply the op again (a batch is redone without an op that raised)
-            request = self.request.model_copy(update={"granted": list(self.request.granted)})
-            leases.enqueue(pool, request, front=self.front)
+            # a copy: the record must not share the op's mutable parts
+            leases.enqueue(pool, self.request.model_copy(deep=True), front=self.front)
         leases.serve_queue(pool, self.now)
         try:
             names = leases.take_grant(pool, self.request.id)
@@ -138,27 +137,11 @@ class CheckinStep(BaseModel):
     def parse_reply(self, data: bytes) -> CheckinReply:
         return CheckinReply.model_validate_json(data)
 
-    def apply_json(self, pool: Pool) -> bytes:
-        """``apply(pool).model_dump_json()``, as the lease server sends it."""
-        return self.apply(pool).model_dump_json().encode()
-
-    def apply_quietly(self, pool: Pool) -> None:
-        """Apply it for a client that does not wait for the reply (none is built)."""
-        self._checkin(pool)
-
-    def _checkin(self, pool: Pool) -> dict[str, leases.Action]:
-        return leases.checkin(
-            pool,
-            self.names,
-            self.holder,
-            self.policy,
-            failed=self.failed,
-            dirty=set(self.dirty),
-            now=self.now,
-        )
-
     def apply(self, pool: Pool) -> CheckinReply:
-        actions = self._checkin(pool)
+        actions = leases.checkin(
+            pool, self.names, self.holder, self.policy,
+            failed=self.failed, dirty=set(self.dirty), now=self.now,
+        )
         mine = []
         for name, action in actions.items():
             if action != "reset":
@@ -167,6 +150,10 @@ class CheckinStep(BaseModel):
             if actor and actor.same_process(self.holder):
                 mine.append(name)
         return CheckinReply(actions=actions, mine=mine)
+
+
+class Applied(BaseModel):
+    """The reply of an operation that returns nothing."""
 
 
 class _Effect(BaseModel):
@@ -178,19 +165,9 @@ class _Effect(BaseModel):
     def parse_reply(self, data: bytes) -> Applied:
         return Applied.model_validate_json(data)
 
-    def apply_json(self, pool: Pool) -> bytes:
-        return self.apply(pool).model_dump_json().encode()
-
-    def apply_quietly(self, pool: Pool) -> None:
-        self.apply(pool)
-
 
 class ResetDone(_Effect):
-    """Record the outcome of a reset this process did (vmpool.leases.finish_reset).
-
-    Through the lease server, not a transaction of the caller's own: the record's owner holds
-    its lock while it keeps it in memory, and handing the lock over costs a worker about 0.2 s
-    per reset here, ten times a live podman reset."""
+    """Record the outcome of a reset this process did (vmpool.leases.finish_reset)."""
 
     kind: Literal["reset_done"] = "reset_done"
     name: str
@@ -206,15 +183,11 @@ class ResetDone(_Effect):
         return Applied()
 
 
-class Applied(BaseModel):
-    """The reply of an operation that returns nothing."""
-
-
 class CancelReply(BaseModel):
     #: machines granted before the request left the line (the caller keeps them), if any
     granted: list[str] | None = None
     machines: dict[str, MachineView] = Field(default_factory=dict)
-    #: with no grant and ``timed_out``: the pool's summary for the CheckoutTimeout
+    #: with no grant and ``keep``: the pool's summary for the CheckoutTimeout
     timeout: str | None = None
 
 
@@ -234,15 +207,15 @@ class Cancel(BaseModel):
     def parse_reply(self, data: bytes) -> CancelReply:
         return CancelReply.model_validate_json(data)
 
-    def apply_json(self, pool: Pool) -> bytes:
-        return self.apply(pool).model_dump_json().encode()
-
-    def apply_quietly(self, pool: Pool) -> None:
-        self.apply(pool)
-
     def apply(self, pool: Pool) -> CancelReply:
         granted = leases.cancel(pool, self.request)
         if not self.keep:
+            # and a grant whose reply the caller never read (it was interrupted meanwhile)
+            granted += [
+                m.name for m in pool.machines
+                if m.state is MachineState.LEASED and m.holder is not None
+                and m.holder.request == self.request and m.name not in granted
+            ]
             leases.return_unused(pool, granted, self.holder)
             return CancelReply()
         if granted:
@@ -268,10 +241,34 @@ class ReturnUnhealthy(_Effect):
         return Applied()
 
 
+class StatusReply(BaseModel):
+    pool: Pool
+
+
+class Status(BaseModel):
+    """The record as of now (``vmpool status`` asks the live server, not the lagging file)."""
+
+    kind: Literal["status"] = "status"
+
+    def parse_reply(self, data: bytes) -> StatusReply:
+        return StatusReply.model_validate_json(data)
+
+    def apply(self, pool: Pool) -> StatusReply:
+        return StatusReply(pool=pool.model_copy(deep=True))
+
+
+def holder_of(op: Step) -> Holder | None:
+    """The process an operation speaks for, if any (the server ties it to the connection)."""
+    if isinstance(op, CheckoutStep):
+        return op.request.holder
+    if isinstance(op, (CheckinStep, Cancel, ReturnUnhealthy)):
+        return op.holder
+    return None
+
+
 @functools.cache
 def _here() -> tuple[int, str]:
-    """(pid, host name) of this process, looked up once (every check-out asks _alive_or_me),
-    and again in a forked child."""
+    """(pid, host name) of this process, looked up once, and again in a forked child."""
     return os.getpid(), hostname()
 
 
@@ -284,145 +281,6 @@ def _alive_or_me(ref: ProcessRef) -> bool:
     return (ref.pid == pid and ref.host == host) or is_alive(ref)
 
 
-Step = CheckoutStep | CheckinStep | ResetDone | Cancel | ReturnUnhealthy
+Step = CheckoutStep | CheckinStep | ResetDone | Cancel | ReturnUnhealthy | Status
 Op = Annotated[Step, Field(discriminator="kind")]
 OP_ADAPTER: TypeAdapter[Step] = TypeAdapter(Op)
-
-
-R = TypeVar("R", CheckoutReply, CheckinReply)
-_POLICY_JSON: TypeAdapter[leases.Policy] = TypeAdapter(leases.Policy)
-
-
-class Encoded(Generic[R]):
-    """A lease operation made by an Encoder: its request line, and what its reply is.
-
-    It is an Operation (vmpool.state) like the models: the store sends the line to the lease
-    server, which parses it with OP_ADAPTER; without a server the store applies it here, parsed
-    the same way.
-    """
-
-    __slots__ = ("_reply", "kind", "line")
-
-    def __init__(self, kind: Literal["checkout", "checkin"], line: str, reply: type[R]) -> None:
-        self.kind = kind
-        self.line = line
-        self._reply: type[R] = reply
-
-    def model_dump_json(self) -> str:
-        return self.line
-
-    def decode(self) -> Step:
-        """The operation as the lease server reads it."""
-        return OP_ADAPTER.validate_json(self.line)
-
-    def apply(self, pool: Pool) -> R:
-        return cast(R, self.decode().apply(pool))
-
-    def parse_reply(self, data: bytes) -> R:
-        return self._reply.model_validate_json(data)
-
-    def __repr__(self) -> str:
-        return f"Encoded({self.line!r})"
-
-
-_str = json.encoder.encode_basestring_ascii  # what json.dumps does with a str
-
-
-def _j(value: str | None) -> str:
-    return "null" if value is None else _str(value)
-
-
-def _list(values: Sequence[str]) -> str:
-    return f"[{','.join(map(_str, values))}]"
-
-
-def _number(value: float | None) -> str:
-    """A float as pydantic dumps it by default: null when it is None, infinite or NaN."""
-    return repr(value) if value is not None and math.isfinite(value) else "null"
-
-
-class Encoder:
-    """A client's check-out and check-in requests, encoded from templates.
-
-    Every test makes one check-out and one check-in. Building their pydantic models and
-    serialising them cost a worker about 50 us of CPU per cycle on a busy host (eight workers
-    on two cores: caches are cold after every context switch); filling these templates costs a
-    fraction of it (bench/README.md, "Check-out + check-in latency"). The models stay the
-    protocol: the lease server parses every line with OP_ADAPTER, and tests/unit/test_ops.py
-    checks that a line parses to the very operation the models build, for arbitrary values, and
-    that the templates name every field of the models.
-    """
-
-    def __init__(self, policy: leases.Policy) -> None:
-        self.policy = policy
-        self._policy = _POLICY_JSON.dump_json(policy).decode()
-        self._who: tuple[tuple[str, int, str | None, int | None, str], str] | None = None
-        self._last: tuple[Holder | None, str] = (None, "")
-
-    def holder(self, h: Holder) -> str:
-        """A Holder's JSON (its process and worker part made once: they rarely change; the
-        whole of it once for a check-out and its check-in, which name the same Holder)."""
-        if h is self._last[0]:
-            return self._last[1]
-        key = (h.host, h.pid, h.boot_id, h.start_ticks, h.worker)
-        if self._who is None or self._who[0] != key:
-            ticks = "null" if h.start_ticks is None else str(int(h.start_ticks))
-            self._who = (
-                key,
-                (
-                    f'"host":{_j(h.host)},"pid":{int(h.pid)},"boot_id":{_j(h.boot_id)},'
-                    f'"start_ticks":{ticks},"worker":{_j(h.worker)}'
-                ),
-            )
-        out = (
-            f'{{{self._who[1]},"test":{_j(h.test)},"since":{float(h.since)!r},'
-            f'"request":{_j(h.request)}}}'
-        )
-        self._last = (h, out)  # a Holder is frozen
-        return out
-
-    def checkout(
-        self,
-        *,
-        holder: Holder,
-        count: int,
-        fresh: bool,
-        since: float,
-        join: bool,
-        front: bool = False,
-        reclaim: bool = False,
-        now: float,
-    ) -> Encoded[CheckoutReply]:
-        """A CheckoutStep for request ``holder.request``; ``reclaim`` asks for a reclaim under
-        this encoder's policy."""
-        return Encoded(
-            "checkout",
-            f'{{"kind":"checkout","request":{{"id":{_j(holder.request)},'
-            f'"holder":{self.holder(holder)},"count":{int(count)},'
-            f'"fresh":{_bool(fresh)},"since":{float(since)!r},"granted":[]}},'
-            f'"join":{_bool(join)},"front":{_bool(front)},'
-            f'"reclaim":{self._policy if reclaim else "null"},"now":{float(now)!r}}}',
-            CheckoutReply,
-        )
-
-    def checkin(
-        self,
-        *,
-        names: Sequence[str],
-        holder: Holder,
-        failed: bool,
-        dirty: Sequence[str],
-        now: float,
-    ) -> Encoded[CheckinReply]:
-        """A CheckinStep under this encoder's policy."""
-        return Encoded(
-            "checkin",
-            f'{{"kind":"checkin","names":{_list(names)},'
-            f'"holder":{self.holder(holder)},"policy":{self._policy},'
-            f'"failed":{_bool(failed)},"dirty":{_list(dirty)},"now":{float(now)!r}}}',
-            CheckinReply,
-        )
-
-
-def _bool(value: bool) -> str:
-    return "true" if value else "false"

@@ -14,16 +14,14 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Protocol, TypeVar
 
 import platformdirs
 import portalocker
 from pydantic import BaseModel, Field, ValidationError
 
-from vmpool import _wire
 from vmpool._files import atomic_write, private_dir, private_opener
 from vmpool.backends.base import NAME_RE
 from vmpool.errors import PoolGone, StateError
@@ -141,63 +139,6 @@ class Pool(BaseModel):
         return None
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """A pool record's contents at one moment, for rolling a transaction back in memory.
-
-    Dumping the record as JSON to keep a rollback image costs about 100 us for 64 machines;
-    this copies each model's field dict instead (about a tenth of that). It relies on the
-    models' shape: the nested models it does not copy (ProcessRef, Holder) are frozen, and the
-    only mutable containers are the ones named here. tests/unit/test_state.py fails when a field
-    is added that this does not cover.
-    """
-
-    pool: dict[str, Any]
-    machines: list[tuple[Machine, dict[str, Any]]]
-    queue: list[tuple[Request, dict[str, Any], list[str]]]
-    failures: list[tuple[int, SlotFailure, dict[str, Any]]]
-    stats: dict[str, Any]
-
-    @classmethod
-    def of(cls, pool: Pool) -> Checkpoint:
-        return cls(
-            pool.__dict__.copy(),
-            [(m, m.__dict__.copy()) for m in pool.machines],
-            [(r, r.__dict__.copy(), r.granted.copy()) for r in pool.queue],
-            [(k, f, f.__dict__.copy()) for k, f in pool.failures.items()],
-            pool.stats.__dict__.copy(),
-        )
-
-    def matches(self, pool: Pool) -> bool:
-        """Whether ``pool`` holds what it held when this was taken (cheaper than taking
-        another checkpoint to compare)."""
-        return (
-            pool.__dict__ == self.pool
-            and [m.__dict__ for m in pool.machines] == [fields for _, fields in self.machines]
-            and [(r.__dict__, r.granted) for r in pool.queue]
-            == [(fields, granted) for _, fields, granted in self.queue]
-            and [(k, f.__dict__) for k, f in pool.failures.items()]
-            == [(k, fields) for k, _, fields in self.failures]
-            and pool.stats.__dict__ == self.stats
-        )
-
-    def restore(self, pool: Pool) -> None:
-        """Put ``pool`` back as it was when this was taken."""
-        pool.__dict__.update(self.pool)  # the containers themselves, if any was replaced
-        pool.machines[:] = [m for m, _ in self.machines]
-        for m, fields in self.machines:
-            m.__dict__.update(fields)
-        pool.queue[:] = [r for r, _, _ in self.queue]
-        for r, fields, granted in self.queue:
-            r.__dict__.update(fields)
-            r.granted[:] = granted
-        pool.failures.clear()
-        for k, f, fields in self.failures:
-            f.__dict__.update(fields)
-            pool.failures[k] = f
-        pool.stats.__dict__.update(self.stats)
-
-
 R_co = TypeVar("R_co", covariant=True)
 
 
@@ -215,16 +156,6 @@ class StateStore(Protocol):
     """Where one pool's record lives. Every read-modify-write goes through transaction()."""
 
     pool_id: str
-
-    def run(self, op: Operation[R_co]) -> R_co:
-        """Apply ``op`` in one transaction (wherever the record is served) and return its reply."""
-        ...
-
-    def post(self, op: Operation[object]) -> None:
-        """Apply ``op`` without waiting for its outcome where the record is served by another
-        thread or process (in order with this process's later operations; a failure is only
-        logged there), else run it here and now."""
-        ...
 
     def transaction(self) -> contextlib.AbstractContextManager[Pool]:
         """Lock, read, yield the record for changes, write it back if changed, unlock."""
@@ -406,8 +337,8 @@ class JsonStateDir:
 class JsonStore:
     """One pool's JSON file. Implements StateStore.
 
-    ``run`` goes through the pool's lease server (vmpool.server) when one answers on
-    ``socket_path``, else through a local transaction.
+    While the pool's controller lives, its lease server (vmpool.server, at ``socket_path``) is
+    the record's only writer; clients reach it through a transport (vmpool.transport).
     """
 
     def __init__(self, directory: JsonStateDir, pool_id: str) -> None:
@@ -420,7 +351,6 @@ class JsonStore:
         self.path = directory.path / f"{pool_id}.json"
         self.lock_path = directory.path / f"{pool_id}.lock"
         self.socket_path = directory.path / f"{pool_id}.sock"
-        self._server = _wire.Connection(self.socket_path, timeout=LOCK_TIMEOUT + 10)
 
     def _acquire(self) -> IO[str]:
         """Take the pool's lock (StateError after LOCK_TIMEOUT); give it back with _release."""
@@ -513,34 +443,6 @@ class JsonStore:
             new = pool.model_dump_json().encode()
             if new != raw:
                 self._write(new)
-
-    def batch(self) -> contextlib.AbstractContextManager[Pool]:
-        """A transaction for a batch of lease operations (the lease server's), which nearly
-        always change the record: an owner keeping it in memory (vmpool.writeback) takes it as
-        changed without comparing it before and after."""
-        return self.transaction()
-
-    def run(self, op: Operation[R_co]) -> R_co:
-        try:
-            data = self._server.call(op.model_dump_json().encode() + b"\n")
-        except _wire.ServerGone as exc:
-            raise StateError(f"pool {self.pool_id}: {exc}; the controller is gone") from exc
-        if data is None:  # no server: do it here
-            with self.transaction() as pool:
-                return op.apply(pool)
-        if isinstance(data, _wire.Failure):
-            raise StateError(f"pool {self.pool_id}: {data.message}")
-        try:
-            return op.parse_reply(data)
-        except ValueError as exc:  # pydantic's ValidationError included
-            raise StateError(
-                f"pool {self.pool_id}: unreadable reply from its server: {data[:200]!r}"
-            ) from exc
-
-    def post(self, op: Operation[object]) -> None:
-        if not self._server.post(op.model_dump_json().encode() + b"\n"):
-            with self.transaction() as pool:  # no server: do it here
-                op.apply(pool)
 
     def _read_raw(self) -> bytes | None:
         try:

@@ -4,16 +4,14 @@ The controller's process makes most of a pool's transactions: its own (warm-up, 
 reclaim) and, through the lease server (vmpool.server), every worker's check-out and check-in.
 As file transactions (lock, read, parse, change, write, fsync, rename: about 1 ms each here) eight
 busy workers queue behind one another. This store takes the pool's lock once and keeps it while
-transactions keep coming; each transaction changes the record in memory (one that raises is
-rolled back from a vmpool.state.Checkpoint, a copy of the models' fields that costs a tenth of
-a JSON dump) and a background thread dumps the record and writes it back atomically (temp file,
-fsync, rename) ``flush_delay`` seconds after it changed, and no sooner than ``write_interval``
-seconds after the last write: one dump and one write for many transactions. Under a steady stream
-of check-outs that is 4 writes a second, not hundreds. Each dump of a 64-machine record holds
-the interpreter's lock for 0.16-0.29 ms (measured under the latency benchmark); the lease
-server's thread waits it out, and so do the eight or so check-outs in flight: at 20 dumps a
-second that was about 2 % of them, the very tail the benchmark's p99 reads (see bench/README.md's
-latency section).
+transactions keep coming. Each transaction changes the record in memory; it begins by taking
+the record's JSON image (about 0.1 ms for 64 machines), which rolls back a transaction that
+raises and is also what the next write-back writes. A background thread writes the image back
+atomically (temp file, fsync, rename) ``flush_delay`` seconds after a change, and no sooner than
+``write_interval`` seconds after the last write: one write for many transactions, 4 a second
+under a steady stream of check-outs, not hundreds. This is the crash snapshot: the lease server
+(vmpool.server) is the record's only writer while its controller lives, and the file lags it by
+at most ``write_interval`` plus one write.
 
 The lock is let go only when the file is current: after ``idle_release`` seconds without a
 transaction, or, when another process is blocked on it, at most ``max_hold`` seconds after it was
@@ -33,11 +31,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO
 
 from vmpool.errors import StateError
-from vmpool.state import Checkpoint, JsonStateDir, JsonStore, Operation, Pool, R_co
+from vmpool.state import JsonStateDir, JsonStore, Pool
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +79,7 @@ class WriteBackStore(JsonStore):
         #: succeeds, rather than pile up in memory a record that cannot reach the file
         self._failed: StateError | None = None
         self._writing = False  # a write-back is in progress outside the mutex
+        self._listeners: list[Callable[[], None]] = []
         self._nap = threading.Event()  # set on close: a sleep that tests' patched time.sleep spares
         #: how many times the record was written back (for benchmarks and tests)
         self.writes = 0
@@ -92,16 +91,6 @@ class WriteBackStore(JsonStore):
     # -- StateStore ------------------------------------------------------------------------------
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Pool]:
-        with self._transaction(changes=False) as pool:
-            yield pool
-
-    def batch(self) -> contextlib.AbstractContextManager[Pool]:
-        return self._transaction(changes=True)
-
-    @contextlib.contextmanager
-    def _transaction(self, *, changes: bool) -> Iterator[Pool]:
-        """``changes``: take the record as changed without comparing it with the checkpoint
-        (about 12 us for 64 machines)."""
         with self._cond:
             if self._closed:
                 with super().transaction() as pool:
@@ -110,22 +99,24 @@ class WriteBackStore(JsonStore):
             if self._failed is not None:
                 raise StateError(str(self._failed))
             pool = self._hold()
-            before = Checkpoint.of(pool)
+            before = self._dump()  # the rollback image; also what a write-back needs next
             try:
                 yield pool
             except BaseException:
-                before.restore(pool)  # roll back to the record as it was
+                self._pool = self._parse(before)  # roll back to the record as it was
                 raise
-            if changes or not before.matches(pool):
-                self._dirty = True
-                self._last_change = time.monotonic()
-                self._cond.notify_all()
+            self._dirty = True  # a transaction that changed nothing is found out at the write
+            self._last_change = time.monotonic()
+            self._cond.notify_all()
+            listeners = list(self._listeners)
+        for notify in listeners:
+            notify()
 
-    def run(self, op: Operation[R_co]) -> R_co:
-        """Here and now: this process holds the record (its lease server applies it the same
-        way)."""
-        with self.transaction() as pool:
-            return op.apply(pool)
+    def on_change(self, notify: Callable[[], None]) -> None:
+        """Call ``notify`` (in the committing thread, after the commit) whenever a transaction
+        ends: the lease server answers waiting check-outs that a controller transaction
+        served."""
+        self._listeners.append(notify)
 
     def read(self) -> Pool | None:
         with self._cond:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import signal
 import subprocess
 import sys
 import threading
@@ -66,6 +67,7 @@ def start_pool(state_dir: JsonStateDir, make_profile: Callable[..., Profile]) ->
         sim: dict[str, Any] | None = None,
         session: str = "s1",
         rng: Any = None,
+        serve: bool = True,
         **pool: Any,
     ) -> tuple[Controller, RecordingSim]:
         pool.setdefault("backoff", 0.0)
@@ -78,6 +80,7 @@ def start_pool(state_dir: JsonStateDir, make_profile: Callable[..., Profile]) ->
             size=size,
             session=session,
             rng=rng,
+            serve=serve,
         )
         controller.start()
         made.append(controller)
@@ -482,10 +485,13 @@ print(lease.names[0], flush=True)
 """
 
 
-def test_dead_workers_lease_is_reclaimed_by_the_maintainer(
-    start_pool: Factory, state_dir: JsonStateDir
+@pytest.mark.parametrize("serve", [True, False], ids=["connection-closes", "maintainer-sweep"])
+def test_dead_workers_lease_is_reclaimed(
+    start_pool: Factory, state_dir: JsonStateDir, serve: bool
 ) -> None:
-    controller, backend = start_pool(1)
+    """Through the lease server, the worker's connection closing gives its lease up; a worker
+    on the file (no server) is found dead by the controller's sweep."""
+    controller, backend = start_pool(1, serve=serve)
     controller.wait_until_ready(1, 10)
     worker = subprocess.run(
         [sys.executable, "-c", _WORKER, str(state_dir.path), controller.pool_id, str(backend.root)],
@@ -495,8 +501,6 @@ def test_dead_workers_lease_is_reclaimed_by_the_maintainer(
         check=True,
     )
     leased = worker.stdout.strip()  # the worker exited without checking it in
-    held = controller.snapshot().machine(leased)
-    assert held.state is MachineState.LEASED and held.holder is not None
 
     def replaced() -> Pool | None:
         pool = controller.snapshot()
@@ -505,6 +509,9 @@ def test_dead_workers_lease_is_reclaimed_by_the_maintainer(
     pool = wait_for(replaced)
     assert pool.stats.reclaimed == 1
     assert leased not in {i.name for i in backend.list("vmpool-")}
+    assert (controller.server is not None) == serve
+    if controller.server is not None:
+        assert controller.server.stats.reclaimed_on_close == 1
     lease = client_for(controller).checkout(1, timeout=5)
     assert lease.names != [leased]
 
@@ -537,23 +544,26 @@ def test_machine_freed_after_a_timeout_goes_to_the_next_request(start_pool: Fact
     assert again.names == lease.names
 
 
-def test_interrupted_checkout_leaves_the_line(
-    start_pool: Factory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    controller, _ = start_pool(1, checkin_policy="reuse")
+@pytest.mark.parametrize("serve", [True, False], ids=["server", "file"])
+def test_interrupted_checkout_leaves_the_line(start_pool: Factory, serve: bool) -> None:
+    controller, _ = start_pool(1, checkin_policy="reuse", serve=serve)
     controller.wait_until_ready(1, 10)
     client = client_for(controller)
     lease = client.checkout(1, timeout=5)
 
-    def interrupted(seconds: float) -> None:
+    def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("vmpool.client.time.sleep", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        client.checkout(1, timeout=5)
-    monkeypatch.undo()
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            client.checkout(1, timeout=5)  # waits in line until interrupted
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
     assert controller.snapshot().queue == []
-    client.checkin(lease)
+    client.checkin(lease)  # the same client goes on: its replies still pair with its requests
     assert client.checkout(1, timeout=2).names == lease.names
 
 
@@ -600,16 +610,16 @@ def test_checkin_first_releases_what_the_backend_keeps_open_to_the_machines(
     controller, backend = start_pool(2, checkin_policy="reuse")
     controller.wait_until_ready(2, 10)
     events: list[str] = []
-    real_run = controller.store.run
+    monkeypatch.setattr(backend, "release", lambda name: events.append(f"release {name}"),
+                        raising=False)
+    client = client_for(controller)
+    real_run = client.transport.run
 
     def run(op: Any) -> Any:
         events.append(op.kind)
         return real_run(op)
 
-    monkeypatch.setattr(backend, "release", lambda name: events.append(f"release {name}"),
-                        raising=False)
-    client = client_for(controller)
-    monkeypatch.setattr(client.store, "run", run)
+    monkeypatch.setattr(client.transport, "run", run)
     lease = client.checkout(2, timeout=5)
     events.clear()
     client.checkin(lease)

@@ -10,8 +10,6 @@ import time
 import psutil
 import pytest
 from _procs import process_ref
-from hypothesis import given
-from hypothesis import strategies as st
 
 from vmpool import leases
 from vmpool.ownership import ProcessRef, is_alive
@@ -759,36 +757,3 @@ def test_may_reset_is_exactly_whether_decide_can_reset(
             resets = leases.decide(m, policy, failed=failed, dirty=dirty, now=1.0) == "reset"
             may = policy.may_reset(failed=failed, dirty=dirty)
             assert may == resets if not worn else (may or not resets)
-
-
-@given(
-    machines=st.lists(
-        st.tuples(
-            st.sampled_from(list(MachineState)),
-            st.booleans(),  # held
-            st.integers(min_value=0, max_value=5),  # slot (repeats happen: a slot's successor)
-            st.sampled_from(["h1", "h2"]),  # config hash: the pool's, or a stale one
-            st.integers(min_value=0, max_value=3),  # uses since reset
-        ),
-        max_size=12,
-    ),
-    size=st.integers(min_value=1, max_value=6),
-    fresh=st.booleans(),
-)
-def test_the_one_pass_choice_is_the_choice_from_the_free_list(
-    machines: list[tuple[MachineState, bool, int, str, int]], size: int, fresh: bool
-) -> None:
-    pool = make_pool(size=size, ready_machines=0)
-    for i, (state, held, slot, config_hash, uses) in enumerate(machines):
-        pool.machines.append(
-            ready(
-                f"m{i}",
-                slot,
-                state=state,
-                holder=holder(i) if held else None,
-                config_hash=config_hash,
-                uses_since_reset=uses,
-            )
-        )
-    chosen = leases._choose(leases._free(pool, fresh), 1)
-    assert leases._pick_one(pool, fresh) is (chosen[0] if chosen else None)

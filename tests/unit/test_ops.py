@@ -1,179 +1,46 @@
-"""vmpool.ops.Encoder: the request lines a client sends are the operations the models define."""
+"""vmpool.ops: the lease operations, applied to a record as the server or a file transaction does."""
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
 
-import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from pydantic import BaseModel
 from test_leases import make_pool
 
 from vmpool import leases, ops
-from vmpool.ownership import ProcessRef, boot_id, hostname
+from vmpool.ownership import ProcessRef, boot_id, current_process, hostname
 from vmpool.state import Holder, MachineState, Pool, Request
 
-_text = st.text(max_size=40)  # any unicode: quotes, backslashes, control characters, emoji
-_finite = st.floats(allow_nan=False, allow_infinity=False)
-_holders = st.builds(
-    Holder,
-    host=_text,
-    pid=st.integers(min_value=0, max_value=2**31),
-    boot_id=st.none() | _text,
-    start_ticks=st.none() | st.integers(min_value=0, max_value=2**63),
-    worker=_text,
-    test=st.none() | _text,
-    since=_finite,
-    request=_text,
-)
-_policies = st.builds(
-    leases.Policy,
-    checkin=st.sampled_from(["reuse", "reset", "replace"]),
-    failure=st.sampled_from(["reuse", "reset", "replace"]),
-    max_uses=st.none() | st.integers(min_value=1, max_value=10**6),
-    max_age=st.none() | st.floats(min_value=0.001, max_value=1e9),
-    can_reset=st.booleans(),
-)
+
+def _holder(request: str = "r1", **fields: object) -> Holder:
+    return Holder(**current_process().model_dump(), request=request, **fields)
 
 
-@given(
-    holder=_holders,
-    policy=_policies,
-    count=st.integers(min_value=1, max_value=256),
-    fresh=st.booleans(),
-    since=_finite,
-    join=st.booleans(),
-    front=st.booleans(),
-    reclaim=st.booleans(),
-    now=_finite,
-)
-def test_a_checkout_line_is_the_checkout_the_models_build(
-    holder: Holder,
-    policy: leases.Policy,
-    count: int,
-    fresh: bool,
-    since: float,
-    join: bool,
-    front: bool,
-    reclaim: bool,
-    now: float,
-) -> None:
-    encoded = ops.Encoder(policy).checkout(
-        holder=holder,
-        count=count,
-        fresh=fresh,
-        since=since,
-        join=join,
-        front=front,
-        reclaim=reclaim,
-        now=now,
+def _ask(pool: Pool, request: str, *, join: bool = True, since: float = 1.0, now: float = 2.0,
+         count: int = 1) -> ops.CheckoutReply:
+    holder = _holder(request, since=since)
+    step = ops.CheckoutStep(
+        request=Request(id=request, holder=holder, count=count, since=since), join=join, now=now
     )
-    expected = ops.CheckoutStep(
-        request=Request(id=holder.request, holder=holder, count=count, fresh=fresh, since=since),
-        join=join,
-        front=front,
-        reclaim=policy if reclaim else None,
-        now=now,
+    return step.apply(pool)
+
+
+def test_an_operation_survives_its_trip_over_the_wire() -> None:
+    """What a client sends is what the server applies, and the reply reads back the same."""
+    pool = make_pool(size=2)
+    step = ops.CheckoutStep(
+        request=Request(id="r1", holder=_holder("r1"), count=2, since=1.0), wait=3.0, now=2.0
     )
-    assert encoded.kind == "checkout"
-    assert encoded.decode() == expected
-    assert json.loads(encoded.model_dump_json()) == json.loads(expected.model_dump_json())
-
-
-@given(
-    names=st.lists(_text, max_size=4),
-    holder=_holders,
-    policy=_policies,
-    failed=st.booleans(),
-    dirty=st.lists(_text, max_size=4),
-    now=_finite,
-)
-def test_a_checkin_line_is_the_checkin_the_models_build(
-    names: list[str],
-    holder: Holder,
-    policy: leases.Policy,
-    failed: bool,
-    dirty: list[str],
-    now: float,
-) -> None:
-    encoded = ops.Encoder(policy).checkin(
-        names=names, holder=holder, failed=failed, dirty=dirty, now=now
-    )
-    expected = ops.CheckinStep(
-        names=names, holder=holder, policy=policy, failed=failed, dirty=dirty, now=now
-    )
-    assert encoded.kind == "checkin"
-    assert encoded.decode() == expected
-    assert json.loads(encoded.model_dump_json()) == json.loads(expected.model_dump_json())
-
-
-def _holder(request: str = "r", test: str | None = "t") -> Holder:
-    return Holder(
-        host="h", pid=1, boot_id="b", start_ticks=2, worker="gw0", test=test, request=request
-    )
-
-
-def _ask(
-    encoder: ops.Encoder, pool: Pool, holder: Holder, *, join: bool = True, now: float = 1.0
-) -> ops.CheckoutReply:
-    """One check-out of one machine, applied to ``pool`` as a store without a server does."""
-    return encoder.checkout(
-        holder=holder, count=1, fresh=False, since=1.0, join=join, now=now
-    ).apply(pool)
-
-
-def _keys(value: Any, model: type[BaseModel]) -> None:
-    """Every field of ``model`` (and of the models nested in it) is written out, none more."""
-    assert set(value) == set(model.model_fields), model.__name__
-    for name, field in model.model_fields.items():
-        nested = field.annotation
-        if isinstance(nested, type) and issubclass(nested, BaseModel):
-            _keys(value[name], nested)
-
-
-@pytest.mark.parametrize("reclaim", [False, True])
-def test_the_templates_name_every_field_of_the_models(reclaim: bool) -> None:
-    """A field added to a model and not to the template would reach the server as its default:
-    this fails first."""
-    holder = _holder()
-    encoder = ops.Encoder(leases.Policy())
-    out = json.loads(
-        encoder.checkout(
-            holder=holder, count=1, fresh=False, since=1.0, join=True, reclaim=reclaim, now=1.0
-        ).line
-    )
-    _keys(out, ops.CheckoutStep)
-    _keys(out["request"], Request)
-    _keys(out["request"]["holder"], Holder)
-    out = json.loads(
-        encoder.checkin(names=["m"], holder=holder, failed=False, dirty=[], now=1.0).line
-    )
-    _keys(out, ops.CheckinStep)
-    _keys(out["holder"], Holder)
-    policy_fields = set(json.loads(ops._POLICY_JSON.dump_json(leases.Policy())))
-    assert set(out["policy"]) == policy_fields
-
-
-def test_an_encoded_operation_applies_and_reads_its_reply_like_the_model() -> None:
-    """Without a lease server the store applies the line itself, parsed as the server parses it."""
-    pool = make_pool(size=1)
-    holder = _holder()
-    encoder = ops.Encoder(leases.Policy(checkin="reuse"))
-    reply = _ask(encoder, pool, holder)
+    again = ops.OP_ADAPTER.validate_json(step.model_dump_json())
+    assert again == step
+    reply = again.apply(pool)
     assert isinstance(reply, ops.CheckoutReply)
-    assert reply.granted == ["m0"]
-    assert pool.machines[0].holder is not None and pool.machines[0].holder.test == "t"
-    back = encoder.checkin(names=["m0"], holder=holder, failed=False, dirty=[], now=2.0)
-    assert back.parse_reply(back.apply(pool).model_dump_json().encode()).actions == {"m0": "reuse"}
-    assert pool.machines[0].state is MachineState.READY
+    assert step.parse_reply(reply.model_dump_json().encode()) == reply
+    assert reply.granted is not None and sorted(reply.granted) == ["m0", "m1"]
 
 
 def test_a_checkout_with_nobody_waiting_is_served_at_once_and_leaves_no_request() -> None:
     pool = make_pool(size=2)
-    reply = _ask(ops.Encoder(leases.Policy()), pool, _holder("r1", test=None), now=5.0)
+    reply = _ask(pool, "r1", now=5.0)
     assert reply.granted == ["m0"] and pool.queue == []
     leased = pool.machine("m0")
     assert leased.holder is not None and leased.holder.since == 5.0 and leased.uses == 1
@@ -184,63 +51,64 @@ def test_a_checkout_never_overtakes_a_request_waiting_in_line() -> None:
     """A machine free while a request waits (freed by a step that did not serve the line):
     a newcomer joins behind it and the waiter is served first."""
     pool = make_pool(size=1)
-    encoder = ops.Encoder(leases.Policy())
-
-    def ask(request: str, join: bool = True) -> ops.CheckoutReply:
-        return _ask(encoder, pool, _holder(request, test=None), join=join, now=2.0)
-
-    assert ask("first").granted == ["m0"]
-    assert ask("waiter").granted is None  # the only machine is leased: in line
+    assert _ask(pool, "first").granted == ["m0"]
+    assert _ask(pool, "waiter").granted is None  # the only machine is leased: in line
     pool.machine("m0").holder = None
     pool.machine("m0").state = MachineState.READY
-    assert ask("newcomer").granted is None
+    assert _ask(pool, "newcomer").granted is None
     assert [r.id for r in pool.queue] == ["waiter", "newcomer"]
-    assert ask("waiter", join=False).granted == ["m0"]
+    assert _ask(pool, "waiter", join=False).granted == ["m0"]
 
 
-def _both_replies(op: ops.CheckoutStep, pool: Pool) -> tuple[ops.CheckoutReply, bytes]:
-    """``op`` applied to two copies of ``pool``: as a model, and as the lease server writes it."""
-    return op.apply(pool.model_copy(deep=True)), op.apply_json(pool.model_copy(deep=True))
+def test_a_refused_request_leaves_the_line() -> None:
+    pool = make_pool(size=1)
+    assert _ask(pool, "first").granted == ["m0"]
+    assert _ask(pool, "waiter").granted is None
+    pool.closing = True
+    reply = _ask(pool, "waiter", join=False)
+    assert reply.problem is not None and "shutting down" in reply.problem
+    assert pool.queue == []
 
 
-@given(
-    names=st.lists(_text, min_size=1, max_size=4, unique=True),
-    address=st.none() | _text,
-    checked_at=st.none() | st.floats(),  # infinities and NaN too: pydantic writes null
-    count=st.integers(min_value=1, max_value=5),
-)
-def test_a_checkout_reply_written_by_the_server_is_the_reply_the_model_dumps(
-    names: list[str], address: str | None, checked_at: float | None, count: int
-) -> None:
-    """Granted (any names and addresses), waiting (more asked than free) or refused (more
-    asked than the pool has): apply_json() writes what apply() builds, for a client to read."""
-    pool = make_pool(size=4, ready_machines=len(names))
-    for m, name in zip(pool.machines, names, strict=True):
-        m.name, m.address, m.checked_at = name, address, checked_at
-    op = ops.OP_ADAPTER.validate_json(
-        ops.Encoder(leases.Policy())
-        .checkout(holder=_holder(), count=count, fresh=False, since=1.0, join=True, now=2.0)
-        .line
+def test_an_expired_request_leaves_the_line_with_the_pools_summary() -> None:
+    pool = make_pool(size=1)
+    assert _ask(pool, "first").granted == ["m0"]
+    step = ops.CheckoutStep(
+        request=Request(id="late", holder=_holder("late"), since=1.0), wait=0.5, now=2.0
     )
-    assert isinstance(op, ops.CheckoutStep)
-    model, line = _both_replies(op, pool)
-    assert json.loads(line) == json.loads(model.model_dump_json())
-    assert op.parse_reply(line) == ops.CheckoutReply.model_validate_json(model.model_dump_json())
-    if count > 4:
-        assert model.problem is not None
-    elif count > len(names):
-        assert model.granted is None and model.problem is None
-    else:
-        assert model.granted is not None and len(model.granted) == count
+    assert step.apply(pool).granted is None
+    reply = step.expire(pool, waited=0.5, now=2.5)
+    assert reply.final and reply.granted is None
+    assert reply.timeout is not None and "size 1, 1 leased" in reply.timeout
+    assert pool.queue == []
 
 
-@given(holders=st.lists(_holders, min_size=1, max_size=5))
-def test_one_encoder_writes_each_holder_as_the_model_does(holders: list[Holder]) -> None:
-    """The encoder remembers the last holder it wrote (a check-in names its check-out's): a
-    different holder, equal or not, is written anew."""
-    encoder = ops.Encoder(leases.Policy())
-    for h in [*holders, *holders[:1], holders[-1]]:
-        assert json.loads(encoder.holder(h)) == json.loads(h.model_dump_json())
+def test_a_cancel_gives_back_a_grant_whose_reply_was_never_read() -> None:
+    """An interrupted client never read its grant: its cancel returns the machine unused."""
+    pool = make_pool(size=1)
+    assert _ask(pool, "r1").granted == ["m0"]  # granted and out of the line
+    ops.Cancel(request="r1", holder=_holder("r1"), now=3.0).apply(pool)
+    m = pool.machine("m0")
+    assert m.state is MachineState.READY and m.holder is None and m.uses == 0
+
+
+def test_status_is_a_copy_of_the_record() -> None:
+    pool = make_pool(size=1)
+    reply = ops.Status().apply(pool)
+    pool.machine("m0").state = MachineState.BROKEN
+    assert reply.pool.machine("m0").state is MachineState.READY
+
+
+def test_checkin_reply_names_the_resets_that_fall_to_the_caller() -> None:
+    pool = make_pool(size=1)
+    pool.owner = None  # no controller to reset in the background
+    assert _ask(pool, "r1").granted == ["m0"]
+    holder = pool.machine("m0").holder
+    assert holder is not None
+    reply = ops.CheckinStep(names=["m0"], holder=holder, policy=leases.Policy(), now=3.0).apply(
+        pool
+    )
+    assert reply.actions == {"m0": "reset"} and reply.mine == ["m0"]
 
 
 def test_a_forked_child_is_not_taken_for_its_parent() -> None:
@@ -257,20 +125,12 @@ def test_a_forked_child_is_not_taken_for_its_parent() -> None:
 
 def test_a_machine_is_held_since_its_grant_served_at_once_or_from_the_line() -> None:
     pool = make_pool(size=1)
-    encoder = ops.Encoder(leases.Policy())
-
-    def ask(request: str, *, since: float, now: float, join: bool = True) -> ops.CheckoutReply:
-        holder = _holder(request).model_copy(update={"since": since})
-        return encoder.checkout(
-            holder=holder, count=1, fresh=False, since=since, join=join, now=now
-        ).apply(pool)
-
-    assert ask("first", since=2.0, now=2.0).granted == ["m0"]  # at once: as the client sent it
+    assert _ask(pool, "first", since=2.0, now=2.0).granted == ["m0"]
     first = pool.machine("m0").holder
     assert first is not None and (first.request, first.since) == ("first", 2.0)
-    assert ask("waiter", since=3.0, now=3.0).granted is None
+    assert _ask(pool, "waiter", since=3.0, now=3.0).granted is None
     pool.machine("m0").holder = None
     pool.machine("m0").state = MachineState.READY
-    assert ask("waiter", since=3.0, now=7.0, join=False).granted == ["m0"]  # from the line
+    assert _ask(pool, "waiter", since=3.0, now=7.0, join=False).granted == ["m0"]
     waiter = pool.machine("m0").holder
     assert waiter is not None and (waiter.request, waiter.since) == ("waiter", 7.0)

@@ -115,13 +115,13 @@ def _request(name: str = "r1") -> ops.CheckoutStep:
 
 
 def _raw_call(path: Path, *lines: bytes) -> list[dict[str, Any]]:
-    """Send ``lines`` on one connection; the replies to those not starting with ``!``."""
+    """Send ``lines`` on one connection; their replies."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(str(path))
         s.sendall(b"".join(lines))
         data = b""
-        while data.count(b"\n") < sum(not line.startswith(b"!") for line in lines):
+        while data.count(b"\n") < len(lines):
             chunk = s.recv(65536)
             assert chunk, "server closed the connection"
             data += chunk
@@ -150,7 +150,7 @@ def test_operation_that_raises_is_dropped_alone(
             raise RuntimeError("bug in an operation")
         return original(self, pool)
 
-    original = ops.CheckoutStep._outcome  # what apply() and apply_json() both decide with
+    original = ops.CheckoutStep._outcome
     monkeypatch.setattr(ops.CheckoutStep, "_outcome", broken)
     one, bad, two = _raw_call(
         c.server.path,
@@ -218,26 +218,6 @@ def test_checkin_without_a_server_uses_the_file(start: Start) -> None:
     assert client.checkin(lease) == {lease.names[0]: "reuse"}
     pool = c.directory.store(c.pool_id).read()
     assert pool is not None and pool.machines[0].state is MachineState.READY
-
-
-def test_request_without_a_wait_gets_no_reply_and_a_failure_is_logged(
-    start: Start, caplog: pytest.LogCaptureFixture
-) -> None:
-    c = start(size=1)
-    assert c.server is not None
-    granted = _raw_call(c.server.path, _request("r1").model_dump_json().encode() + b"\n")
-    name = granted[0]["ok"]["granted"][0]
-    quiet_bad = b'!{"kind": "explode"}\n'
-    holder = Holder(**current_process().model_dump(), worker="raw")
-    policy = policy_for(c.profile, c.backend)
-    checkin = ops.CheckinStep(names=[name], holder=holder, policy=policy, now=2.0)
-    quiet_good = b"!" + checkin.model_dump_json().encode() + b"\n"
-    # only the last line is answered; the quiet ones before it are applied in order
-    (last,) = _raw_call(
-        c.server.path, quiet_bad, quiet_good, _request("r2").model_dump_json().encode() + b"\n"
-    )
-    assert last["ok"]["granted"] == [name]
-    assert "not a lease operation" in caplog.text
 
 
 _POST_AND_DIE = """

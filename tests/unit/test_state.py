@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import json
 import multiprocessing
 import os
@@ -10,27 +9,17 @@ import signal
 import stat
 import threading
 import time
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
 
 from vmpool.errors import StateError
 from vmpool.state import (
     SCHEMA_VERSION,
-    Checkpoint,
-    Holder,
     JsonStateDir,
     JsonStore,
-    Machine,
-    MachineState,
     Pool,
-    Request,
-    SlotFailure,
-    Stats,
 )
 
 
@@ -333,116 +322,3 @@ def test_interrupted_lock_wait_does_not_keep_the_lock(store: JsonStore) -> None:
     other.join(10)
     assert other.exitcode == 0
     assert store.read().next_serial == 1  # type: ignore[union-attr]
-
-
-# -- the in-memory checkpoint (vmpool.state.Checkpoint) ----------------------------------------
-def busy_pool() -> Pool:
-    """A record with something in every part: machines leased and free, a line, a failure."""
-    holder = Holder(host="h", pid=1, boot_id="b", start_ticks=2, worker="gw0", test="t", since=3.0)
-    pool = new_pool()
-    pool.machines = [
-        Machine(
-            name=f"vmpool-abc123-{i}",
-            slot=i,
-            state=MachineState.READY,
-            config_hash="0" * 12,
-            created_at=1.0,
-        )
-        for i in range(3)
-    ]
-    pool.machines[0].state, pool.machines[0].holder = MachineState.LEASED, holder
-    pool.queue = [
-        Request(id="r1", holder=holder, since=4.0),
-        Request(id="r2", holder=holder, since=5.0, granted=["x"]),
-    ]
-    pool.failures = {2: SlotFailure(attempts=1, retry_at=9.0, last_error="boom")}
-    pool.stats.checkouts = 7
-    return pool
-
-
-def scribble(pool: Pool) -> None:
-    """Change every kind of thing a transaction may change, in place and by replacement."""
-    pool.size = 9
-    pool.owner = None
-    pool.machines[1].state = MachineState.LEASED
-    pool.machines[1].uses += 1
-    pool.machines[0].holder = None
-    del pool.machines[2]
-    pool.machines.append(
-        Machine(
-            name="vmpool-abc123-9",
-            slot=9,
-            state=MachineState.CREATING,
-            config_hash="1",
-            created_at=2.0,
-        )
-    )
-    pool.queue[0].granted.append("vmpool-abc123-1")
-    pool.queue.pop()
-    pool.failures[2].attempts = 5
-    pool.failures[7] = SlotFailure()
-    pool.stats.checkouts += 1
-    pool.queue = [*pool.queue, Request(id="r3", holder=pool.queue[0].holder, since=6.0)]
-
-
-def test_checkpoint_restores_every_change_a_transaction_can_make() -> None:
-    pool = busy_pool()
-    pool.owner = pool.queue[0].holder
-    before = pool.model_dump_json()
-    checkpoint = Checkpoint.of(pool)
-    assert checkpoint.matches(pool)
-    scribble(pool)
-    assert not checkpoint.matches(pool)
-    checkpoint.restore(pool)
-    assert pool.model_dump_json() == before
-    assert checkpoint.matches(pool)
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        lambda p: setattr(p, "closing", True),
-        lambda p: setattr(p.machines[2], "uses", 1),
-        lambda p: p.machines.reverse(),
-        lambda p: p.queue[1].granted.clear(),
-        lambda p: setattr(p.failures[2], "attempts", 2),
-        lambda p: p.failures.clear(),
-        lambda p: setattr(p.stats, "reset", 1),
-    ],
-)
-def test_checkpoint_sees_any_single_change(change: Any) -> None:
-    pool = busy_pool()
-    checkpoint = Checkpoint.of(pool)
-    change(pool)
-    assert not checkpoint.matches(pool)
-
-
-def _immutable(annotation: Any) -> bool:
-    if annotation in (str, int, float, bool, type(None)):
-        return True
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return True
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return bool(annotation.model_config.get("frozen"))
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType, typing.Literal):
-        return typing.get_origin(annotation) is typing.Literal or all(
-            _immutable(a) for a in typing.get_args(annotation)
-        )
-    return False
-
-
-def test_checkpoint_covers_every_mutable_field_of_the_record() -> None:
-    # Checkpoint copies the field dicts of Pool, Machine, Request, SlotFailure, Stats and the
-    # containers below; any other field must be immutable, or a rollback would miss changes
-    # made inside it. Adding one fails here: teach Checkpoint about it.
-    containers = {
-        (Pool, "machines"),
-        (Pool, "queue"),
-        (Pool, "failures"),
-        (Pool, "stats"),
-        (Request, "granted"),
-    }
-    for model in (Pool, Machine, Request, SlotFailure, Stats):
-        for name, field in model.model_fields.items():
-            if (model, name) not in containers:
-                assert _immutable(field.annotation), f"{model.__name__}.{name}"

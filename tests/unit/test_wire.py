@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import threading
 import time
@@ -87,8 +88,54 @@ def test_a_server_that_closes_mid_request_is_server_gone(sock_path: Path) -> Non
         conn.call(b"{}\n")
 
 
-def test_no_server_means_none_and_the_caller_uses_the_file(sock_path: Path) -> None:
-    assert _wire.Connection(sock_path, timeout=1).call(b"{}\n") is None
+def test_no_server_is_server_gone(sock_path: Path) -> None:
+    """The transport was chosen when the client was built: no silent switch to the file."""
+    with pytest.raises(_wire.ServerGone, match="no lease server answers"):
+        _wire.Connection(sock_path, timeout=1).call(b"{}\n")
+
+
+def test_the_reply_to_an_interrupted_call_is_dropped_not_paired_with_the_next(
+    sock_path: Path,
+) -> None:
+    """A call interrupted while it waits leaves its reply owed; the next call reads past it."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(1)
+    conn = _wire.Connection(sock_path, timeout=5)
+    served: list[bytes] = []
+
+    def serve() -> None:
+        peer, _ = listener.accept()
+        with peer:
+            buffer = b""
+            while len(served) < 2:
+                buffer += peer.recv(65536)
+                while b"\n" in buffer:
+                    line, _, buffer = buffer.partition(b"\n")
+                    served.append(line)
+                    if line == b"second":  # the first's reply comes late, then the second's
+                        peer.sendall(b'{"ok":"first"}\n{"ok":"second"}\n')
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    interrupt = threading.Timer(0.2, lambda: signal.pthread_kill(main, signal.SIGUSR1))
+    main = threading.get_ident()
+    old = signal.signal(signal.SIGUSR1, _raise_interrupt)
+    try:
+        interrupt.start()
+        with pytest.raises(KeyboardInterrupt):
+            conn.call(b"first\n")
+        assert conn.call(b"second\n") == b'"second"'
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        conn.close()
+        listener.close()
+    thread.join(5)
+    assert served == [b"first", b"second"]
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def test_a_forked_child_opens_its_own_connection(sock_path: Path) -> None:
