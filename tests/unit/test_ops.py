@@ -1,4 +1,4 @@
-"""vmpool.ops: the lease operations, applied to a record as the server or a file transaction does."""
+"""vmpool.ops: the lease operations, applied to a record as a server or a file transaction does."""
 
 from __future__ import annotations
 

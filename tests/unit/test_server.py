@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from vmpool import ops
+from vmpool import cli, ops
 from vmpool.backends.sim import SimBackend
 from vmpool.client import PoolClient
 from vmpool.config import Profile
@@ -22,6 +23,8 @@ from vmpool.controller import Controller, policy_for
 from vmpool.errors import BackendError, CheckoutTimeout, PoolUnavailable
 from vmpool.ownership import ProcessRef, current_process
 from vmpool.state import Holder, JsonStateDir, MachineState, Request
+from vmpool.transport import LocalTransport
+from vmpool.writeback import WriteBackStore
 
 Start = Callable[..., Controller]
 
@@ -298,3 +301,121 @@ def test_a_worker_never_writes_the_pool_file_while_its_controller_lives(
         client.checkout(1, timeout=0.05)  # leaves the line through the server
     assert client.checkin(both) == {n: "reuse" for n in both.names}
     assert not c.snapshot().queue
+
+
+# -- events, not polls ---------------------------------------------------------------------
+def test_a_waiting_checkout_is_answered_at_the_checkin_that_frees_a_machine(
+    start: Start,
+) -> None:
+    """The waiter sends one request and hears back within 20 ms of the check-in; nothing is
+    re-sent meanwhile (the server counts what it received)."""
+    c = start(size=1)
+    assert c.server is not None
+    holder, waiter = worker_client(c), worker_client(c)
+    delays = []
+    for _ in range(5):
+        lease = holder.checkout(1, timeout=5)
+        got: list[float] = []
+        thread = threading.Thread(target=_timed_checkout, args=(waiter, got))
+        before = dict(c.server.stats.requests)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not c.server._waiting:  # the waiter is in line
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        time.sleep(0.2)  # a poller would have re-sent its request many times by now
+        holder.checkin(lease)
+        freed = time.monotonic()
+        thread.join(10)
+        delays.append(got[0] - freed)
+        after = c.server.stats.requests
+        # the holder's check-in, the waiter's one check-out and its check-in, nothing else
+        assert after.get("checkout", 0) - before.get("checkout", 0) == 1
+        assert after.get("checkin", 0) - before.get("checkin", 0) == 2
+    assert sorted(delays)[2] < 0.02, delays
+
+
+def _timed_checkout(client: PoolClient, answered: list[float]) -> None:
+    lease = client.checkout(1, timeout=10)
+    answered.append(time.monotonic())
+    client.checkin(lease)
+
+
+_HOLD_UNTIL_KILLED = """
+import sys, time
+from pathlib import Path
+from vmpool.backends.sim import SimBackend
+from vmpool.client import PoolClient
+from vmpool.config import SimSettings
+from vmpool.leases import Policy
+from vmpool.state import JsonStateDir
+
+directory = JsonStateDir(Path(sys.argv[1]))
+client = PoolClient(
+    directory.store(sys.argv[2]), SimBackend(SimSettings(), directory.path),
+    Policy(checkin="reuse"), pre_ping=False, worker="gw9",
+)
+lease = client.checkout(1, test="t::killed", timeout=10)
+print(lease.names[0], flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_worker_killed_mid_lease_is_reclaimed_when_its_connection_closes(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # no liveness sweep meanwhile: only the closed connection can tell the server
+    monkeypatch.setattr("vmpool.controller._RECLAIM_EVERY", 3600.0)
+    c = start(size=1)
+    assert c.server is not None
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_UNTIL_KILLED, str(c.directory.path), c.pool_id],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        name = proc.stdout.readline().strip()
+        assert c.snapshot().machine(name).state is MachineState.LEASED
+        proc.kill()
+        killed = time.monotonic()
+        proc.wait(10)
+        while c.snapshot().stats.reclaimed == 0:
+            assert time.monotonic() - killed < 1.0, c.snapshot().machine(name)
+            time.sleep(0.005)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert c.server.stats.reclaimed_on_close == 1
+    # the failure policy applies (the test died in it): replaced, not handed on as it was
+    assert c.snapshot().find(name) is None or c.snapshot().machine(name).holder is None
+
+
+def test_status_shows_a_lease_made_a_moment_ago(
+    start: Start, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The file lags the live record by up to a write-back interval; status asks the server."""
+    c = start(size=1)
+    assert isinstance(c.store, WriteBackStore)
+    c.store.write_interval = 30.0  # the file would be 30 s behind
+    time.sleep(0.05)  # let the write-back of warm-up land first
+    client = worker_client(c)
+    lease = client.checkout(1, test="t::now", timeout=5)
+    made = time.monotonic()
+    assert cli.main(["status", "--json", "--state-dir", str(c.directory.path)]) == 0
+    asked = time.monotonic() - made
+    doc = json.loads(capsys.readouterr().out)
+    (machine,) = [m for p in doc["pools"] if p["id"] == c.pool_id for m in p["machines"]]
+    assert machine["state"] == "leased" and machine["test"] == "t::now", (asked, machine)
+    client.checkin(lease)
+
+
+def test_lease_flows_run_through_an_in_process_transport(start: Start) -> None:
+    c = start(size=1)
+    assert c.server is not None
+    client = PoolClient(c.store, c.backend, policy_for(c.profile, c.backend), pre_ping=False,
+                        transport=LocalTransport(c.server))
+    lease = client.checkout(1, timeout=5)
+    with pytest.raises(CheckoutTimeout, match="size 1, 1 leased"):
+        client.checkout(1, timeout=0.1)  # the server times the wait out
+    assert client.checkin(lease) == {lease.names[0]: "reuse"}
+    assert c.server.stats.requests["checkout"] == 2 and not c.snapshot().queue
