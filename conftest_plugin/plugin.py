@@ -116,7 +116,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"vmpool: {exc}") from None
     distributed = _xdist_workers(config) > 0
     worker: WorkerRole | None = None if distributed else WorkerRole(cfg, settings, "main")
-    signals = StopSignals(controller.session_file, controller.begin_closing)
+    signals = StopSignals(controller.session, controller.begin_closing)
     signals.install()
     config.pluginmanager.register(signals, PLUGIN_NAME + "-signals")
     config.pluginmanager.register(
@@ -213,9 +213,14 @@ class VmPoolSession:
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput["vmpool"] = self.settings.to_workerinput()
 
+    # tryfirst: the session channel listens before xdist starts the workers that use it
+    @pytest.hookimpl(tryfirst=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         if self.controller is not None:
-            self.controller.start()
+            try:
+                self.controller.start()
+            except StateError as exc:
+                raise pytest.UsageError(str(exc)) from None
 
     def pytest_itemcollected(self, item: pytest.Item) -> None:
         # Report early demand at the first pool test collected, so the slow one-off work

@@ -21,11 +21,10 @@ from vmpool.config import Config, Profile
 from vmpool.controller import Controller, Progress, policy_for
 from vmpool.errors import BackendError, PoolUnavailable, StateError, VmPoolError, describe
 from vmpool.ownership import current_process, new_session_id
-from vmpool.session import SessionFile
+from vmpool.session import SessionClient, SessionServer
 from vmpool.state import JsonStateDir, Pool, default_state_dir
 
 log = logging.getLogger(__name__)
-_POLL = 0.02
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,10 @@ class ControllerRole:
         self.cfg = cfg
         self.settings = settings
         self.directory = JsonStateDir(Path(settings.state_dir))
-        self.session_file = SessionFile(self.directory.path, settings.session)
+        self.session = SessionServer(
+            self.directory.path, settings.session, current_process(), self._demand_arrived
+        )
+        self._demand = threading.Event()
         self.controllers: dict[str, Controller] = {}
         self.progress: list[Progress] = []
         self._progress_lock = threading.Lock()
@@ -98,8 +100,7 @@ class ControllerRole:
 
     def start(self) -> None:
         """Watch for demand in the background; nothing is created until a test needs it."""
-        with self.session_file.update() as rec:
-            rec.owner = current_process()
+        self.session.start()
         self._thread = threading.Thread(target=self._watch, name="vmpool-demand", daemon=True)
         self._thread.start()
 
@@ -110,9 +111,16 @@ class ControllerRole:
             log.exception("vmpool: the controller's demand watcher failed")
             self._fail_all(exc)
 
+    def _demand_arrived(self) -> None:
+        self._demand.set()
+
     def _watch_demand(self) -> None:
         while not self._stop.is_set():
-            rec = self.session_file.read()
+            self._demand.wait()  # a worker reported what it collected, or the session stops
+            self._demand.clear()
+            if self._stop.is_set():
+                return
+            rec = self.session.read()
             if rec.usage_errors:
                 return
             for name in rec.demand:
@@ -125,13 +133,12 @@ class ControllerRole:
                     self._start_profile(name)  # the user traded the usage-error rule for speed
                 elif name not in self._backends:
                     self._prepare_profile(name)
-            self._stop.wait(_POLL)
 
     def _fail_all(self, exc: BaseException) -> None:
         """Record ``exc`` for every profile without a pool, so no worker waits for one."""
         text = describe(exc)
         try:
-            with self.session_file.update() as rec:
+            with self.session.update() as rec:
                 for name in set(rec.demand) | set(rec.early) | set(self.cfg.profiles):
                     if name not in rec.pools:
                         rec.errors.setdefault(name, text)
@@ -172,7 +179,7 @@ class ControllerRole:
                 f"Run `vmpool doctor --backend {backend}` to check what this host lacks"
             )
         self.errors[name] = message
-        with self.session_file.update() as rec:
+        with self.session.update() as rec:
             rec.errors[name] = message
 
     def _start_profile(self, name: str) -> None:
@@ -195,7 +202,7 @@ class ControllerRole:
                     return
                 controller.start()
                 self.controllers[name] = controller
-            with self.session_file.update() as rec:
+            with self.session.update() as rec:
                 rec.pools[name] = controller.pool_id
         except Exception as exc:
             self._fail(name, exc)
@@ -221,7 +228,7 @@ class ControllerRole:
 
     def usage_errors(self) -> list[str]:
         with contextlib.suppress(StateError):
-            return self.session_file.read().usage_errors
+            return self.session.read().usage_errors
         return []
 
     def begin_closing(self) -> None:
@@ -229,6 +236,7 @@ class ControllerRole:
         Controller.begin_closing) before the workers are told to stop."""
         with self._lock:
             self._stop.set()  # and no new pool
+            self._demand.set()
             controllers = list(self.controllers.values())
         for controller in controllers:
             controller.begin_closing()
@@ -239,6 +247,7 @@ class ControllerRole:
         ``lease_budget`` maps a pool's teardown_timeout to how long to wait for its leases."""
         with self._lock:
             self._stop.set()
+            self._demand.set()
         if self._thread is not None:
             self._thread.join()
         outcomes = []
@@ -264,7 +273,7 @@ class ControllerRole:
                 self.reaped.append(
                     reaper.reap(self.directory, controller.backend, controller.settings.name_prefix)
                 )
-        self.session_file.remove()
+        self.session.stop()
         return outcomes
 
 
@@ -297,14 +306,13 @@ class WorkerRole:
         self.settings = settings
         self.worker_id = worker_id
         self.directory = JsonStateDir(Path(settings.state_dir))
-        self.session_file = SessionFile(self.directory.path, settings.session)
+        self.session = SessionClient(self.directory.path, settings.session)
         self._clients: dict[str, PoolClient] = {}
 
     def register(self) -> None:
         """Record this worker's process in the session, for the controller to signal it."""
         try:
-            with self.session_file.update() as rec:
-                rec.workers[self.worker_id] = current_process()
+            self.session.register(self.worker_id, current_process())
         except StateError as exc:  # then only xdist stops it, later; the tests can still run
             log.warning("vmpool: worker %s not recorded in the session: %s", self.worker_id, exc)
 
@@ -313,38 +321,16 @@ class WorkerRole:
     ) -> None:
         """Tell the controller what collection found: ``final=False`` while collecting (it
         prepares, makes nothing), ``final=True`` once the valid selection is known."""
-        with self.session_file.update() as rec:
-            if problems:
-                for p in problems:
-                    if p not in rec.usage_errors:
-                        rec.usage_errors.append(p)
-                return
-            target = rec.demand if final else rec.early
-            for name, count in needs.items():
-                target[name] = max(target.get(name, 0), count)
+        self.session.report(needs, problems, final=final)
 
     def client(self, profile_name: str, timeout: float) -> PoolClient:
         if profile_name in self._clients:
             return self._clients[profile_name]
-        deadline = time.monotonic() + timeout
-        while True:
-            rec = self.session_file.read()
-            if profile_name in rec.errors:
-                raise PoolUnavailable(
-                    f"vmpool: no pool for profile {profile_name!r}: {rec.errors[profile_name]}"
-                )
-            if profile_name in rec.pools:
-                break
-            if time.monotonic() >= deadline:
-                raise PoolUnavailable(
-                    f"vmpool: the controller did not create the {profile_name!r} pool within "
-                    f"{timeout:g}s (session {self.settings.session})"
-                )
-            time.sleep(_POLL)
-        store = self.directory.store(rec.pools[profile_name])
+        pool_id = self.session.wait_pool(profile_name, timeout)
+        store = self.directory.store(pool_id)
         pool = store.read()
         if pool is None:
-            raise PoolUnavailable(f"vmpool: pool {rec.pools[profile_name]} vanished")
+            raise PoolUnavailable(f"vmpool: pool {pool_id} vanished")
         profile = self.cfg.profile(profile_name)
         backend: Backend = make_backend(pool.backend, profile, self.directory.path)
         client = PoolClient(

@@ -26,7 +26,7 @@ import pytest
 
 from vmpool.errors import StateError
 from vmpool.ownership import is_alive
-from vmpool.session import SessionFile
+from vmpool.session import SessionServer
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ class SignalInterrupt(KeyboardInterrupt):
 class StopSignals:
     """The controller's handlers for STOP_SIGNALS, and the plugin that tells workers to stop."""
 
-    def __init__(self, session_file: SessionFile, on_stop: Callable[[], None]) -> None:
+    def __init__(self, session: SessionServer, on_stop: Callable[[], None]) -> None:
         """``on_stop`` runs once a signal stopped the tests, before the workers are told."""
-        self.session_file = session_file
+        self.session = session
         self.on_stop = on_stop
         #: the first stop signal received, and when (time.monotonic())
         self.received: int | None = None
@@ -116,7 +116,7 @@ class StopSignals:
 
     def _interrupt_workers(self) -> None:
         try:
-            workers = self.session_file.read().workers
+            workers = self.session.read().workers
         except StateError as exc:
             log.warning("vmpool: cannot tell the workers to stop: %s", exc)
             return

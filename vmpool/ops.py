@@ -103,9 +103,15 @@ class CheckoutStep(BaseModel):
             leases.return_unused(pool, leases.cancel(pool, self.request.id), self.request.holder)
             return None, problem
         joining = self.join and not any(r.id == self.request.id for r in pool.queue)
+        if joining and leases.nobody_waits(pool):
+            # nobody ahead: served at once, or it joins the line
+            granted = leases.grant(pool, self.request, self.now)
+            if granted is not None:
+                return granted, None
         if joining:
-            # a copy: the record must not share the op's mutable parts
-            leases.enqueue(pool, self.request.model_copy(deep=True), front=self.front)
+            # a copy: the record must not share the op's mutable parts (the holder is frozen)
+            request = self.request.model_copy(update={"granted": []})
+            leases.enqueue(pool, request, front=self.front)
         leases.serve_queue(pool, self.now)
         try:
             names = leases.take_grant(pool, self.request.id)

@@ -14,7 +14,7 @@ from vmpool.backends.base import MachineSpec
 from vmpool.backends.sim import SimBackend
 from vmpool.ownership import ProcessRef, current_process, owner_labels
 from vmpool.reaper import LITTER_AGE, ReapReport, reap, sweep_litter
-from vmpool.session import SessionFile
+from vmpool.session import SessionFile, SessionRecord
 from vmpool.state import Holder, JsonStateDir, Machine, MachineState, Pool
 
 
@@ -204,10 +204,8 @@ def test_gc_sweeps_litter_of_dead_sessions_but_not_of_live_ones(
     live_server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     live_server.bind(str(d.path / "live-pool.sock"))
     live_server.listen(1)
-    with SessionFile(d.path, "deadsn").update() as rec:
-        rec.owner = dead_process
-    with SessionFile(d.path, "livesn").update() as rec:
-        rec.owner = current_process()
+    SessionFile(d.path, "deadsn").write(SessionRecord(session="deadsn", owner=dead_process))
+    SessionFile(d.path, "livesn").write(SessionRecord(session="livesn", owner=current_process()))
 
     dry = ReapReport()
     sweep_litter(d, dry, dry_run=True)
@@ -217,4 +215,4 @@ def test_gc_sweeps_litter_of_dead_sessions_but_not_of_live_ones(
     assert sorted(report.files_removed) == sorted(dry.files_removed)
     left = sorted(p.name for p in d.path.iterdir())
     live_server.close()
-    assert left == ["fresh-pool.lock", "live-pool.sock", "livesn.session", "livesn.session.lock"]
+    assert left == ["fresh-pool.lock", "live-pool.sock", "livesn.session"]
