@@ -89,13 +89,14 @@ def enqueue(pool: Pool, request: Request, *, front: bool = False) -> None:
 def _free(pool: Pool, fresh: bool) -> list[Machine]:
     # a stale machine (made under another config, e.g. in an adopted pool) waits for plan()
     # to replace it: no test may run on it meanwhile
+    size, config_hash = pool.size, pool.config_hash
     return [
         m
         for m in pool.machines
-        if m.state is MachineState.READY
-        and m.holder is None
-        and m.slot < pool.size
-        and m.config_hash == pool.config_hash
+        if m.holder is None
+        and m.state is MachineState.READY
+        and m.slot < size
+        and m.config_hash == config_hash
         and (not fresh or m.uses_since_reset == 0)
     ]
 
