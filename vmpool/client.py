@@ -438,13 +438,11 @@ class PoolClient:
         """
         # what this process keeps open to a machine (qemu's guest-agent connection) would
         # block its next holder
-        release = getattr(self.backend, "release", None)
-        if release is not None:
-            for name in lease.names:
-                try:
-                    release(name)
-                except VmPoolError as exc:
-                    log.warning("releasing %s: %s", name, exc)
+        for name in lease.names:
+            try:
+                self.backend.release(name)
+            except VmPoolError as exc:
+                log.warning("releasing %s: %s", name, exc)
         step = self._lines().checkin(
             names=lease.names,
             holder=lease.holder,

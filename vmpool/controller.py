@@ -499,11 +499,5 @@ class Controller:
             self._discard(name)
 
     def _destroy(self, final: Pool | None) -> None:
-        left = teardown.destroy(
-            self.backend,
-            self.store,
-            self.pool_id,
-            final,
-            parallelism=self.settings.warmup_parallelism,
-        )
+        left = teardown.destroy(self.backend, self.store, self.pool_id, final)
         self.left_machines, self.left_network = left.machines, left.network

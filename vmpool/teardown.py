@@ -7,7 +7,6 @@ What cannot be deleted stays in the record (its owner dead once the session exit
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -32,12 +31,12 @@ class Leftovers:
 
 
 def destroy(
-    backend: Backend, store: JsonStore, pool_id: str, final: Pool | None, *, parallelism: int
+    backend: Backend, store: JsonStore, pool_id: str, final: Pool | None
 ) -> Leftovers:
     """Delete every machine of ``pool_id`` (those in ``final``, its last record, and those the
     backend lists with its label), then its network and record; returns what is left."""
     names = {m.name for m in final.machines} if final else set()
-    failed = set(delete_all(backend, names | (_listed(backend, pool_id) or set()), parallelism))
+    failed = set(delete_all(backend, names | (_listed(backend, pool_id) or set())))
     # confirm with the backend: a machine it still lists whose deletion reported no error
     # (reported done and not done, or appeared after the listing) is deleted again; one
     # whose deletion failed is not retried (a hanging tool would make each retry as long).
@@ -53,7 +52,7 @@ def destroy(
             failed = left
             break
         log.warning("teardown: deleting %s again: still there", sorted(unexplained))
-        failed |= set(delete_all(backend, unexplained, parallelism))
+        failed |= set(delete_all(backend, unexplained))
     leftovers = Leftovers(machines=sorted(failed))
     # without a readable record, the network is found by the name it was made with
     network = final.network if final else pool_network(backend, pool_id)
@@ -72,28 +71,18 @@ def destroy(
     return leftovers
 
 
-def delete_all(backend: Backend, names: set[str], parallelism: int) -> list[str]:
-    """Delete ``names`` (in one batch where the backend can); returns those that failed."""
-    failed = []
-    delete_many = getattr(backend, "delete_many", None)
-    if delete_many is not None and names:
-        # one tool process for the whole pool, where the backend can (podman, docker)
-        try:
-            errors: dict[str, str] = delete_many(sorted(names))
-        except VmPoolError as exc:
-            errors = dict.fromkeys(names, str(exc))
-        for name, error in sorted(errors.items()):
-            failed.append(name)
-            log.error("teardown: could not delete %s: %s", name, error)
-    elif names:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(parallelism, 1)) as ex:
-            for name, fut in [(n, ex.submit(backend.delete, n)) for n in sorted(names)]:
-                try:
-                    fut.result()
-                except VmPoolError as exc:
-                    failed.append(name)
-                    log.error("teardown: could not delete %s: %s", name, exc)
-    return failed
+def delete_all(backend: Backend, names: set[str]) -> list[str]:
+    """Delete ``names`` in one batch (one tool process for them all where the backend can:
+    podman, docker); returns those that failed."""
+    if not names:
+        return []
+    try:
+        errors = backend.delete_many(sorted(names))
+    except VmPoolError as exc:
+        errors = dict.fromkeys(names, str(exc))
+    for name, error in sorted(errors.items()):
+        log.error("teardown: could not delete %s: %s", name, error)
+    return sorted(errors)
 
 
 def _listed(backend: Backend, pool_id: str) -> set[str] | None:
