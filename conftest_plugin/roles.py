@@ -159,9 +159,7 @@ class ControllerRole:
             backend.check()
             with contextlib.suppress(VmPoolError):
                 self.reaped.append(reaper.reap(self.directory, backend, profile.pool.name_prefix))
-            prepare = getattr(backend, "prepare", None)
-            if prepare is not None:
-                prepare(networked=profile.pool.network and backend.capabilities.network)
+            backend.prepare(networked=profile.pool.network and backend.capabilities.network)
         except Exception as exc:  # an OSError too: the workers must hear of it, not wait
             self._fail(name, exc)
             return None

@@ -395,13 +395,11 @@ class PoolClient:
         """
         # what this process keeps open to a machine (qemu's guest-agent connection) would
         # block its next holder
-        release = getattr(self.backend, "release", None)
-        if release is not None:
-            for name in lease.names:
-                try:
-                    release(name)
-                except VmPoolError as exc:
-                    log.warning("releasing %s: %s", name, exc)
+        for name in lease.names:
+            try:
+                self.backend.release(name)
+            except VmPoolError as exc:
+                log.warning("releasing %s: %s", name, exc)
         reply = self.transport.run(ops.CheckinStep(
             names=lease.names,
             holder=lease.holder,

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from vmpool.config_errors import ErrorText
 from vmpool.errors import ConfigError
 
 Policy = Literal["reuse", "reset", "replace"]
@@ -290,6 +291,8 @@ class ConfigFile(_Strict):
 DEFAULT_PROFILE = "default"
 #: the tables besides [pool] that a profile may override
 _BACKEND_TABLES = ("sim", "podman", "qemu", "orbstack", "image")
+#: what a validation error says, in the file's terms
+_ERRORS = ErrorText(PoolSettings, _BACKEND_TABLES)
 #: Environment variables for pool keys: VMPOOL_<KEY>.
 ENV_PREFIX = "VMPOOL_"
 
@@ -404,7 +407,7 @@ def load(
     try:
         top = ConfigFile.model_validate(raw)
     except ValidationError as exc:
-        problems.extend(_format_errors(exc, source, (), origins, ConfigFile))
+        problems.extend(_ERRORS.format(exc, source, (), origins, ConfigFile))
         raise ConfigError(problems) from None
 
     profiles: dict[str, Profile] = {}
@@ -434,88 +437,11 @@ def load(
             profiles[name] = Profile.model_validate(merged)
         except ValidationError as exc:
             problems.extend(
-                _format_errors(exc, source, ("profiles", name), origins, Profile, flat_pool=True)
+                _ERRORS.format(exc, source, ("profiles", name), origins, Profile, flat_pool=True)
             )
     if problems:
         raise ConfigError(problems)
     return Config(profiles=profiles, source=source, origins=origins)
-
-
-def _format_errors(
-    exc: ValidationError,
-    source: str,
-    prefix: tuple[str, ...],
-    origins: Mapping[tuple[str, ...], str],
-    model: type[BaseModel],
-    *,
-    flat_pool: bool = False,
-) -> list[str]:
-    lines = []
-    for err in exc.errors():
-        loc = tuple(str(p) for p in err["loc"])
-        known = None
-        if flat_pool and loc[:1] == ("pool",):
-            loc = loc[1:]  # profile tables hold pool keys directly
-            # so a misspelt key there is near a pool key or a backend table, not a Profile field
-            known = [*PoolSettings.model_fields, *_BACKEND_TABLES]
-        origin = origins.get(loc) if not prefix else None
-        where = origin if origin else f"{source}: {'.'.join(prefix + loc)}"
-        lines.append(f"{where}: {_describe(err, loc, model, known)}")
-    return lines
-
-
-def _describe(
-    err: Any, loc: tuple[str, ...], model: type[BaseModel], known: list[str] | None = None
-) -> str:
-    kind = err["type"]
-    ctx = err.get("ctx") or {}
-    got = err.get("input")
-    if kind == "extra_forbidden":
-        if known is None:
-            known = _known_keys(model, loc[:-1])
-        hint = difflib.get_close_matches(loc[-1], known, n=1)
-        did = f" (did you mean {hint[0]!r}?)" if hint else ""
-        return f"unknown key{did}"
-    messages = {
-        "greater_than_equal": "must be >= {ge}",
-        "greater_than": "must be > {gt}",
-        "less_than_equal": "must be <= {le}",
-        "less_than": "must be < {lt}",
-        "int_parsing": "must be an integer",
-        "int_type": "must be an integer",
-        "int_from_float": "must be a whole number",
-        "float_parsing": "must be a number",
-        "float_type": "must be a number",
-        "bool_parsing": "must be true or false",
-        "bool_type": "must be true or false",
-        "string_type": "must be a string",
-        "string_pattern_mismatch": "must match {pattern}",
-        "literal_error": "must be one of {expected}",
-        "list_type": "must be a list",
-        "dict_type": "must be a table",
-        "model_type": "must be a table",
-        "model_attributes_type": "must be a table",
-    }
-    template = messages.get(kind)
-    if kind == "value_error":
-        # our own validators say what was wrong; the input may be a whole table
-        return str(ctx.get("error", err["msg"]))
-    text = template.format(**ctx) if template else str(err["msg"])
-    return f"{text}, got {got!r}" if kind != "missing" else text
-
-
-def _known_keys(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
-    current: Any = model
-    for part in loc:
-        fields = getattr(current, "model_fields", {})
-        if part in fields:
-            current = fields[part].annotation
-        else:
-            current = PoolSettings if part not in _BACKEND_TABLES else None
-    fields = getattr(current, "model_fields", None)
-    if fields is None and loc and loc[0] == "profiles":
-        return [*PoolSettings.model_fields, *_BACKEND_TABLES]
-    return list(fields or [])
 
 
 def json_schema() -> dict[str, Any]:

@@ -16,12 +16,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vmpool import doctor, leases
+from vmpool import adoption, doctor, leases, teardown
 from vmpool.backends.base import Backend, MachineSpec
 from vmpool.client import reset_machine
 from vmpool.config import Profile
 from vmpool.errors import (
-    PoolGone,
     PoolUnavailable,
     ReadyTimeout,
     StateError,
@@ -36,11 +35,9 @@ from vmpool.ownership import (
     network_name,
     owner_labels,
     pool_id,
-    pool_machines,
-    pool_network,
 )
 from vmpool.server import LeaseServer
-from vmpool.state import JsonStateDir, JsonStore, MachineState, Pool, Stats
+from vmpool.state import JsonStateDir, MachineState, Pool
 from vmpool.transport import FileTransport
 from vmpool.writeback import WriteBackStore
 
@@ -49,8 +46,6 @@ log = logging.getLogger(__name__)
 _TICK = 0.05
 _IDLE_TICK = 0.25
 _RECLAIM_EVERY = 0.5
-#: teardown deletes what the backend still lists of the pool up to this many more times
-_TEARDOWN_ROUNDS = 3
 #: wait_ready is called in slices this long so a teardown can interrupt warm-up
 _READY_SLICE = 2.0
 
@@ -180,47 +175,22 @@ class Controller:
 
     def _adopt(self) -> Pool | None:
         """Take over a kept, idle pool of the same prefix, profile and backend."""
-        for candidate in self.directory.pool_ids():
-            store = self.directory.store(candidate)
-            try:
-                seen = store.read()
-            except StateError as exc:
-                log.warning("skipping unreadable pool file: %s", exc)
-                continue
-            if seen is None or not self._adoptable(seen):
-                continue
-            try:
-                adopted = self._take_over(store)
-            except PoolGone:  # `vmpool down` removed it since it was read: not adoptable
-                continue
-            if adopted is None:
-                continue
-            self.pool_id = candidate
-            self.store = store
-            self.session = adopted.session
-            self.adopted_from = candidate
-            log.info("adopted kept pool %s", candidate)
-            return adopted
-        return None
-
-    def _take_over(self, store: JsonStore) -> Pool | None:
-        """Make this session the owner of ``store``'s pool if it is still adoptable."""
-        with store.transaction() as pool:
-            if not self._adoptable(pool):
-                return None
-            pool.owner = self.me
-            pool.keep = False
-            pool.closing = False
-            pool.size = self.size
-            pool.queue = []
-            pool.config_hash = self.config_hash  # stale machines are replaced by plan()
-            # the stats are this session's (the end-of-run summary), not the pool's history
-            usable = any(
-                m.state is MachineState.READY and m.config_hash == self.config_hash
-                for m in pool.machines
-            )
-            pool.stats = Stats(first_ready_at=self.clock() if usable else None)
-            return pool.model_copy(deep=True)
+        adopter = adoption.Adopter(
+            backend=self.backend.name,
+            profile=self.profile.name,
+            name_prefix=self.settings.name_prefix,
+            me=self.me,
+            size=self.size,
+            config_hash=self.config_hash,
+            clock=self.clock,
+        )
+        found = adoption.adopt(self.directory, adopter)
+        if found is None:
+            return None
+        self.store, adopted = found
+        self.pool_id = self.adopted_from = self.store.pool_id
+        self.session = adopted.session
+        return adopted
 
     def _alive(self, ref: ProcessRef) -> bool:
         """Whether a holder lives: one connected to the lease server does (its connection
@@ -229,16 +199,6 @@ class Controller:
         if server is not None and any(ref.same_process(h) for h in server.connected):
             return True
         return is_alive(ref)
-
-    def _adoptable(self, pool: Pool) -> bool:
-        return (
-            pool.keep
-            and not pool.closing  # `vmpool down` has it
-            and (pool.owner is None or not is_alive(pool.owner))
-            and pool.backend == self.backend.name
-            and pool.profile == self.profile.name
-            and pool.name_prefix == self.settings.name_prefix
-        )
 
     def wait_until_ready(self, count: int, timeout: float) -> Pool:
         """Block until ``count`` machines are ready (for `vmpool up` and tests)."""
@@ -547,71 +507,6 @@ class Controller:
         for name in doomed:
             self._discard(name)
 
-    def _ours_listed(self) -> set[str] | None:
-        """This pool's machines as the backend lists them (by the pool label); None when the
-        backend cannot list them."""
-        try:
-            return pool_machines(self.backend, self.pool_id)
-        except VmPoolError as exc:
-            log.warning("teardown: could not list machines: %s", exc)
-            return None
-
-    def _delete_all(self, names: set[str]) -> list[str]:
-        """Delete ``names`` (in one batch where the backend can); returns those that failed."""
-        failed = []
-        delete_many = getattr(self.backend, "delete_many", None)
-        if delete_many is not None and names:
-            # one tool process for the whole pool, where the backend can (podman, docker)
-            try:
-                errors: dict[str, str] = delete_many(sorted(names))
-            except VmPoolError as exc:
-                errors = dict.fromkeys(names, str(exc))
-            for name, error in sorted(errors.items()):
-                failed.append(name)
-                log.error("teardown: could not delete %s: %s", name, error)
-        elif names:
-            with concurrent.futures.ThreadPoolExecutor(
-                max_workers=max(self.settings.warmup_parallelism, 1)
-            ) as ex:
-                for name, fut in [(n, ex.submit(self.backend.delete, n)) for n in sorted(names)]:
-                    try:
-                        fut.result()
-                    except VmPoolError as exc:
-                        failed.append(name)
-                        log.error("teardown: could not delete %s: %s", name, exc)
-        return failed
-
     def _destroy(self, final: Pool | None) -> None:
-        names = {m.name for m in final.machines} if final else set()
-        failed = set(self._delete_all(names | (self._ours_listed() or set())))
-        # confirm with the backend: a machine it still lists whose deletion reported no error
-        # (reported done and not done, or appeared after the listing) is deleted again; one
-        # whose deletion failed is not retried (a hanging tool would make each retry as long).
-        # What is still there at the end stays in the record for `vmpool gc`.
-        for attempt in range(_TEARDOWN_ROUNDS + 1):
-            left = self._ours_listed()
-            if left is None:  # cannot tell: trust what the deletions said
-                break
-            unexplained = left - failed
-            if not unexplained or attempt == _TEARDOWN_ROUNDS:
-                for name in sorted(unexplained):
-                    log.error("teardown: %s is still there after %d deletions", name, attempt + 1)
-                failed = left
-                break
-            log.warning("teardown: deleting %s again: still there", sorted(unexplained))
-            failed |= set(self._delete_all(unexplained))
-        # without a readable record, the network is found by the name it was made with
-        network = final.network if final else pool_network(self.backend, self.pool_id)
-        if network:
-            try:
-                self.backend.delete_network(network)
-            except VmPoolError as exc:
-                log.error("teardown: could not delete network %s: %s", network, exc)
-                self.left_network = network
-        self.left_machines = sorted(failed)
-        if failed:
-            # keep the record (owner dead after we exit) so `vmpool gc` can finish the job
-            with contextlib.suppress(StateError), self.store.transaction() as pool:
-                pool.machines = [m for m in pool.machines if m.name in failed]
-            return
-        self.store.remove()
+        left = teardown.destroy(self.backend, self.store, self.pool_id, final)
+        self.left_machines, self.left_network = left.machines, left.network

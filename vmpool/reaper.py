@@ -94,11 +94,10 @@ def reap(
 
     errors = len(report.errors)
     listed = _listed(report, f"{backend.name} machines", backend.list, prefix + "-")
-    forget = getattr(backend, "forget_missing", None)
-    if forget is not None and len(report.errors) == errors:
+    if len(report.errors) == errors:
         # what a backend keeps beside machines removed outside vmpool (podman: recipes, agent
         # directories); only when the listing worked, or every machine would look removed
-        report.files_removed += forget(
+        report.files_removed += backend.forget_missing(
             prefix + "-", {i.name for i in listed}, older_than=LITTER_AGE, dry_run=dry_run
         )
     for info in listed:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import builtins
+import concurrent.futures
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -158,6 +159,71 @@ class Backend(Protocol):
 
     def ssh(self, name: str) -> SshAccess | None:
         """How to log in to the machine by ssh, or None when it has no ssh endpoint."""
+
+    # -- hooks: BackendBase gives each a default; callers call them, never probe for them ----
+    def prepare(self, *, networked: bool) -> None:
+        """Do the slow one-off work before any machine is asked for (the plugin calls this
+        while tests are collected); ``networked``: the pool's machines share a network."""
+
+    def release(self, name: str) -> None:
+        """Let go of what this process keeps open to ``name`` (called at check-in), so that
+        the machine's next holder, in another process, can use it."""
+
+    def delete_many(self, names: Iterable[str]) -> dict[str, str]:
+        """``delete()`` each of ``names``; returns ``{name: error}`` for those that failed."""
+
+    def forget_missing(
+        self, prefix: str, existing: set[str], *, older_than: float, dry_run: bool = False
+    ) -> builtins.list[str]:
+        """Remove what the backend keeps beside machines named ``prefix…`` that are not in
+        ``existing`` (removed outside vmpool), once untouched for ``older_than`` seconds;
+        returns what went (with ``dry_run``, what would)."""
+
+
+class BackendBase:
+    """The base of every backend: the optional hooks of Backend, each with its default.
+
+    A backend overrides the hooks its tool needs (qemu: prepare, release; podman:
+    delete_many, forget_missing), as pytest-xdist's schedulers implement its scheduler
+    protocol; callers call every hook unconditionally.
+    """
+
+    #: machines the default delete_many deletes at once (the default warmup_parallelism)
+    delete_parallelism = 4
+
+    def delete(self, name: str) -> None:
+        """Destroy the machine (see Backend.delete); every backend implements it."""
+        raise NotImplementedError
+
+    def prepare(self, *, networked: bool) -> None:
+        """Nothing to prepare."""
+
+    def release(self, name: str) -> None:
+        """Nothing is kept open to a machine."""
+
+    def delete_many(self, names: Iterable[str]) -> dict[str, str]:
+        """``delete()`` each (``delete_parallelism`` at once); a BackendError is collected
+        as the machine's error, anything else propagates."""
+        errors: dict[str, str] = {}
+        names = sorted(set(names))
+        if not names:
+            return errors
+        with concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(self.delete_parallelism, len(names)),
+            thread_name_prefix="vmpool-delete",
+        ) as ex:
+            for name, fut in [(n, ex.submit(self.delete, n)) for n in names]:
+                try:
+                    fut.result()
+                except VmPoolError as exc:
+                    errors[name] = str(exc)
+        return errors
+
+    def forget_missing(
+        self, prefix: str, existing: set[str], *, older_than: float, dry_run: bool = False
+    ) -> builtins.list[str]:
+        """Nothing is kept beside machines."""
+        return []
 
 
 def probe_until(

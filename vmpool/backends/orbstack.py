@@ -36,6 +36,7 @@ from vmpool._files import atomic_write, private_dir
 from vmpool._proc import ProcResult, run
 from vmpool.backends.base import (
     NAME_RE,
+    BackendBase,
     Capabilities,
     ExecResult,
     MachineInfo,
@@ -149,7 +150,7 @@ def parse_info_address(text: str) -> str | None:
     return ip4
 
 
-class OrbstackBackend:
+class OrbstackBackend(BackendBase):
     """OrbStack Linux machines via ``orbctl``; labels live in ownership records."""
 
     name = "orbstack"

@@ -39,6 +39,7 @@ from vmpool import _proc
 from vmpool._files import atomic_write, private_dir
 from vmpool.backends import debian_image, podman_isolation
 from vmpool.backends.base import (
+    BackendBase,
     Capabilities,
     ExecResult,
     MachineInfo,
@@ -156,7 +157,7 @@ class _Record:
     ip: str | None = None
 
 
-class PodmanBackend:
+class PodmanBackend(BackendBase):
     """Containers as machines, driven through the ``podman`` (or ``docker``) command line."""
 
     capabilities = Capabilities(reset=True, labels=True, network=True)

@@ -53,6 +53,7 @@ from vmpool._files import (
 )
 from vmpool.backends import qemu_net
 from vmpool.backends.base import (
+    BackendBase,
     Capabilities,
     ExecResult,
     MachineInfo,
@@ -188,7 +189,7 @@ class _Template:
     stamp: str
 
 
-class QemuBackend:
+class QemuBackend(BackendBase):
     """Machines are qemu-system-x86_64 processes booting the vmpool guest image."""
 
     name = "qemu"

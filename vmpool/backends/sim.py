@@ -22,6 +22,7 @@ import portalocker
 from vmpool import _proc
 from vmpool._files import DIR_MODE, FILE_MODE, atomic_write, private_dir, private_opener
 from vmpool.backends.base import (
+    BackendBase,
     Capabilities,
     ExecResult,
     MachineInfo,
@@ -34,7 +35,7 @@ from vmpool.config import SimSettings
 from vmpool.errors import BackendError
 
 
-class SimBackend:
+class SimBackend(BackendBase):
     name = "sim"
     capabilities = Capabilities(reset=True, labels=True, network=True)
 
