@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vmpool import adoption, doctor, leases, teardown
+from vmpool import adoption, doctor, leases, teardown, upkeep
 from vmpool.backends.base import Backend, MachineSpec
 from vmpool.client import reset_machine
 from vmpool.config import Profile
@@ -266,7 +266,7 @@ class Controller:
                     log.warning("reclaimed machines of dead processes: %s", reclaimed)
                 self._last_reclaim = now
             leases.serve_queue(pool, now)
-            work = leases.plan(
+            work = upkeep.plan(
                 pool,
                 self.policy,
                 self.me,
@@ -290,7 +290,7 @@ class Controller:
             executor.submit(self._do, item, slots.get(item.name, 0), network)
         return busy or bool(work)
 
-    def _do(self, item: leases.Work, slot: int, network: str | None) -> None:
+    def _do(self, item: upkeep.Work, slot: int, network: str | None) -> None:
         try:
             if item.kind == "create":
                 self._create(item.name, slot, network)
@@ -333,7 +333,7 @@ class Controller:
             self._record_failure(name, exc)
             return
         with self.store.transaction() as pool:
-            leases.record_ready(pool, name, address, self.clock())
+            upkeep.record_ready(pool, name, address, self.clock())
             snap = pool.model_copy(deep=True)
         self._report(snap, f"{name} ready")
 
@@ -354,10 +354,10 @@ class Controller:
         with self.store.transaction() as pool:
             failure = pool.failures.get(next((m.slot for m in pool.machines if m.name == name), -1))
             attempt = (failure.attempts if failure else 0) + 1
-            delay = leases.backoff_delay(
+            delay = upkeep.backoff_delay(
                 attempt, self.settings.backoff, self.settings.backoff_max, self.rng
             )
-            broken = leases.record_create_failure(
+            broken = upkeep.record_create_failure(
                 pool,
                 name,
                 f"{type(exc).__name__}: {doctor.explain(str(exc))}",
@@ -381,7 +381,7 @@ class Controller:
             log.warning("could not delete %s: %s", name, exc)
         if not keep_record:
             with contextlib.suppress(StateError), self.store.transaction() as pool:
-                leases.record_deleted(pool, name, replaced=False)
+                upkeep.record_deleted(pool, name, replaced=False)
 
     def _reset(self, name: str) -> None:
         reset_machine(FileTransport(self.store), self.backend, name, self.clock)
@@ -393,7 +393,7 @@ class Controller:
             log.warning("could not delete %s (will retry at teardown): %s", name, exc)
             return
         with self.store.transaction() as pool:
-            leases.record_deleted(pool, name, replaced=replaced)
+            upkeep.record_deleted(pool, name, replaced=replaced)
 
     def _set_state(self, name: str, state: MachineState) -> None:
         with self.store.transaction() as pool:

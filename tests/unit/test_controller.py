@@ -713,7 +713,7 @@ def test_maintainer_survives_an_oserror_and_fails_waiting_checkouts_with_it(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr("vmpool.controller.leases.plan", broken)
+    monkeypatch.setattr("vmpool.controller.upkeep.plan", broken)
     started = time.monotonic()
     with pytest.raises(PoolUnavailable, match="OSError: \\[Errno 24\\] Too many open files"):
         client.checkout(1, test="test_waits", timeout=30)

@@ -11,7 +11,7 @@ import psutil
 import pytest
 from _procs import process_ref
 
-from vmpool import leases
+from vmpool import leases, upkeep
 from vmpool.ownership import ProcessRef, is_alive
 from vmpool.state import Holder, Machine, MachineState, Pool, Request
 
@@ -105,8 +105,8 @@ def state_of(pool: Pool, name: str) -> MachineState:
 
 def plan(
     pool: Pool, policy: leases.Policy | None = None, capacity: int = 10, now: float = NOW
-) -> list[leases.Work]:
-    return leases.plan(
+) -> list[upkeep.Work]:
+    return upkeep.plan(
         pool,
         policy or leases.Policy(),
         CONTROLLER,
@@ -224,7 +224,7 @@ def test_plan_resets_a_used_machine_for_a_fresh_request_at_the_head() -> None:
     pool = make_pool(size=1)
     pool.machine("m0").uses_since_reset = 2
     request(pool, pid=10, fresh=True)
-    assert plan(pool) == [leases.Work("reset", "m0")]
+    assert plan(pool) == [upkeep.Work("reset", "m0")]
     assert state_of(pool, "m0") is MachineState.RESETTING
     assert pool.machine("m0").actor == CONTROLLER
 
@@ -234,8 +234,8 @@ def test_plan_replaces_a_used_machine_for_a_fresh_request_without_reset_capabili
     pool.machine("m0").uses_since_reset = 2
     request(pool, pid=10, fresh=True)
     assert plan(pool, leases.Policy(can_reset=False)) == [
-        leases.Work("replace", "m0"),
-        leases.Work("create", "m1"),
+        upkeep.Work("replace", "m0"),
+        upkeep.Work("create", "m1"),
     ]
     assert state_of(pool, "m0") is MachineState.REPLACING
 
@@ -312,7 +312,7 @@ def test_replacement_is_created_while_the_old_machine_is_deleted() -> None:
     pool = make_pool(size=1)
     [name] = checkout(pool, pid=10)
     checkin(pool, [name], pid=10, failed=True)
-    assert plan(pool) == [leases.Work("replace", name), leases.Work("create", "m1")]
+    assert plan(pool) == [upkeep.Work("replace", name), upkeep.Work("create", "m1")]
     assert pool.machine("m1").slot == pool.machine(name).slot
 
 
@@ -323,8 +323,8 @@ def test_deletions_have_a_budget_of_their_own_so_successors_are_not_held_back() 
         checkin(pool, [name], pid=pid, failed=True)
     shared = pool.model_copy(deep=True)
     # one slot of work shared: the first deletion takes it, both successors wait
-    assert plan(shared, capacity=1) == [leases.Work("replace", names[0])]
-    work = leases.plan(
+    assert plan(shared, capacity=1) == [upkeep.Work("replace", names[0])]
+    work = upkeep.plan(
         pool,
         leases.Policy(),
         CONTROLLER,
@@ -333,7 +333,7 @@ def test_deletions_have_a_budget_of_their_own_so_successors_are_not_held_back() 
         delete_capacity=1,
         name_for=lambda serial: f"m{serial}",
     )
-    assert work == [leases.Work("replace", names[0]), leases.Work("create", "m2")]
+    assert work == [upkeep.Work("replace", names[0]), upkeep.Work("create", "m2")]
     assert pool.machine(names[1]).actor is None  # left, unclaimed, for the next round
 
 
@@ -371,7 +371,7 @@ def test_machine_is_replaced_at_checkin_after_max_age() -> None:
 def test_idle_machine_past_max_age_is_replaced_by_plan() -> None:
     pool = make_pool(size=1)
     work = plan(pool, leases.Policy(max_age=60), now=NOW + 50)
-    assert work == [leases.Work("replace", "m0"), leases.Work("create", "m1")]
+    assert work == [upkeep.Work("replace", "m0"), upkeep.Work("create", "m1")]
 
 
 def test_reset_without_reset_capability_becomes_replace() -> None:
@@ -449,7 +449,7 @@ def test_dead_holders_machine_is_never_simply_reused() -> None:
     leases.reclaim(pool, policy, lambda p: False, NOW)
     assert state_of(pool, name) is MachineState.RESETTING
     assert pool.machine(name).actor is None
-    assert plan(pool, policy) == [leases.Work("reset", name)]
+    assert plan(pool, policy) == [upkeep.Work("reset", name)]
 
 
 def test_lease_of_a_really_dead_process_is_reclaimed(dead_process: ProcessRef) -> None:
@@ -567,25 +567,25 @@ def test_timeout_error_summarises_the_pool_and_names_holders() -> None:
 def test_backoff_delay_doubles_with_jitter_and_is_capped(attempt: int) -> None:
     rng = random.Random(attempt)
     expected = min(10.0, 0.5 * 2 ** (attempt - 1))
-    delays = [leases.backoff_delay(attempt, 0.5, 10.0, rng) for _ in range(200)]
+    delays = [upkeep.backoff_delay(attempt, 0.5, 10.0, rng) for _ in range(200)]
     assert all(expected * 0.5 <= d <= expected for d in delays)
     assert max(delays) - min(delays) > 0  # jittered
 
 
 def test_backoff_delay_of_zero_base_is_zero() -> None:
-    assert leases.backoff_delay(3, 0.0, 10.0, random.Random(0)) == 0.0
+    assert upkeep.backoff_delay(3, 0.0, 10.0, random.Random(0)) == 0.0
 
 
 # -- planning ---------------------------------------------------------------------------------
 def test_plan_fills_empty_slots_up_to_capacity() -> None:
     pool = make_pool(size=3, ready_machines=0)
     work = plan(pool, capacity=2)
-    assert work == [leases.Work("create", "m0"), leases.Work("create", "m1")]
+    assert work == [upkeep.Work("create", "m0"), upkeep.Work("create", "m1")]
     assert [(m.slot, m.state, m.actor) for m in pool.machines] == [
         (0, MachineState.CREATING, CONTROLLER),
         (1, MachineState.CREATING, CONTROLLER),
     ]
-    assert plan(pool, capacity=2) == [leases.Work("create", "m2")]
+    assert plan(pool, capacity=2) == [upkeep.Work("create", "m2")]
     assert plan(pool) == []
     assert pool.next_serial == 3
 
@@ -600,7 +600,7 @@ def test_plan_retires_slots_beyond_size() -> None:
     pool = make_pool(size=3)
     pool.size = 1
     work = plan(pool)
-    assert work == [leases.Work("retire", "m1"), leases.Work("retire", "m2")]
+    assert work == [upkeep.Work("retire", "m1"), upkeep.Work("retire", "m2")]
     assert state_of(pool, "m0") is MachineState.READY
 
 
@@ -615,13 +615,13 @@ def test_plan_replaces_machines_of_a_stale_config() -> None:
     pool = make_pool(size=2)
     pool.config_hash = "h2"
     assert plan(pool) == [
-        leases.Work("replace", "m0"),
-        leases.Work("replace", "m1"),
-        leases.Work("create", "m2"),
-        leases.Work("create", "m3"),
+        upkeep.Work("replace", "m0"),
+        upkeep.Work("replace", "m1"),
+        upkeep.Work("create", "m2"),
+        upkeep.Work("create", "m3"),
     ]
-    leases.record_deleted(pool, "m0", replaced=True)
-    leases.record_deleted(pool, "m1", replaced=True)
+    upkeep.record_deleted(pool, "m0", replaced=True)
+    upkeep.record_deleted(pool, "m1", replaced=True)
     assert {m.config_hash for m in pool.machines} == {"h2"}
     assert pool.stats.replaced == 2
 
@@ -636,16 +636,16 @@ def test_plan_skips_machines_another_actor_is_working_on() -> None:
 def test_plan_waits_for_a_failed_slots_retry_time() -> None:
     pool = make_pool(size=1, ready_machines=0)
     [work] = plan(pool)
-    leases.record_create_failure(pool, work.name, "boom", retries=2, delay=5.0, now=NOW)
+    upkeep.record_create_failure(pool, work.name, "boom", retries=2, delay=5.0, now=NOW)
     assert plan(pool, now=NOW + 4.9) == []
-    assert plan(pool, now=NOW + 5.0) == [leases.Work("create", "m1")]
+    assert plan(pool, now=NOW + 5.0) == [upkeep.Work("create", "m1")]
 
 
 def test_record_ready_serves_waiters() -> None:
     pool = make_pool(size=1, ready_machines=0)
     rid = request(pool, pid=10)
     [work] = plan(pool)
-    leases.record_ready(pool, work.name, "10.0.0.1", NOW)
+    upkeep.record_ready(pool, work.name, "10.0.0.1", NOW)
     assert leases.take_grant(pool, rid) == [work.name]
     assert pool.machine(work.name).address == "10.0.0.1"
     assert pool.stats.created == 1 and pool.stats.first_ready_at == NOW
@@ -657,7 +657,7 @@ def test_create_failure_is_retried_then_the_slot_is_broken() -> None:
     for attempt in range(3):
         [work] = plan(pool, now=NOW + attempt)
         outcomes.append(
-            leases.record_create_failure(
+            upkeep.record_create_failure(
                 pool, work.name, f"boom {attempt}", retries=2, delay=0.0, now=NOW + attempt
             )
         )
@@ -673,9 +673,9 @@ def test_create_failure_is_retried_then_the_slot_is_broken() -> None:
 def test_success_clears_a_slots_failure_record() -> None:
     pool = make_pool(size=1, ready_machines=0)
     [work] = plan(pool)
-    leases.record_create_failure(pool, work.name, "boom", retries=2, delay=0.0, now=NOW)
+    upkeep.record_create_failure(pool, work.name, "boom", retries=2, delay=0.0, now=NOW)
     [work] = plan(pool)
-    leases.record_ready(pool, work.name, None, NOW)
+    upkeep.record_ready(pool, work.name, None, NOW)
     assert pool.failures == {}
 
 
@@ -712,8 +712,8 @@ def test_reset_goes_to_the_controller_when_a_spare_is_ready_and_nobody_waits() -
     assert checkin(pool, [name], 7) == {name: "reset"}
     m = pool.machine(name)
     assert m.state is MachineState.RESETTING and m.actor is None
-    work = leases.plan(pool, leases.Policy(), CONTROLLER, NOW, capacity=4, name_for=str)
-    assert leases.Work("reset", name) in work
+    work = upkeep.plan(pool, leases.Policy(), CONTROLLER, NOW, capacity=4, name_for=str)
+    assert upkeep.Work("reset", name) in work
 
 
 def test_reset_stays_with_the_holder_when_someone_waits() -> None:
