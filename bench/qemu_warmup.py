@@ -30,7 +30,7 @@ from typing import Any
 
 from vmpool.backends.base import MachineSpec
 from vmpool.backends.qemu import QemuBackend
-from vmpool.backends.qemu_image import build_image
+from vmpool.backends.qemu.image import build_image
 from vmpool.config import QemuSettings
 from vmpool.errors import VmPoolError
 

@@ -196,12 +196,12 @@ def _image(args: argparse.Namespace) -> int:
 
     if args.backend == "qemu":
         if args.distro == "debian":
-            from vmpool.backends import qemu_debian
+            from vmpool.backends.qemu import debian as qemu_debian
 
             print(qemu_debian.build_image(profile.qemu, packages=profile.image.packages,
                                           force=args.force, progress=progress))
             return EXIT_OK
-        from vmpool.backends.qemu_image import build_image
+        from vmpool.backends.qemu.image import build_image
 
         print(build_image(profile.qemu, force=args.force, progress=progress))
     else:

@@ -297,7 +297,7 @@ def _podman_network_check(profile: Profile, run_argv: list[str], image: str) -> 
 
 # -- qemu ----------------------------------------------------------------------------------
 def _qemu_checks(profile: Profile, state_dir: Path, *, live: bool) -> list[Check]:
-    from vmpool.backends import qemu_image
+    from vmpool.backends.qemu import image as qemu_image
 
     settings = profile.qemu
     out = _tool_checks("qemu", QEMU_TOOLS, binary=settings.binary)

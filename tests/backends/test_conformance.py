@@ -31,7 +31,7 @@ def _build_image(name: str) -> None:
 
         build_podman(profile.podman)
     elif name == "qemu":
-        from vmpool.backends.qemu_image import build_image as build_qemu
+        from vmpool.backends.qemu.image import build_image as build_qemu
 
         build_qemu(profile.qemu)
 

@@ -121,7 +121,7 @@ def test_succeed_copy_to_and_copy_from_on_a_qemu_guest(
     tmp_path: Path, handle: Callable[[Backend, str], VM]
 ) -> None:
     from vmpool.backends.qemu import QemuBackend
-    from vmpool.backends.qemu_image import build_image as build_qemu_image
+    from vmpool.backends.qemu.image import build_image as build_qemu_image
     from vmpool.config import QemuSettings
 
     settings = QemuSettings(warmup="boot")

@@ -24,10 +24,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from vmpool.backends import qemu as qemu_backend
 from vmpool.backends.base import Backend, MachineSpec
-from vmpool.backends.qemu import QemuBackend, _valid_template
-from vmpool.backends.qemu_image import MANIFEST_FILE, build_image, find_image
+from vmpool.backends.qemu import QemuBackend
+from vmpool.backends.qemu import agent as qemu_agent
+from vmpool.backends.qemu.image import MANIFEST_FILE, build_image, find_image
+from vmpool.backends.qemu.records import Record
+from vmpool.backends.qemu.template import valid_template
 from vmpool.config import QemuSettings
 from vmpool.errors import BackendError, BackendUnavailable, ExecTimeout
 from vmpool.reaper import reap
@@ -341,11 +343,11 @@ def test_a_guest_launch_restarts_a_hub_that_is_gone(tmp_path: Path) -> None:
         old = _hub(_network(backend, "vmpool-re-net"))
         old.kill()
         assert _wait_gone(old.pid)
-        launching = qemu_backend._Record(
+        launching = Record(
             name="vmpool-re-0", index=0, sock_dir=str(tmp_path), kernel="k", initrd="i",
             network="vmpool-re-net", hub=str(tmp_path / "recorded-at-create"),
         )
-        with backend._hub_held(launching):  # what every launch of a guest runs inside
+        with backend.networks.held(launching):  # what every launch of a guest runs inside
             record = _network(backend, "vmpool-re-net")
             assert _hub(record).pid != old.pid
         a, b = _guest(record), _guest(record)
@@ -581,13 +583,13 @@ def test_commands_share_one_agent_connection_until_release(
 ) -> None:
     backend.release(pair.a)
     opened: list[Path] = []
-    real_connect = qemu_backend._Agent.connect
+    real_connect = qemu_agent.Agent.connect
 
-    def connect(path: Path, deadline: float) -> qemu_backend._Agent:
+    def connect(path: Path, deadline: float) -> qemu_agent.Agent:
         opened.append(path)
         return real_connect(path, deadline)
 
-    monkeypatch.setattr(qemu_backend._Agent, "connect", connect)
+    monkeypatch.setattr(qemu_agent.Agent, "connect", connect)
     for i in range(4):
         assert backend.exec(pair.a, ["echo", str(i)], 30).stdout == f"{i}\n"
     assert len(opened) == 1
@@ -706,10 +708,10 @@ def _stream(body: bytes) -> bytes:
     return b"QEVM\x00\x00\x00\x03" + body + b"\x00\x06" + len(desc).to_bytes(4, "big") + desc
 
 
-def test_a_complete_migration_stream_is_a_valid_template(tmp_path: Path) -> None:
+def test_a_complete_migration_stream_is_avalid_template(tmp_path: Path) -> None:
     path = tmp_path / "t.state"
     path.write_bytes(_stream(b"\x05" * 1000))
-    assert _valid_template(path) is not None
+    assert valid_template(path) is not None
 
 
 @pytest.mark.parametrize(
@@ -725,8 +727,8 @@ def test_a_complete_migration_stream_is_a_valid_template(tmp_path: Path) -> None
 def test_an_incomplete_or_foreign_file_is_not_a_template(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "t.state"
     path.write_bytes(content)
-    assert _valid_template(path) is None
-    assert _valid_template(tmp_path / "missing.state") is None
+    assert valid_template(path) is None
+    assert valid_template(tmp_path / "missing.state") is None
 
 
 def _clone_settings(image_dir: Path) -> QemuSettings:
@@ -755,7 +757,7 @@ def test_templates_whose_inputs_changed_are_pruned(tmp_path: Path) -> None:
     (backend.template_dir / "gone.json").write_text(
         json.dumps({"files": {str(tmp_path / "deleted"): "1:1"}})
     )
-    backend._prune_templates(keep=backend.template_dir / "building.state")
+    backend.templates.prune(keep=backend.template_dir / "building.state")
     left = sorted(p.name for p in backend.template_dir.glob("*.state"))
     assert left == ["building.state", "live.state"]
 
@@ -797,7 +799,7 @@ def test_clones_are_restored_from_the_template_and_answer_exec(
     cloner: QemuBackend, clones: Pair
 ) -> None:
     template = cloner.template_path(networked=True)
-    assert _valid_template(template) is not None
+    assert valid_template(template) is not None
     for name in (clones.a, clones.b):
         record = _record(cloner, name)
         assert record["template"] == str(template) and record["clone_pending"] is False
@@ -912,7 +914,7 @@ def test_a_truncated_template_is_not_used_but_rebuilt(
     try:
         backend.start(name)
         backend.wait_ready(name, READY_TIMEOUT)
-        assert _valid_template(template) is not None  # rebuilt in place
+        assert valid_template(template) is not None  # rebuilt in place
         assert _record(backend, name)["template"] == str(template)
         assert backend.exec(name, ["hostname"], 30).stdout.strip() == name
     finally:
@@ -937,7 +939,7 @@ def test_a_template_qemu_cannot_load_is_dropped_and_the_machine_boots(
     good = bytearray(cloner.template_path(networked=True).read_bytes())
     good[8:4096] = b"\xee" * (4096 - 8)  # complete-looking, but no device section QEMU knows
     template.write_bytes(bytes(good))
-    assert _valid_template(template) is not None
+    assert valid_template(template) is not None
     network = _unique("vmpool-net")
     backend.create_network(network, {})
     name = _unique("vmpool-clone")
@@ -970,7 +972,7 @@ def test_a_failed_template_build_boots_the_machine(
         builds.append(args)
         raise BackendError("template guest did not answer")
 
-    monkeypatch.setattr(backend, "_build_template", broken)
+    monkeypatch.setattr(backend.templates, "_build", broken)
     first = _start_one(backend)
     try:
         second = _start_one(backend)

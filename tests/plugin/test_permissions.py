@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from vmpool.backends.qemu_image import build_image
+from vmpool.backends.qemu.image import build_image
 from vmpool.config import QemuSettings
 
 if TYPE_CHECKING:

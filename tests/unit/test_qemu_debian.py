@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from vmpool.backends import debian_image, qemu_debian
-from vmpool.backends.qemu_debian import QemuRecipe
+from vmpool.backends import debian_image
+from vmpool.backends.qemu import debian as qemu_debian
+from vmpool.backends.qemu.debian import QemuRecipe
 from vmpool.config import QemuSettings
 from vmpool.errors import BackendUnavailable
 

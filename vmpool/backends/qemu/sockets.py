@@ -1,12 +1,8 @@
-"""Host-side sockets of the QEMU backend: directories only we can use, and the network hub.
+"""Host-side socket directories of the QEMU backend: directories only we can use.
 
 A socket whose path would not fit in ``sun_path`` goes to a per-user fallback directory under
 the temporary directory (``/tmp/vmpool-<uid>/<hash>``); every level of it is checked to be a
 real directory of ours with mode 0700, never followed through a symlink.
-
-A pool network is a hub process (``_qemu_hub.py``) listening on a unix socket in such a
-directory; guests connect to it with ``-netdev stream``. Its pid and a token (also on its
-command line) are recorded in the network's record, so any process can find and stop exactly it.
 """
 
 from __future__ import annotations
@@ -14,22 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import sys
 import tempfile
 from pathlib import Path
 
-import psutil
-
-from vmpool import _proc
-from vmpool.backends import _qemu_hub
 from vmpool.errors import BackendError
 
 #: sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
-HUB_SOCK = "hub.sock"
-HUB_LOG = "hub.log"
-_HUB_START_TIMEOUT = 30.0
-_HUB_SCRIPT = str(Path(_qemu_hub.__file__).resolve())
 
 
 def private_dir(path: Path, *, repair: bool = False) -> Path:
@@ -104,47 +91,3 @@ def make_socket_dir(directory: Path, longest: str) -> Path:
 
 def _fallback_base() -> Path:
     return Path(tempfile.gettempdir()) / f"vmpool-{os.getuid()}"
-
-
-# --- the hub ------------------------------------------------------------------------------
-
-
-def start_hub(sock: Path, record: Path, token: str, log: Path) -> int:
-    """Start a hub on ``sock`` serving the network whose record (holding ``token``) is at
-    ``record``; returns its pid once it listens. It outlives the caller while guests use it."""
-    argv = [
-        sys.executable, "-I", _HUB_SCRIPT,
-        "--socket", str(sock), "--record", str(record), "--token", token, "--log", str(log),
-    ]
-    result = _proc.run(argv, timeout=_HUB_START_TIMEOUT).check("start the network hub")
-    try:
-        return int(result.stdout.split()[0])
-    except (IndexError, ValueError) as exc:
-        raise BackendError(f"the network hub did not say its pid: {result.stdout!r}") from exc
-
-
-def find_hub(pid: object, token: object) -> psutil.Process | None:
-    """The running hub with ``pid`` and ``token`` (from a network record), or None."""
-    if not isinstance(pid, int) or not isinstance(token, str):
-        return None
-    found = running(pid)
-    if found is None:
-        return None
-    proc, cmdline = found
-    try:
-        ours = _HUB_SCRIPT in cmdline and cmdline[cmdline.index("--token") + 1] == token
-    except (ValueError, IndexError):
-        return None
-    return proc if ours else None
-
-
-def running(pid: int) -> tuple[psutil.Process, list[str]] | None:
-    """The process ``pid`` and its command line (to tell whether it is ours), unless it is
-    gone, a zombie or not ours to read."""
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return proc, proc.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return None

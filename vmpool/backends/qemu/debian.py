@@ -26,7 +26,7 @@ import portalocker
 from vmpool import _proc
 from vmpool._files import private_dir, private_opener, tighten_tree
 from vmpool.backends import debian_image
-from vmpool.backends.qemu_image import MODULES, _replace_dir, image_dir
+from vmpool.backends.qemu.image import MODULES, _replace_dir, image_dir
 from vmpool.config import QemuSettings
 from vmpool.errors import BackendError, BackendUnavailable
 
