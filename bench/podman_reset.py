@@ -4,7 +4,7 @@
     python -m bench.podman_reset --rounds 30 --json out.json
 
 Each round runs, one after another (so load from elsewhere hits them alike):
-  live   vmpool's reset of a machine the live reset serves (vmpool.backends.podman_live)
+  live   vmpool's reset of a machine the live reset serves (vmpool.backends.podman.live_reset)
   cli    vmpool's reset with the live reset off: remove, run from the snapshot, probe
   plain  what a per-test fixture does: `podman run -d`, an exec probe, `podman rm -f -v`
 Before each reset (untimed) the machine gets dirty: a file written, a process left running; the

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from vmpool import _proc, reaper
-from vmpool.backends import podman as podman_backend
 from vmpool.backends.base import Backend, MachineSpec, probe_until
 from vmpool.backends.podman import (
     DEFAULT_IMAGE,
@@ -28,6 +27,8 @@ from vmpool.backends.podman import (
     image_current,
     warm_image_name,
 )
+from vmpool.backends.podman import commands as podman_commands
+from vmpool.backends.podman import image as podman_image
 from vmpool.config import PodmanSettings
 from vmpool.errors import BackendError, BackendUnavailable, ExecTimeout
 from vmpool.state import JsonStateDir
@@ -129,7 +130,7 @@ def test_build_image_keeps_an_existing_image(image: str) -> None:
 def test_build_image_rebuilds_an_image_whose_recipe_changed(
     image: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(podman_backend, "_IMAGE_VERSION", -1)
+    monkeypatch.setattr(podman_image, "_IMAGE_VERSION", -1)
     assert not image_current(PodmanSettings())
     messages: list[str] = []
     try:
@@ -730,7 +731,7 @@ def test_a_container_whose_user_cannot_run_the_agent_uses_podman_exec_without_re
     with ready_machine(backend) as name:
         assert backend.exec(name, ["id", "-u"], timeout=10).stdout == "1234\n"
 
-        class AnHourLater:  # the podman module's clock, moved past any retry delay
+        class AnHourLater:  # the exec path's clock, moved past any retry delay
             def __getattr__(self, attr: str) -> Any:
                 return getattr(time, attr)
 
@@ -738,7 +739,7 @@ def test_a_container_whose_user_cannot_run_the_agent_uses_podman_exec_without_re
             def monotonic() -> float:
                 return time.monotonic() + 3600
 
-        monkeypatch.setattr(podman_backend, "time", AnHourLater())
+        monkeypatch.setattr(podman_commands, "time", AnHourLater())
         calls = _spy(monkeypatch)
         assert backend.exec(name, ["id", "-u"], timeout=10).stdout == "1234\n"
         assert [c[1] for c in calls] == ["exec"], calls  # not `exec -d` again: it cannot work

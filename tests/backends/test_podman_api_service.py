@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from vmpool import _proc
-from vmpool.backends import podman_api
-from vmpool.backends.podman_live import start_time
+from vmpool.backends.podman import api as podman_api
+from vmpool.backends.podman.live_reset import start_time
 
 pytestmark = pytest.mark.podman
 

@@ -1,4 +1,4 @@
-"""Podman's live reset (vmpool.backends.podman_live) against the real tool: what it restores,
+"""Podman's live reset (vmpool.backends.podman.live_reset) against the real tool: what it restores,
 that it never touches the host through a symlink, and that every condition it needs falls
 back to a full reset that is just as clean."""
 
@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from vmpool import _proc, reaper
-from vmpool.backends import podman_live
 from vmpool.backends.base import MachineSpec
 from vmpool.backends.podman import PodmanBackend, build_image
+from vmpool.backends.podman import live_reset as podman_live
 from vmpool.config import PodmanSettings
 from vmpool.state import JsonStateDir
 
@@ -198,7 +198,7 @@ def _falls_back_clean(
     ready = ready or ready_state(backend, name)
     cid = container_id(name)
     run(backend, name, "echo x > /tmp/x; rm /etc/group; sleep 1001 &")
-    with caplog.at_level(logging.INFO, logger="vmpool.backends.podman_live"):
+    with caplog.at_level(logging.INFO, logger="vmpool.backends.podman.live_reset"):
         backend.reset(name)
     assert container_id(name) != cid  # recreated
     assert why in caplog.text
@@ -215,7 +215,7 @@ def test_not_root_falls_back(
     make: Callable[..., tuple[PodmanBackend, str]], monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="vmpool.backends.podman_live"):
+    with caplog.at_level(logging.INFO, logger="vmpool.backends.podman.live_reset"):
         monkeypatch.setattr(podman_live.os, "geteuid", lambda: 1000)
         backend, name = make()
         monkeypatch.undo()
@@ -235,7 +235,7 @@ def test_another_storage_driver_falls_back(
             info["GraphDriver"] = {"Name": "vfs", "Data": {}}
         return info
 
-    with caplog.at_level(logging.INFO, logger="vmpool.backends.podman_live"):
+    with caplog.at_level(logging.INFO, logger="vmpool.backends.podman.live_reset"):
         monkeypatch.setattr(PodmanBackend, "_inspect", vfs)
         backend, name = make()
         monkeypatch.undo()
@@ -246,7 +246,7 @@ def test_another_storage_driver_falls_back(
 def test_a_container_without_an_init_falls_back(
     make: Callable[..., tuple[PodmanBackend, str]], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="vmpool.backends.podman_live"):
+    with caplog.at_level(logging.INFO, logger="vmpool.backends.podman.live_reset"):
         backend, name = make(extra_args=["--systemd=false"])  # vmpool then adds no --init
     assert "not started with an init" in caplog.text
     _falls_back_clean(backend, name, caplog, "no baseline")
@@ -264,7 +264,7 @@ def test_an_image_with_a_volume_falls_back_and_no_anonymous_volume_is_left(
     finally:
         podman("rm", "-f", builder).check()
     try:
-        with caplog.at_level(logging.INFO, logger="vmpool.backends.podman_live"):
+        with caplog.at_level(logging.INFO, logger="vmpool.backends.podman.live_reset"):
             backend, name = make(image=tag)
         assert "volumes or mounts ['/data']" in caplog.text
 
@@ -342,7 +342,7 @@ def test_a_paused_container_falls_back(
     run(backend, name, "touch /tmp/x")
     podman("pause", name).check()
     cid = container_id(name)
-    with caplog.at_level(logging.INFO, logger="vmpool.backends.podman_live"):
+    with caplog.at_level(logging.INFO, logger="vmpool.backends.podman.live_reset"):
         backend.reset(name)
     assert container_id(name) != cid and "paused" in caplog.text
     assert backend.exec(name, ["test", "-e", "/tmp/x"], timeout=10).returncode == 1

@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 
 from vmpool.backends import debian_image
+from vmpool.backends.base import MachineSpec
 from vmpool.backends.debian_image import BASE_PACKAGES, Recipe
-from vmpool.backends.podman import _missing_image_message, debian_image_name, machine_image
+from vmpool.backends.podman import debian_image_name, machine_image, missing_image_message
+from vmpool.backends.podman.commands import Commands
+from vmpool.backends.podman.options import ContainerOptions
+from vmpool.backends.podman.records import write_json
+from vmpool.backends.podman.runtime import RuntimeDetector
+from vmpool.backends.podman.tool import Tool
 from vmpool.config import ImageSettings, PodmanSettings
 
 
@@ -55,8 +61,14 @@ def test_distro_selects_the_built_image_unless_one_is_configured() -> None:
 
 
 def test_a_missing_debian_image_names_the_command_that_builds_it() -> None:
-    message = _missing_image_message("podman", debian_image_name())
+    message = missing_image_message("podman", debian_image_name())
     assert "vmpool image build --backend podman --distro debian" in message
+
+
+def _options(settings: PodmanSettings, tmp_path: Path) -> ContainerOptions:
+    tool = Tool(settings)
+    runtime = RuntimeDetector(tool, "img", tmp_path, write_json)
+    return ContainerOptions(tool, runtime, Commands(tool, tmp_path / "exec"), "img", tmp_path)
 
 
 def test_systemd_machines_need_podman_not_docker(tmp_path: Path) -> None:
@@ -65,8 +77,7 @@ def test_systemd_machines_need_podman_not_docker(tmp_path: Path) -> None:
 
     docker = PodmanBackend(PodmanSettings(tool="docker", systemd=True), tmp_path)
     with pytest.raises(BackendUnavailable, match="needs tool = \"podman\""):
-        docker._boots_systemd()
+        docker.create(MachineSpec("vmpooltest-systemd", {}))
     # auto and false never ask docker for systemd, nor run anything to decide
-    assert not PodmanBackend(PodmanSettings(tool="docker"), tmp_path)._boots_systemd()
-    off = PodmanBackend(PodmanSettings(distro="debian", systemd=False), tmp_path)
-    assert not off._boots_systemd()
+    assert not _options(PodmanSettings(tool="docker"), tmp_path).boots_systemd()
+    assert not _options(PodmanSettings(distro="debian", systemd=False), tmp_path).boots_systemd()

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from vmpool.backends.exec_agent import IO_MOUNT, SCRIPT, ExecAgent
+from vmpool.backends.podman.exec_agent import IO_MOUNT, SCRIPT, ExecAgent
 from vmpool.errors import BackendError, ExecTimeout
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from vmpool.backends import podman_api
-from vmpool.backends.podman_live import start_time
+from vmpool.backends.podman import api as podman_api
+from vmpool.backends.podman.live_reset import start_time
 from vmpool.errors import BackendError
 
 
@@ -82,7 +82,7 @@ def test_no_socket_is_a_backend_error_naming_the_socket(short_dir: Path) -> None
 
 def test_service_that_exits_keeps_the_cli_path(short_dir: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="vmpool.backends.podman_api"):
+    with caplog.at_level(logging.WARNING, logger="vmpool.backends.podman.api"):
         assert podman_api.start_api(short_dir, tool="false", timeout=5) is None
     assert "keeping the podman CLI path" in caplog.text and "exited 1" in caplog.text
     assert podman_api.read_record(short_dir / podman_api.SERVICE_DIR) is None
@@ -91,7 +91,7 @@ def test_service_that_exits_keeps_the_cli_path(short_dir: Path,
 def test_socket_path_too_long_keeps_the_cli_path(tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     deep = tmp_path / ("d" * 100)
-    with caplog.at_level(logging.WARNING, logger="vmpool.backends.podman_api"):
+    with caplog.at_level(logging.WARNING, logger="vmpool.backends.podman.api"):
         assert podman_api.start_api(deep, tool="false") is None
     assert "longer than a unix socket allows" in caplog.text
 

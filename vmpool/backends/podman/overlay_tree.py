@@ -1,4 +1,4 @@
-"""The file work of a live reset (vmpool.backends.podman_live), on an overlay container.
+"""The file work of a live reset (vmpool.backends.podman.live_reset), on an overlay container.
 
 It scans directories into manifests (`scan`), resolves what the container's ready-time merged
 view held at a path as overlayfs does (`Layers`: the ready upper directory's copy over the

@@ -75,7 +75,7 @@ def kill_script(token: str) -> str:
 
 
 SCRIPT = f"""\
-# vmpool exec agent (vmpool.backends.exec_agent): runs the commands put in {IO_MOUNT}
+# vmpool exec agent (vmpool.backends.podman.exec_agent): runs the commands put in {IO_MOUNT}
 d={IO_MOUNT}
 exec 3<>"$d/in" </dev/null >/dev/null 2>&1
 while read -r verb id <&3; do

@@ -7,7 +7,7 @@ of its overlay upper directory (and of /dev) and a copy of the upper directory's
 time, and reverts every upper-directory entry that is new, changed (inode or ctime) or gone, to
 its ready-time state as the overlay showed it (from the copy, or the image's layers), writing
 through the container's own root (``/proc/PID1/root``), one path component at a time, never
-following a symlink and never crossing a mount (vmpool.backends.overlay_tree does that work).
+following a symlink and never crossing a mount (vmpool.backends.podman.overlay_tree does that work).
 It empties /dev/shm and /dev/mqueue, rewrites the files podman bind-mounts (hostname, hosts,
 resolv.conf, .containerenv) and removes SysV IPC objects (``ipcrm --all`` in the container's
 IPC namespace).
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vmpool import _proc
-from vmpool.backends.overlay_tree import (
+from vmpool.backends.podman.overlay_tree import (
     BIND_FILES,
     Entry,
     Layers,

@@ -32,7 +32,7 @@ from typing import Any
 
 from vmpool import _proc
 from vmpool._files import atomic_write, private_dir
-from vmpool.backends.podman_live import start_time
+from vmpool.backends.podman.live_reset import start_time
 from vmpool.errors import BackendError, BackendUnavailable
 
 log = logging.getLogger(__name__)
