@@ -22,6 +22,10 @@ class StateError(VmPoolError):
     """The state directory or a state file cannot be used safely."""
 
 
+class LockTimeout(StateError):
+    """A lock file stayed held by someone else past the timeout (vmpool._lock.file_lock)."""
+
+
 class PoolGone(StateError):
     """The pool's record was removed (e.g. by `vmpool down`) before a transaction on it."""
 

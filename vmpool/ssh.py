@@ -8,19 +8,17 @@ change with every machine, so host keys are not checked (``SSH_OPTIONS``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import portalocker
-
 from vmpool import _proc
-from vmpool._files import private_dir
+from vmpool._files import atomic_write, private_dir
+from vmpool._lock import file_lock
 from vmpool.backends.base import SSH_OPTIONS
-from vmpool.errors import CapabilityError, StateError
+from vmpool.errors import CapabilityError
 
 if TYPE_CHECKING:
     from vmpool.client import VM
@@ -35,25 +33,22 @@ def pool_key(state_dir: Path, *, timeout: float = 30.0) -> Path:
     if key.is_file() and key.with_suffix(".pub").is_file():
         return key
     private_dir(folder)  # missing parents are made 0700 too, not with the umask's mode
-    try:
-        with portalocker.Lock(str(folder / "key.lock"), mode="a", timeout=timeout):
-            if key.is_file() and key.with_suffix(".pub").is_file():
-                return key  # another process made it while this one waited
-            with tempfile.TemporaryDirectory(dir=folder, prefix=".keygen-") as tmp:
-                made = Path(tmp) / KEY_NAME
-                _proc.run(
-                    ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vmpool", "-f",
-                     str(made)],
-                    timeout=timeout,
-                    install_hint="apt-get install openssh-client",
-                ).check("ssh-keygen")
-                for path in (made, made.with_suffix(".pub")):
-                    os.chmod(path, 0o600)
-                # the public half first: a reader that sees the private key finds both
-                os.replace(made.with_suffix(".pub"), key.with_suffix(".pub"))
-                os.replace(made, key)
-    except portalocker.exceptions.LockException as exc:
-        raise StateError(f"{folder}: another process holds key.lock for over {timeout:g}s") from exc
+    with file_lock(folder / "key.lock", timeout=timeout):
+        if key.is_file() and key.with_suffix(".pub").is_file():
+            return key  # another process made it while this one waited
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".keygen-") as tmp:
+            made = Path(tmp) / KEY_NAME
+            _proc.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vmpool", "-f", str(made)],
+                timeout=timeout,
+                install_hint="apt-get install openssh-client",
+            ).check("ssh-keygen")
+            for path in (made, made.with_suffix(".pub")):
+                os.chmod(path, 0o600)
+            # ssh-keygen's own files, moved into place (not data to write): the public half
+            # first, so a reader that sees the private key finds both
+            os.replace(made.with_suffix(".pub"), key.with_suffix(".pub"))
+            os.replace(made, key)
     return key
 
 
@@ -82,14 +77,7 @@ def ansible_inventory(vms: Iterable[VM], path: os.PathLike[str] | str) -> Path:
         "ansible_python_interpreter=/usr/bin/python3",
     ]
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    # made again for each run: atomic for its readers, but not worth an fsync
+    atomic_write(target, "\n".join(lines) + "\n", fsync=False)
     return target
 

@@ -17,10 +17,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import portalocker
-
 from vmpool import _proc
-from vmpool._files import DIR_MODE, FILE_MODE, atomic_write, private_dir, private_opener
+from vmpool._files import DIR_MODE, FILE_MODE, atomic_write, private_dir
+from vmpool._lock import file_lock
 from vmpool.backends.base import (
     BackendBase,
     Capabilities,
@@ -66,7 +65,7 @@ class SimBackend(BackendBase):
 
     def _next_create(self) -> int:
         counter = self.root / "creates"
-        with portalocker.Lock(self.root / "creates.lock", timeout=30, opener=private_opener):
+        with file_lock(self.root / "creates.lock", timeout=30):
             n = int(counter.read_text() or 0) + 1 if counter.exists() else 1
             atomic_write(counter, str(n), fsync=False)
         return n

@@ -48,10 +48,9 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-import portalocker
-
+from vmpool._lock import file_lock
 from vmpool.backends.base import ExecResult
-from vmpool.errors import BackendError, ExecTimeout
+from vmpool.errors import BackendError, ExecTimeout, LockTimeout
 
 log = logging.getLogger(__name__)
 
@@ -191,21 +190,16 @@ class ExecAgent:
         """Hold the right to start the agent (a lock beside it; True) or give up after
         ``timeout`` (False). Two agents on one FIFO would each read parts of the same lines, so
         whoever starts one first checks, under this lock, that none listens yet."""
-        lock = portalocker.Lock(
-            str(self.dir / _LOCK), mode="a", timeout=timeout, check_interval=0.005,
-            opener=_private_opener,
-        )
+        held = contextlib.ExitStack()
         try:
-            lock.acquire()
-        except portalocker.exceptions.LockException:
+            held.enter_context(file_lock(self.dir / _LOCK, timeout=timeout, check_interval=0.005))
+        except LockTimeout:
             yield False
             return
         except OSError as exc:
             raise BackendError(f"exec agent: cannot lock {self.dir / _LOCK}: {exc}") from exc
-        try:
+        with held:
             yield True
-        finally:
-            lock.release()
 
     def listening(self) -> bool:
         """Whether an agent has the request FIFO open."""
@@ -434,8 +428,3 @@ def _is_regular(fd: int, name: str) -> bool:
         return stat.S_ISREG(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
     except FileNotFoundError:
         return False
-
-
-def _private_opener(path: str, flags: int) -> int:
-    """``open()``'s opener for host-only files: mode 0600, no symlink followed."""
-    return os.open(path, flags | _FLAGS, 0o600)

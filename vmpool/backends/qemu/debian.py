@@ -21,12 +21,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import portalocker
-
 from vmpool import _proc
-from vmpool._files import private_dir, private_opener, tighten_tree
+from vmpool._files import private_dir, tighten_tree
+from vmpool._lock import file_lock
 from vmpool.backends import debian_image
-from vmpool.backends.qemu.image import MODULES, _replace_dir, image_dir
+from vmpool.backends.qemu.image import BUILD_HOLDER, MODULES, _replace_dir, image_dir
 from vmpool.config import QemuSettings
 from vmpool.errors import BackendError, BackendUnavailable
 
@@ -130,18 +129,11 @@ def build_image(
     target = debian_image_dir(settings, packages)
     private_dir(target.parent)
     lock_path = target.parent / f".{target.name}.lock"
-    try:
-        with portalocker.Lock(
-            str(lock_path), mode="a", timeout=_LOCK_TIMEOUT, opener=private_opener
-        ):
-            if not force and image_current(target, recipe):
-                say(f"qemu debian image up to date in {target}")
-                return target
-            _build(recipe, target, say)
-    except portalocker.exceptions.LockException as exc:
-        raise BackendError(
-            f"another `vmpool image build` holds {lock_path} for over {_LOCK_TIMEOUT:g}s"
-        ) from exc
+    with file_lock(lock_path, timeout=_LOCK_TIMEOUT, holder=BUILD_HOLDER, error=BackendError):
+        if not force and image_current(target, recipe):
+            say(f"qemu debian image up to date in {target}")
+            return target
+        _build(recipe, target, say)
     return target
 
 

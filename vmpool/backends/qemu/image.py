@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
-import portalocker
 
 from vmpool import _proc
-from vmpool._files import private_dir, private_opener, tighten_tree
+from vmpool._files import private_dir, tighten_tree
+from vmpool._lock import file_lock
 from vmpool.config import QemuSettings
 from vmpool.errors import BackendError, BackendUnavailable
 
@@ -64,6 +64,8 @@ BUILD_HINT = "run `vmpool image build --backend qemu`"
 
 _TOOL_TIMEOUT = 60.0
 _LOCK_TIMEOUT = 600.0
+#: who holds an image directory's lock while this process waits for it
+BUILD_HOLDER = "another `vmpool image build`"
 
 
 @dataclass(frozen=True)
@@ -139,15 +141,8 @@ def build_image(
     target = image_dir(settings)
     private_dir(target.parent)
     lock_path = target.parent / f".{target.name}.lock"
-    try:
-        with portalocker.Lock(
-            str(lock_path), mode="a", timeout=_LOCK_TIMEOUT, opener=private_opener
-        ):
-            return _build_locked(target, force=force, say=say)
-    except portalocker.exceptions.LockException as exc:
-        raise BackendError(
-            f"another `vmpool image build` holds {lock_path} for over {_LOCK_TIMEOUT:g}s"
-        ) from exc
+    with file_lock(lock_path, timeout=_LOCK_TIMEOUT, holder=BUILD_HOLDER, error=BackendError):
+        return _build_locked(target, force=force, say=say)
 
 
 def _build_locked(target: Path, *, force: bool, say: Callable[[str], None]) -> Path:
