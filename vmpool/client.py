@@ -284,6 +284,7 @@ class PoolClient:
         self.clock = clock
         self.wait_log = wait_log
         self.transport = transport if transport is not None else connect(store, policy)
+        self._me = current_process()  # reads /proc: once, and again in a forked child
 
     def close(self) -> None:
         self.transport.close()
@@ -336,7 +337,9 @@ class PoolClient:
         """Join the line (at ``since``) and wait up to ``wait`` seconds for the grant; returns
         it with what the caller needs of each machine (address, last health check)."""
         request_id = os.urandom(6).hex()
-        holder = Holder(**current_process().model_dump(), worker=self.worker, test=test,
+        if self._me.pid != os.getpid():
+            self._me = current_process()
+        holder = Holder(**self._me.model_dump(), worker=self.worker, test=test,
                         request=request_id, since=since)
         step = ops.CheckoutStep(
             request=Request(id=request_id, holder=holder, count=count, fresh=fresh, since=since),

@@ -45,10 +45,6 @@ _MAX_LINE = 1 << 20
 _IDLE = 1.0
 
 
-class _Retry(Exception):
-    """An operation raised inside the batch: redo the batch without it."""
-
-
 @dataclass
 class ServerStats:
     batches: int = 0
@@ -304,53 +300,29 @@ class LeaseServer:
                 peer.holders.append(holder)
                 self._update_connected()
         self._withdraw({peer for peer, _ in batch})
-        failed: set[int] = set()
-        while True:
-            done: dict[int, bytes | None] = {}
-            try:
-                with self.store.transaction() as pool:
-                    for i, op in ops.items():
-                        if i in failed:
-                            continue
-                        try:
-                            result = op.apply(pool)
-                            if (
-                                isinstance(op, CheckoutStep)
-                                and isinstance(result, CheckoutReply)
-                                and not result.final
-                                and op.wait > 0
-                            ):
-                                started = time.monotonic()
-                                self._waiting[op.request.id] = _Waiting(
-                                    batch[i][0], op, started, started + op.wait
-                                )
-                                done[i] = None  # answered when served
-                            else:
-                                done[i] = _reply(result)
-                        except Exception as exc:
-                            # the record may be half-changed: drop the whole transaction and
-                            # redo the others without this one
-                            log.exception("lease operation failed: %s", op)
-                            failed.add(i)
-                            replies[i] = _wire.error_line(f"{type(exc).__name__}: {exc}")
-                            raise _Retry from exc
-            except _Retry:
-                for i in done:
-                    op = ops[i]
-                    if isinstance(op, CheckoutStep):
-                        self._waiting.pop(op.request.id, None)
-                continue
-            except StateError as exc:
-                for i in ops:
-                    if i not in failed:
-                        replies[i] = _wire.error_line(str(exc))
-                        op = ops[i]
-                        if isinstance(op, CheckoutStep):
-                            self._waiting.pop(op.request.id, None)
+        order = list(ops)
+        try:
+            results = self.store.apply([ops[i] for i in order])
+        except StateError as exc:  # the record cannot be had (a full disk, a removed pool)
+            results = [exc] * len(order)
+        for i, result in zip(order, results, strict=True):
+            op = ops[i]
+            if isinstance(result, BaseException):
+                text = str(result) if isinstance(result, StateError) else (
+                    f"{type(result).__name__}: {result}"
+                )
+                replies[i] = _wire.error_line(text)
+            elif (
+                isinstance(op, CheckoutStep)
+                and isinstance(result, CheckoutReply)
+                and not result.final
+                and op.wait > 0
+            ):
+                started = time.monotonic()
+                self._waiting[op.request.id] = _Waiting(batch[i][0], op, started,
+                                                        started + op.wait)
             else:
-                for i, answer in done.items():
-                    replies[i] = answer
-            break
+                replies[i] = _reply(result)
         self.stats.batches += 1
         self.stats.ops += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))

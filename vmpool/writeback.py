@@ -31,11 +31,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import IO
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any
 
 from vmpool.errors import StateError
-from vmpool.state import JsonStateDir, JsonStore, Pool
+from vmpool.state import JsonStateDir, JsonStore, Operation, Pool
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,9 @@ class WriteBackStore(JsonStore):
         self._failed: StateError | None = None
         self._writing = False  # a write-back is in progress outside the mutex
         self._listeners: list[Callable[[], None]] = []
+        #: operations apply() made since _image was dumped, in order (what rebuilds the record)
+        self._applied: list[Operation[Any]] = []
+        self._unlogged = False  # a transaction() changed the record since _image was dumped
         self._nap = threading.Event()  # set on close: a sleep that tests' patched time.sleep spares
         #: how many times the record was written back (for benchmarks and tests)
         self.writes = 0
@@ -106,11 +109,55 @@ class WriteBackStore(JsonStore):
                 self._pool = self._parse(before)  # roll back to the record as it was
                 raise
             self._dirty = True  # a transaction that changed nothing is found out at the write
+            self._unlogged = True  # its changes are neither in _image nor in _applied
             self._last_change = time.monotonic()
             self._cond.notify_all()
             listeners = list(self._listeners)
         for notify in listeners:
             notify()
+
+    def apply(self, ops: Sequence[Operation[Any]]) -> list[Any]:
+        """Apply the lease server's batch in one transaction, each operation alone: the reply
+        of each, or the exception it raised. One that raises is undone without an image of its
+        own: the record is rebuilt from the last image and the operations applied since, which
+        are data and replay to the same record (they carry their clock readings). That spares
+        a dump of the record (about 0.1 ms for 64 machines) per batch."""
+        with self._cond:
+            if self._closed or self._failed is not None:
+                return [self._apply_alone(op) for op in ops]
+            pool = self._hold()
+            if self._unlogged:  # what replay starts from must hold every change so far
+                self._dump()
+            out: list[Any] = []
+            for op in ops:
+                try:
+                    out.append(op.apply(pool))
+                except Exception as exc:
+                    log.exception("pool %s: lease operation failed: %s", self.pool_id, op)
+                    out.append(exc)
+                    pool = self._pool = self._replayed()
+                else:
+                    self._applied.append(op)
+            self._dirty = True
+            self._last_change = time.monotonic()
+            self._cond.notify_all()
+            listeners = list(self._listeners)
+        for notify in listeners:
+            notify()
+        return out
+
+    def _apply_alone(self, op: Operation[Any]) -> Any:
+        try:
+            with self.transaction() as pool:
+                return op.apply(pool)
+        except Exception as exc:
+            return exc
+
+    def _replayed(self) -> Pool:
+        pool = self._parse(self._image)
+        for op in self._applied:
+            op.apply(pool)
+        return pool
 
     def on_change(self, notify: Callable[[], None]) -> None:
         """Call ``notify`` (in the committing thread, after the commit) whenever a transaction
@@ -138,6 +185,7 @@ class WriteBackStore(JsonStore):
                 self.path.unlink()
             self._on_disk = self._image = b""
             self._dirty = False
+            self._applied.clear()
             self._pool = None
             self._let_go()
 
@@ -185,6 +233,7 @@ class WriteBackStore(JsonStore):
         self._lock_mtime = os.fstat(fh.fileno()).st_mtime_ns
         self._image = self._on_disk = raw
         self._dirty = False
+        self._applied.clear()
         self._held_since = self._last_change = time.monotonic()
         self._cond.notify_all()
         return self._pool
@@ -194,6 +243,8 @@ class WriteBackStore(JsonStore):
         if self._dirty and self._pool is not None:
             self._image = self._pool.model_dump_json().encode()
             self._dirty = False
+            self._applied.clear()  # the image holds them now
+            self._unlogged = False
         return self._image
 
     def _let_go(self, *, pause: bool = False) -> None:

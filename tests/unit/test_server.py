@@ -117,18 +117,35 @@ def _request(name: str = "r1") -> ops.CheckoutStep:
     return ops.CheckoutStep(request=req, now=1.0)
 
 
-def _raw_call(path: Path, *lines: bytes) -> list[dict[str, Any]]:
-    """Send ``lines`` on one connection; their replies."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(str(path))
-        s.sendall(b"".join(lines))
+class _Raw:
+    """A client speaking the wire protocol by hand on one connection (closing it gives up
+    what its process holds, so tests look at the pool while it is open)."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(str(path))
+
+    def call(self, *lines: bytes) -> list[dict[str, Any]]:
+        self.sock.sendall(b"".join(lines))
         data = b""
         while data.count(b"\n") < len(lines):
-            chunk = s.recv(65536)
+            chunk = self.sock.recv(65536)
             assert chunk, "server closed the connection"
             data += chunk
-    return [json.loads(line) for line in data.splitlines()]
+        return [json.loads(line) for line in data.splitlines()]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _raw_call(path: Path, *lines: bytes) -> list[dict[str, Any]]:
+    """Send ``lines`` on one connection; their replies."""
+    raw = _Raw(path)
+    try:
+        return raw.call(*lines)
+    finally:
+        raw.close()
 
 
 def test_malformed_request_gets_an_error_and_the_rest_is_served(start: Start) -> None:
@@ -155,14 +172,17 @@ def test_operation_that_raises_is_dropped_alone(
 
     original = ops.CheckoutStep._outcome
     monkeypatch.setattr(ops.CheckoutStep, "_outcome", broken)
-    one, bad, two = _raw_call(
-        c.server.path,
-        *(_request(r).model_dump_json().encode() + b"\n" for r in ("one", "bad", "two")),
-    )
-    assert "bug in an operation" in bad["error"]
-    assert len(one["ok"]["granted"]) == len(two["ok"]["granted"]) == 1
-    pool = c.snapshot()
-    assert sorted(m.state for m in pool.machines) == [MachineState.LEASED] * 2
+    raw = _Raw(c.server.path)
+    try:
+        one, bad, two = raw.call(
+            *(_request(r).model_dump_json().encode() + b"\n" for r in ("one", "bad", "two")),
+        )
+        assert "bug in an operation" in bad["error"]
+        assert len(one["ok"]["granted"]) == len(two["ok"]["granted"]) == 1
+        pool = c.snapshot()
+        assert sorted(m.state for m in pool.machines) == [MachineState.LEASED] * 2
+    finally:
+        raw.close()
 
 
 def test_pool_of_a_dead_controller_grants_nothing(start: Start, dead_process: ProcessRef) -> None:

@@ -197,3 +197,36 @@ def test_a_failing_write_back_fails_transactions_with_its_reason_until_one_succe
     _wait_for(lambda: not refused())
     stored = state_dir.store("p1").read()
     assert stored is not None and stored.next_serial == 1
+
+
+class _Bump:
+    """A lease operation that bumps a counter of the record, or half-does it and raises."""
+
+    def __init__(self, by: int, *, fails: bool = False) -> None:
+        self.by, self.fails = by, fails
+
+    def apply(self, pool: Pool) -> int:
+        pool.next_serial += self.by
+        if self.fails:
+            raise RuntimeError("bug in an operation")
+        return pool.next_serial
+
+    def parse_reply(self, data: bytes) -> int:
+        return int(data)
+
+    def model_dump_json(self) -> str:
+        return "{}"
+
+
+def test_an_operation_that_raises_in_a_batch_is_undone_alone(owned: WriteBackStore) -> None:
+    """Rebuilt from the last image and the operations since (earlier batches, a transaction
+    in between), the record is as if the failing operation had never been sent."""
+    assert owned.apply([_Bump(1), _Bump(10)]) == [1, 11]
+    with owned.transaction() as pool:  # a controller transaction between two batches
+        pool.size = 3
+    replies = owned.apply([_Bump(100), _Bump(1000, fails=True), _Bump(10000)])
+    assert replies[0] == 111 and isinstance(replies[1], RuntimeError) and replies[2] == 10111
+    pool = owned.read()
+    assert pool is not None and pool.next_serial == 10111 and pool.size == 3
+    _wait_for(lambda: (owned.path.exists() and Pool.model_validate_json(
+        owned.path.read_bytes()).next_serial == 10111))
