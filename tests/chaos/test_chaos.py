@@ -11,6 +11,9 @@ import pytest
 
 from ._harness import ChaosRun, podman_usable, run_chaos
 
+#: minutes of real sessions: outside the fast loop (`pytest -m "not slow"`), in .ci/run
+pytestmark = pytest.mark.slow
+
 
 def _assert_clean(run: ChaosRun) -> None:
     t = run.totals

@@ -12,8 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from . import _clockstep
 from ._harness import ChaosRun, child_env, kill_group
+
+#: a real session across a clock step: outside the fast loop (`pytest -m "not slow"`), in .ci/run
+pytestmark = pytest.mark.slow
 
 _TESTS = 24
 

@@ -9,6 +9,9 @@ import pytest
 
 from ._harness import ChaosRun, podman_usable
 
+#: minutes of real sessions: outside the fast loop (`pytest -m "not slow"`), in .ci/run
+pytestmark = pytest.mark.slow
+
 
 def _sessions_at_once(run: ChaosRun, backend: str, sessions: int, repeats: int) -> None:
     for rep in range(repeats):

@@ -28,7 +28,7 @@ def test_machine_is_mine_alone(pool_vm, i):
     try:
         assert pool_vm.exec("true").ok
         open(os.path.join(USED, f"{{i}}-{{pool_vm.name}}"), "w").close()
-        time.sleep(0.05)
+        time.sleep(0.05)  # holds the machine a while: a second holder would find the marker
     finally:
         os.close(fd)
         os.unlink(marker)
@@ -88,7 +88,7 @@ def test_machines_are_mine_alone(pool_vms, count):
             fds.append((os.open(os.path.join(LOCKS, name), os.O_CREAT | os.O_EXCL), name))
         for vm in pool_vms:
             assert vm.exec("true").ok
-        time.sleep(0.05)
+        time.sleep(0.05)  # holds them a while: a second holder would find a marker
     finally:
         for fd, name in fds:
             os.close(fd)
@@ -96,6 +96,7 @@ def test_machines_are_mine_alone(pool_vms, count):
 """
 
 
+@pytest.mark.slow
 def test_multi_machine_checkouts_share_nothing_and_do_not_deadlock(harness: Harness) -> None:
     harness.pytester.makepyfile(test_multi=MULTI_SUITE.format(locks=str(harness.shared_dir("l"))))
     result = harness.run(
@@ -153,7 +154,7 @@ def test_one_machine(asking, pool_vm, request, i):
     path = os.path.join(RUNNING, f"{{i}}-{{pool_vm.name}}")
     open(path, "w").close()
     try:
-        time.sleep(0.8 + 0.2 * (i % 3))
+        time.sleep(0.8 + 0.2 * (i % 3))  # the stream: each small test holds its machine
     finally:
         os.unlink(path)
 """
@@ -161,6 +162,7 @@ def test_one_machine(asking, pool_vm, request, i):
 _LATER = 0.5
 
 
+@pytest.mark.slow
 def test_large_request_is_served_under_a_stream_of_small_ones(harness: Harness) -> None:
     log = harness.path / "events.log"
     harness.pytester.makepyfile(

@@ -6,6 +6,8 @@ import json
 import shutil
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 if TYPE_CHECKING:
     from conftest import Harness
 
@@ -38,6 +40,7 @@ def _ran_on(harness: Harness) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_kept_pool_is_adopted_and_replaced_when_config_changes(harness: Harness) -> None:
     harness.pytester.makepyfile(test_suite=SUITE.format(used=str(harness.shared_dir("used"))))
     args = ("-p", "no:xdist", "--vm-pool-size", "2", "--vm-pool-keep")

@@ -17,6 +17,7 @@ def test_uses_a_machine(pool_vm):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.podman
 def test_podman_pool_without_iptables_names_iptables_and_vmpool_doctor(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, path_without: Callable[..., str]

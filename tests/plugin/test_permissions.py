@@ -17,6 +17,9 @@ import pytest
 from vmpool.backends.qemu.image import build_image
 from vmpool.config import QemuSettings
 
+#: whole sessions with a stat of every file they made (12-32 s each under -n 2)
+pytestmark = pytest.mark.slow
+
 if TYPE_CHECKING:
     from conftest import Harness
 

@@ -120,6 +120,7 @@ def test_stop_signal_tears_the_sim_pool_down(
     _check_stop(harness, "sim", signum, mode)
 
 
+@pytest.mark.slow
 @pytest.mark.podman
 @pytest.mark.xdist_group("signals-podman")
 @pytest.mark.parametrize("signum", SIGNALS)
@@ -127,6 +128,7 @@ def test_stop_signal_tears_the_podman_pool_down(harness: Harness, signum: int) -
     _check_stop(harness, "podman", signum, ["-n", "2"])
 
 
+@pytest.mark.slow
 @pytest.mark.qemu
 @pytest.mark.xdist_group("signals-qemu")
 @pytest.mark.parametrize("signum", SIGNALS)
@@ -148,7 +150,7 @@ import time
 
 def test_ignores_a_hangup(pool_vm):
     os.kill(os.getpid(), signal.SIGHUP)
-    time.sleep(0.2)
+    time.sleep(0.2)  # nothing happening meanwhile is the point: a teardown would end the run
     assert pool_vm.exec("true").ok
 """
     )

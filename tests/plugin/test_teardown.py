@@ -24,10 +24,11 @@ def test_kills_its_own_worker(pool_vm):
 @pytest.mark.parametrize("i", range(6))
 def test_others(pool_vm, i):
     assert pool_vm.exec("true").ok
-    time.sleep(0.05)
+    time.sleep(0.05)  # holds the machine a while, as a real test does
 """
 
 
+@pytest.mark.slow
 def test_dead_worker_lease_is_reclaimed_and_session_cleans_up(harness: Harness) -> None:
     harness.pytester.makepyfile(test_dies=WORKER_DIES)
     result = harness.run("-n", "2", "--vm-pool-size", "2")
@@ -63,7 +64,10 @@ def test_never_runs(pool_vm):
     [
         ('pytest.exit("stopping the session")', "-p no:xdist"),
         ("raise KeyboardInterrupt", "-p no:xdist"),
-        ('pytest.exit("stopping the session")', "-n 2"),
+        pytest.param(
+            'pytest.exit("stopping the session")', "-n 2", marks=pytest.mark.slow,
+            id="pytest.exit-xdist",
+        ),
     ],
     ids=["pytest.exit", "KeyboardInterrupt", "pytest.exit-xdist"],
 )

@@ -91,7 +91,11 @@ def test_unknown_marker_argument_is_a_usage_error_naming_the_test(harness: Harne
     )
 
 
-@pytest.mark.parametrize("mode", [["-p", "no:xdist"], ["-n", "2"]], ids=["no-xdist", "n2"])
+@pytest.mark.parametrize(
+    "mode",
+    [pytest.param(["-p", "no:xdist"], id="no-xdist"),
+     pytest.param(["-n", "2"], id="n2", marks=pytest.mark.slow)],
+)
 def test_count_larger_than_pool_is_a_usage_error_naming_test_count_and_size(
     harness: Harness, mode: list[str]
 ) -> None:

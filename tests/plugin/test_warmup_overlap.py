@@ -46,6 +46,7 @@ def test_plain():
 """
 
 
+@pytest.mark.slow
 def test_preparation_begins_while_later_modules_are_still_being_collected(
     harness: Harness,
 ) -> None:
@@ -71,6 +72,7 @@ def test_preparation_begins_while_later_modules_are_still_being_collected(
     harness.assert_nothing_left()
 
 
+@pytest.mark.slow
 def test_with_a_keyword_filter_demand_waits_for_the_final_selection(harness: Harness) -> None:
     harness.pytester.makepyfile(
         test_mixed="""
@@ -106,6 +108,10 @@ with open({verdict!r}, "a") as fh:
 """
 
 
+#: under xdist these sessions take 12-13 s here: outside the fast loop
+_SLOW_XDIST = pytest.param(["-n", "2"], id="xdist", marks=pytest.mark.slow)
+
+
 def _early_warm_suite(harness: Harness, tests: str) -> Path:
     verdict = harness.path / "verdict"
     (harness.path / "pool.toml").write_text("[pool]\nwarm_during_collection = true\n")
@@ -121,7 +127,7 @@ def _early_warm_suite(harness: Harness, tests: str) -> Path:
     return verdict
 
 
-@pytest.mark.parametrize("mode", [["-n", "2"], ["-p", "no:xdist"]], ids=["xdist", "single"])
+@pytest.mark.parametrize("mode", [_SLOW_XDIST, pytest.param(["-p", "no:xdist"], id="single")])
 def test_warm_during_collection_makes_machines_while_later_modules_are_collected(
     harness: Harness, mode: list[str]
 ) -> None:
@@ -132,7 +138,7 @@ def test_warm_during_collection_makes_machines_while_later_modules_are_collected
     harness.assert_nothing_left()
 
 
-@pytest.mark.parametrize("mode", [["-n", "2"], ["-p", "no:xdist"]], ids=["xdist", "single"])
+@pytest.mark.parametrize("mode", [_SLOW_XDIST, pytest.param(["-p", "no:xdist"], id="single")])
 def test_a_usage_error_after_machines_were_made_early_still_leaves_nothing(
     harness: Harness, mode: list[str]
 ) -> None:

@@ -89,6 +89,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_gc_reaps_a_killed_session_and_spares_kept_and_live_ones(tmp_path: Path) -> None:
     state = tmp_path / "state"
     sessions = {}

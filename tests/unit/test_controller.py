@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _waiting import wait_until
 
 from vmpool.backends.base import MachineSpec
 from vmpool.backends.sim import SimBackend
@@ -107,17 +108,6 @@ def creates(backend: SimBackend) -> int:
     return int(counter.read_text()) if counter.exists() else 0
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.01)
-
-
 def ready_names(pool: Pool) -> list[str]:
     return sorted(m.name for m in pool.machines if m.state is MachineState.READY)
 
@@ -150,10 +140,11 @@ def test_failed_create_is_retried_after_a_backoff_then_succeeds(start_pool: Fact
 
 def test_machine_that_keeps_failing_is_broken_and_the_pool_degraded(start_pool: Factory) -> None:
     controller, _ = start_pool(2, warmup_parallelism=1, retries=2, sim={"fail_create": [1, 2, 3]})
-    pool = wait_for(
+    pool = wait_until(
         lambda: (
             (p := controller.snapshot()) and len(ready_names(p)) == 1 and p.stats.broken == 1 and p
-        )
+        ),
+        what="one machine ready and one broken",
     )
     broken = [m for m in pool.machines if m.state is MachineState.BROKEN]
     assert [m.slot for m in broken] == [0]
@@ -167,7 +158,7 @@ def test_machine_that_keeps_failing_is_broken_and_the_pool_degraded(start_pool: 
 
 def test_degraded_pool_times_out_a_request_it_cannot_serve(start_pool: Factory) -> None:
     controller, _ = start_pool(2, warmup_parallelism=1, retries=0, sim={"fail_create": [1]})
-    wait_for(lambda: controller.snapshot().stats.broken == 1 and controller.snapshot())
+    wait_until(lambda: controller.snapshot().stats.broken == 1, what="a broken machine")
     controller.wait_until_ready(1, 10)
     with pytest.raises(CheckoutTimeout, match="1 broken") as info:
         client_for(controller).checkout(2, timeout=0.3)
@@ -196,7 +187,7 @@ def test_machine_that_never_becomes_ready_times_out_and_is_retried_then_broken(
     assert "hangs on start" in str(info.value)
     assert creates(backend) == 2
     # the failed attempts' machines were deleted, not left running
-    wait_for(lambda: backend.list("vmpool-") == [])
+    wait_until(lambda: backend.list("vmpool-") == [], what="every machine deleted")
 
 
 # -- teardown ---------------------------------------------------------------------------------
@@ -216,7 +207,7 @@ def test_teardown_during_warmup_leaves_no_machine(
     start_pool: Factory, state_dir: JsonStateDir
 ) -> None:
     controller, backend = start_pool(4, sim={"create_latency": 0.1, "start_latency": 0.1})
-    wait_for(lambda: backend.active)
+    wait_until(lambda: backend.active, what="a create under way")
     controller.stop()
     assert backend.list("") == []
     assert state_dir.pool_ids() == []
@@ -411,7 +402,8 @@ def test_kept_pool_finishes_a_reset_that_was_planned_but_not_begun(
     client = client_for(controller)
     lease = client.checkout(test="t")
     assert client.checkin(lease) == {lease.names[0]: "reset"}
-    wait_for(lambda: queue.queued)  # the controller took the reset on and it waits in line
+    # the controller took the reset on and it waits in line
+    wait_until(lambda: queue.queued, what="the reset queued")
     controller.stop(keep=True)
     [pool] = state_dir.pools()
     assert len(ready_names(pool)) == 2 and lease.names[0] in ready_names(pool)
@@ -429,7 +421,8 @@ def test_next_session_adopts_a_kept_pool_without_creating(start_pool: Factory) -
     pool = second.wait_until_ready(2, 10)
     assert ready_names(pool) == machines
     assert pool.owner == second.me and not pool.keep
-    time.sleep(0.3)  # a maintainer tick or two: still nothing to create
+    # nothing happening is the behaviour under test: a maintainer tick or two, still no create
+    time.sleep(0.3)
     assert creates(backend) == before
 
 
@@ -452,7 +445,7 @@ def test_adopting_with_changed_machine_config_replaces_the_stale_machines(
         done = len(pool.machines) == 2 and len(ready_names(pool)) == 2 and len(fresh) == 2
         return pool if done else None
 
-    pool = wait_for(renewed)
+    pool = wait_until(renewed, what="the stale machines replaced")
     assert old.isdisjoint(ready_names(pool))
     assert creates(backend) == before + 2
     assert old.isdisjoint(i.name for i in backend.list("vmpool-"))
@@ -506,7 +499,7 @@ def test_dead_workers_lease_is_reclaimed(
         pool = controller.snapshot()
         return pool if pool.find(leased) is None and len(ready_names(pool)) == 1 else None
 
-    pool = wait_for(replaced)
+    pool = wait_until(replaced, what="the machine replaced")
     assert pool.stats.reclaimed == 1
     assert leased not in {i.name for i in backend.list("vmpool-")}
     assert (controller.server is not None) == serve
@@ -635,7 +628,10 @@ def test_checkin_after_failure_replaces_machine(start_pool: Factory) -> None:
     assert client.checkin(lease, failed=True) == {lease.names[0]: "replace"}
     again = client.checkout(1, timeout=5)
     assert again.names != lease.names
-    wait_for(lambda: [i.name for i in backend.list("vmpool-")] == again.names)
+    wait_until(
+        lambda: [i.name for i in backend.list("vmpool-")] == again.names,
+        what="the backend listing only the leased machine",
+    )
     assert controller.snapshot().stats.replaced == 1
 
 
@@ -648,8 +644,8 @@ def test_pre_ping_failure_replaces_the_machine_and_checkout_still_succeeds(
     backend.kill(first)
     lease = client_for(controller).checkout(1, timeout=5)
     assert lease.names != [first]
-    wait_for(lambda: controller.snapshot().find(first) is None)
-    wait_for(lambda: len(ready_names(controller.snapshot())) == 1)  # the replacement
+    wait_until(lambda: controller.snapshot().find(first) is None, what=f"{first} gone")
+    wait_until(lambda: len(ready_names(controller.snapshot())) == 1, what="a replacement")
 
 
 def test_pre_ping_failure_in_a_multi_machine_checkout_still_succeeds(
@@ -721,6 +717,6 @@ def test_maintainer_survives_an_oserror_and_fails_waiting_checkouts_with_it(
     assert controller._thread is not None and controller._thread.is_alive()
 
     monkeypatch.undo()  # the cause goes away: the pool serves again
-    wait_for(lambda: controller.snapshot().error is None)
+    wait_until(lambda: controller.snapshot().error is None, what="the error cleared")
     client.checkin(held)
     assert client.checkout(1, test="test_after", timeout=10).names

@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+from _waiting import wait_until
 
 from vmpool.backends.podman.exec_agent import IO_MOUNT, SCRIPT, ExecAgent
 from vmpool.errors import BackendError, ExecTimeout
@@ -30,10 +32,10 @@ def agent(tmp_path: Path) -> Iterator[ExecAgent]:
     script = SCRIPT.replace(f"d={IO_MOUNT}\n", f"d={agent.io}\n")
     assert script != SCRIPT
     proc = subprocess.Popen(["sh", "-c", script])
-    deadline = time.monotonic() + 10
-    while not agent.listening():
-        assert time.monotonic() < deadline and proc.poll() is None, "agent did not start"
-        time.sleep(0.01)
+    wait_until(
+        lambda: agent.listening() or proc.poll() is not None, 10, "the agent listening"
+    )
+    assert proc.poll() is None, "the agent ended at its start"
     yield agent
     proc.kill()
     proc.wait(10)
@@ -57,11 +59,13 @@ def test_without_a_listening_agent_nothing_runs(tmp_path: Path) -> None:
 
 
 def test_timeout_kills_the_command_and_its_children(agent: ExecAgent, tmp_path: Path) -> None:
-    marker = tmp_path / "late"
+    marker, pidfile = tmp_path / "late", tmp_path / "child.pid"
+    child = f"echo $$ > {pidfile}.new && mv {pidfile}.new {pidfile}; sleep 2; touch {marker}"
     with pytest.raises(ExecTimeout):
-        agent.run(["sh", "-c", f"(sleep 2; touch {marker}) & sleep 30"], timeout=0.5)
-    time.sleep(2.5)
-    assert not marker.exists()  # the background child was killed too
+        agent.run(["sh", "-c", f"sh -c '{child}' & sleep 30"], timeout=0.5)
+    pid = int(wait_until(pidfile.exists, 5, "the background child's pid") and pidfile.read_text())
+    wait_until(lambda: not _running(pid), 5, "the background child killed")
+    assert not marker.exists()  # it was killed before it could touch the marker
 
 
 def test_commands_in_threads_get_their_own_results(agent: ExecAgent) -> None:
@@ -112,8 +116,7 @@ def test_an_agent_killed_mid_command_is_an_error_at_once_not_a_timeout(
     # (as when the container stops)
     proc = subprocess.Popen(["sh", "-c", script], start_new_session=True)
     try:
-        while not agent.listening():
-            time.sleep(0.01)
+        wait_until(agent.listening, 10, "the agent listening")
         threading.Timer(0.5, os.killpg, (proc.pid, 9)).start()
         started = time.monotonic()
         with pytest.raises(BackendError, match="stopped while the command ran"):
@@ -217,3 +220,11 @@ def test_what_the_machine_put_in_place_of_a_fifo_is_only_looked_at_never_opened(
     assert agent.run(["true"], timeout=5) is None
     monkeypatch.undo()
     assert opened == []
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its parent has ended)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

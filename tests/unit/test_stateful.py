@@ -347,6 +347,7 @@ class PoolMachine(RuleBasedStateMachine):
             reap(self.arena.directory, self.arena.backend, PREFIX)
 
 
+@pytest.mark.slow
 def test_lease_protocol_under_contention(arena: Arena) -> None:
     PoolMachine.arena = arena
     random.seed(0)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from _waiting import wait_until
 
 from vmpool.errors import StateError
 from vmpool.state import JsonStateDir, Pool
@@ -33,13 +34,6 @@ def owned(state_dir: JsonStateDir) -> Iterator[WriteBackStore]:
     store.close()
 
 
-def _wait_for(predicate: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.001)
-
-
 def test_changes_are_seen_at_once_and_written_back_soon(
     owned: WriteBackStore, state_dir: JsonStateDir
 ) -> None:
@@ -48,7 +42,12 @@ def test_changes_are_seen_at_once_and_written_back_soon(
     read = owned.read()
     assert read is not None and read.next_serial == 7
     on_file = state_dir.store("p1")
-    _wait_for(lambda: (p := on_file.read()) is not None and p.next_serial == 7)
+    wait_until(
+        lambda: (p := on_file.read()) is not None and p.next_serial == 7,
+        5,
+        "the change written back",
+        interval=0.001,
+    )
 
 
 def test_many_transactions_share_few_writes(owned: WriteBackStore) -> None:
@@ -118,7 +117,8 @@ def test_remove_while_held_does_not_come_back(
         with owned.transaction() as pool:
             pool.next_serial = i
     owned.remove()
-    time.sleep(0.05)  # a write-back in flight would have landed by now
+    # a write-back in flight would have landed by now; that none does is what is tested
+    time.sleep(0.05)
     assert not (state_dir.path / "p1.json").exists()
     with pytest.raises(StateError, match="does not exist"), owned.transaction():
         pass
@@ -151,10 +151,12 @@ def test_close_writes_what_is_pending_without_waiting_out_the_interval(
     store = WriteBackStore(state_dir, "p1", write_interval=30.0)
     with store.transaction() as pool:
         pool.next_serial = 1
-    _wait_for(lambda: store.writes == 1)  # the first change is written at once
+    # the first change is written at once
+    wait_until(lambda: store.writes == 1, 5, "the first write", interval=0.001)
     with store.transaction() as pool:
         pool.next_serial = 2  # this one would wait 30 s for its write-back
-    time.sleep(0.2)  # the writer has seen it and waits out the interval
+    # the writer has seen it and waits out the interval: no write meanwhile is what is tested
+    time.sleep(0.2)
     assert store.writes == 1
     started = time.monotonic()
     store.close()
@@ -191,10 +193,10 @@ def test_a_failing_write_back_fails_transactions_with_its_reason_until_one_succe
             assert "cannot write it: No space left on device" in str(exc)
             return True
 
-    _wait_for(refused)
+    wait_until(refused, 5, "a refused write-back", interval=0.001)
     assert not [p for p in state_dir.path.iterdir() if p.name.endswith(".tmp")]
     monkeypatch.undo()  # space is back: the pending write-back goes through
-    _wait_for(lambda: not refused())
+    wait_until(lambda: not refused(), 5, "the write-back through", interval=0.001)
     stored = state_dir.store("p1").read()
     assert stored is not None and stored.next_serial == 1
 
