@@ -230,5 +230,5 @@ def test_an_operation_that_raises_in_a_batch_is_undone_alone(owned: WriteBackSto
     assert replies[0] == 111 and isinstance(replies[1], RuntimeError) and replies[2] == 10111
     pool = owned.read()
     assert pool is not None and pool.next_serial == 10111 and pool.size == 3
-    _wait_for(lambda: (owned.path.exists() and Pool.model_validate_json(
-        owned.path.read_bytes()).next_serial == 10111))
+    wait_until(lambda: Pool.model_validate_json(owned.path.read_bytes()).next_serial == 10111,
+               5, "the write-back of the rebuilt record")
