@@ -165,7 +165,7 @@ class Controller:
             )
         if self.serve:
             self.store = WriteBackStore(self.directory, self.pool_id)
-            server = LeaseServer(self.store, self.policy, clock=self.clock)
+            server = LeaseServer(self.store, self.policy, clock=self.clock, on_work=self._wake.set)
             if server.start():
                 self.server = server
         self._thread = threading.Thread(

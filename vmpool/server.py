@@ -34,7 +34,17 @@ from pydantic import BaseModel, ValidationError
 
 from vmpool import _wire, leases
 from vmpool.errors import StateError
-from vmpool.ops import OP_ADAPTER, Cancel, CheckoutReply, CheckoutStep, Step, holder_of
+from vmpool.ops import (
+    OP_ADAPTER,
+    Cancel,
+    CheckinReply,
+    CheckoutReply,
+    CheckoutStep,
+    ResetDone,
+    ReturnUnhealthy,
+    Step,
+    holder_of,
+)
 from vmpool.ownership import ProcessRef
 from vmpool.writeback import WriteBackStore
 
@@ -97,6 +107,19 @@ class _Waiting:
     deadline: float  # monotonic
 
 
+def _leaves_work(op: Step, result: object) -> bool:
+    """Whether ``op`` left the controller something to do (a replacement, a background
+    reset)."""
+    if isinstance(op, ReturnUnhealthy):
+        return bool(op.bad)
+    if isinstance(result, CheckinReply):
+        return any(
+            action == "replace" or (action == "reset" and name not in result.mine)
+            for name, action in result.actions.items()
+        )
+    return isinstance(op, ResetDone) and not op.ok
+
+
 def _reply(model: BaseModel) -> bytes:
     return _wire.ok_line(model.model_dump_json().encode())
 
@@ -110,10 +133,15 @@ class LeaseServer:
         policy: leases.Policy,
         *,
         clock: Callable[[], float] = time.time,
+        on_work: Callable[[], None] = lambda: None,
     ) -> None:
+        """``on_work``: called when an operation left the controller work (a machine to
+        replace, or to reset in the background), so it starts at once rather than at its next
+        tick."""
         self.store = store
         self.policy = policy
         self.clock = clock
+        self._on_work = on_work
         self.path = store.socket_path
         self.stats = ServerStats()
         self._listener: socket.socket | None = None
@@ -323,6 +351,10 @@ class LeaseServer:
                                                         started + op.wait)
             else:
                 replies[i] = _reply(result)
+        if any(_leaves_work(op, result) for op, result in zip(
+            (ops[i] for i in order), results, strict=True
+        )):
+            self._on_work()
         self.stats.batches += 1
         self.stats.ops += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
@@ -408,6 +440,7 @@ class LeaseServer:
         finally:
             self._update_connected()
         if taken:
+            self._on_work()
             self.stats.reclaimed_on_close += len(taken)
             log.warning("reclaimed %s: their holder's connection closed", taken)
 

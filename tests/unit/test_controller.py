@@ -720,3 +720,19 @@ def test_maintainer_survives_an_oserror_and_fails_waiting_checkouts_with_it(
     wait_until(lambda: controller.snapshot().error is None, what="the error cleared")
     client.checkin(held)
     assert client.checkout(1, test="test_after", timeout=10).names
+
+
+def test_a_failed_checkin_starts_its_replacement_at_once_not_at_the_next_tick(
+    start_pool: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease server tells the controller it has work; no periodic tick is needed."""
+    controller, backend = start_pool(1)
+    controller.wait_until_ready(1, 10)
+    client = client_for(controller, pre_ping=False)
+    lease = client.checkout(1, timeout=5)
+    monkeypatch.setattr("vmpool.controller._TICK", 3600.0)
+    monkeypatch.setattr("vmpool.controller._IDLE_TICK", 3600.0)
+    time.sleep(0.3)  # let the controller settle into its (now hour-long) wait
+    before = creates(backend)
+    assert client.checkin(lease, failed=True) == {lease.names[0]: "replace"}
+    wait_until(lambda: creates(backend) > before, 5, "the replacement's create")
