@@ -251,6 +251,9 @@ class Lease:
     waited: float
     dirty: set[str] = field(default_factory=set)
     vms: list[VM] = field(default_factory=list)
+    #: what holds the lease: its connection to the lease server is the lease's lifeline (the
+    #: server reclaims what a closed connection held), so it lives as long as the lease
+    transport: Transport | None = field(default=None, repr=False, compare=False)
 
 
 class PoolClient:
@@ -312,7 +315,8 @@ class PoolClient:
             bad = self._ping(self._needs_ping(views, names)) if self.pre_ping else {}
             if not bad:
                 waited = self.clock() - started
-                lease = Lease(holder.request, names, addresses, holder, waited)
+                lease = Lease(holder.request, names, addresses, holder, waited,
+                              transport=self.transport)
                 lease.vms = [VM(n, self.backend, addresses[n], lease) for n in names]
                 self._record_wait(waited)
                 return lease

@@ -645,7 +645,8 @@ def test_pre_ping_failure_replaces_the_machine_and_checkout_still_succeeds(
     lease = client_for(controller).checkout(1, timeout=5)
     assert lease.names != [first]
     wait_until(lambda: controller.snapshot().find(first) is None, what=f"{first} gone")
-    wait_until(lambda: len(ready_names(controller.snapshot())) == 1, what="a replacement")
+    wait_until(lambda: len(ready_names(controller.snapshot())) == 1,
+               what=f"a replacement ({controller.snapshot().machines})")
 
 
 def test_pre_ping_failure_in_a_multi_machine_checkout_still_succeeds(

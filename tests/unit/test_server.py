@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _waiting import wait_until
 
 from vmpool import cli, ops
 from vmpool.backends.sim import SimBackend
@@ -439,3 +441,18 @@ def test_lease_flows_run_through_an_in_process_transport(start: Start) -> None:
         client.checkout(1, timeout=0.1)  # the server times the wait out
     assert client.checkin(lease) == {lease.names[0]: "reuse"}
     assert c.server.stats.requests["checkout"] == 2 and not c.snapshot().queue
+
+
+def test_a_lease_keeps_its_connection_after_the_client_object_is_dropped(start: Start) -> None:
+    """The connection is the lease's lifeline: it lives as long as the lease does."""
+    c = start(size=1)
+    assert c.server is not None
+    lease = worker_client(c).checkout(1, timeout=5)  # the client object is garbage at once
+    gc.collect()
+    time.sleep(0.2)  # a closed connection would have been reclaimed within milliseconds
+    assert c.snapshot().machine(lease.names[0]).state is MachineState.LEASED
+    assert c.server.stats.reclaimed_on_close == 0
+    del lease
+    gc.collect()
+    wait_until(lambda: c.server is not None and c.server.stats.reclaimed_on_close == 1, 5,
+               "the reclaim once the lease is dropped too")
