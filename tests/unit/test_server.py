@@ -439,3 +439,28 @@ def test_lease_flows_run_through_an_in_process_transport(start: Start) -> None:
         client.checkout(1, timeout=0.1)  # the server times the wait out
     assert client.checkin(lease) == {lease.names[0]: "reuse"}
     assert c.server.stats.requests["checkout"] == 2 and not c.snapshot().queue
+
+
+# -- review of the rebuilt lease layer (issue 16) ------------------------------------------
+def test_a_waiting_checkout_and_its_cancel_in_one_batch_are_answered_in_order(
+    start: Start,
+) -> None:
+    """An interrupted client's check-out and the Cancel that follows it can reach the server
+    together: the check-out is answered first, so replies stay paired with requests."""
+    c = start(size=1)
+    assert c.server is not None
+    holder = worker_client(c)
+    lease = holder.checkout(1, timeout=5)  # nothing free: the raw check-out would wait
+    step = _request("waits").model_copy(update={"wait": 30.0})
+    cancel = ops.Cancel(request="waits", holder=step.request.holder, now=2.0)
+    raw = _Raw(c.server.path)
+    try:
+        first, second = raw.call(step.model_dump_json().encode() + b"\n",
+                                 cancel.model_dump_json().encode() + b"\n")
+        assert "problem" in first["ok"] and "granted" in first["ok"], (first, second)
+        assert first["ok"]["problem"] is not None
+        assert "problem" not in second["ok"], (first, second)
+        assert not c.server._waiting and not c.snapshot().queue
+    finally:
+        raw.close()
+    holder.checkin(lease)
