@@ -133,16 +133,17 @@ class Connection:
             sock = self._socket()
             try:
                 sock.settimeout(self.timeout)
+                # owed from before it is sent: an interrupt anywhere below leaves it counted
+                self._owed += 1
                 try:
                     sock.sendall(line)
                 except BaseException:
                     self.close()  # part of a line may have gone: this stream is unusable
                     raise
                 deadline = time.monotonic() + self.timeout + wait
-                while self._owed:
+                while self._owed > 1:  # the replies to earlier, interrupted calls
                     self._line(sock, deadline)
                     self._owed -= 1
-                self._owed += 1
                 reply = self._line(sock, deadline)
                 self._owed -= 1
             except (OSError, ServerGone) as exc:
