@@ -464,3 +464,24 @@ def test_a_waiting_checkout_and_its_cancel_in_one_batch_are_answered_in_order(
     finally:
         raw.close()
     holder.checkin(lease)
+
+
+def test_an_interrupt_after_the_grant_gives_the_machines_back(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupt during the pre-ping (pytest-timeout's signal, a ^C) after the grant came:
+    nobody will check that lease in, so the check-out gives it back before it raises."""
+    c = start(size=1)
+    client = PoolClient(c.directory.store(c.pool_id), c.backend,
+                        policy_for(c.profile, c.backend), pre_ping=True)
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(c.backend, "exec", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        client.checkout(1, timeout=5)
+    monkeypatch.undo()
+    (machine,) = c.snapshot().machines
+    assert machine.state is MachineState.READY and machine.holder is None, machine
+    client.checkin(client.checkout(1, timeout=5))
