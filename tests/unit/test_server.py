@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -485,3 +486,28 @@ def test_an_interrupt_after_the_grant_gives_the_machines_back(
     (machine,) = c.snapshot().machines
     assert machine.state is MachineState.READY and machine.holder is None, machine
     client.checkin(client.checkout(1, timeout=5))
+
+
+def test_a_forked_child_does_not_keep_its_parents_connection_open(start: Start) -> None:
+    """The connection is the parent's lifeline: a child forked meanwhile (multiprocessing, a
+    test's helper) must not hold it open, or the parent's death goes unseen while it lives."""
+    c = start(size=1)
+    assert c.server is not None
+    client = worker_client(c)
+    client.checkout(1, timeout=5)
+    release_r, release_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: lives until told, touches nothing
+        os.close(release_w)
+        os.read(release_r, 1)
+        os._exit(0)
+    os.close(release_r)
+    try:
+        client.close()  # as if the parent had died
+        closed = time.monotonic()
+        while c.server.stats.reclaimed_on_close == 0:
+            assert time.monotonic() - closed < 1.0, "the child keeps the connection open"
+            time.sleep(0.005)
+    finally:
+        os.close(release_w)
+        os.waitpid(pid, 0)
