@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,12 +105,20 @@ class Connection:
         self._sock: socket.socket | None = None
         self._buffer = b""
         self._owed = 0  # replies to interrupted calls, still to be read and dropped
-        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        _connections.add(self)
+
+    def _forget_in_child(self) -> None:
+        """A forked child must neither share its parent's socket (the replies would mix) nor
+        keep it open (the server would not see the parent's death while the child lives),
+        nor wait for a lock a parent thread held at the fork."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()  # the child's copy only: the parent's stays connected
+        self._sock, self._buffer, self._owed = None, b"", 0
         self._lock = threading.Lock()
 
     def _socket(self) -> socket.socket:
-        if self._pid != os.getpid():  # a forked child must not share its parent's socket
-            self._sock, self._pid, self._buffer, self._owed = None, os.getpid(), b"", 0
         if self._sock is None:
             sock = connect(self.path, self.timeout)
             if sock is None:
@@ -133,16 +142,17 @@ class Connection:
             sock = self._socket()
             try:
                 sock.settimeout(self.timeout)
+                # owed from before it is sent: an interrupt anywhere below leaves it counted
+                self._owed += 1
                 try:
                     sock.sendall(line)
                 except BaseException:
                     self.close()  # part of a line may have gone: this stream is unusable
                     raise
                 deadline = time.monotonic() + self.timeout + wait
-                while self._owed:
+                while self._owed > 1:  # the replies to earlier, interrupted calls
                     self._line(sock, deadline)
                     self._owed -= 1
-                self._owed += 1
                 reply = self._line(sock, deadline)
                 self._owed -= 1
             except (OSError, ServerGone) as exc:
@@ -161,3 +171,14 @@ class Connection:
                 self._sock.close()
             self._sock = None
         self._buffer, self._owed = b"", 0
+
+
+_connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    for conn in list(_connections):
+        conn._forget_in_child()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

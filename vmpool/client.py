@@ -311,15 +311,20 @@ class PoolClient:
             left = max(timeout - (time.monotonic() - begun), 0.0)
             since = self.clock() if front else started
             names, holder, views = self._wait_for_grant(count, fresh, test, left, front, since)
-            addresses = {n: views[n].address if n in views else None for n in names}
-            bad = self._ping(self._needs_ping(views, names)) if self.pre_ping else {}
-            if not bad:
-                waited = self.clock() - started
-                lease = Lease(holder.request, names, addresses, holder, waited,
-                              transport=self.transport)
-                lease.vms = [VM(n, self.backend, addresses[n], lease) for n in names]
-                self._record_wait(waited)
-                return lease
+            try:
+                addresses = {n: views[n].address if n in views else None for n in names}
+                bad = self._ping(self._needs_ping(views, names)) if self.pre_ping else {}
+                if not bad:
+                    waited = self.clock() - started
+                    lease = Lease(holder.request, names, addresses, holder, waited,
+                                  transport=self.transport)
+                    lease.vms = [VM(n, self.backend, addresses[n], lease) for n in names]
+                    self._record_wait(waited)
+                    return lease
+            except BaseException:
+                # an interrupt during the pre-ping: nobody would ever check this lease in
+                self._give_back(holder)
+                raise
             # the healthy ones were never used: back as they were (a check-in would leave
             # them resetting with us as actor, a reset nobody here performs)
             self.transport.run(ops.ReturnUnhealthy(
@@ -354,15 +359,19 @@ class PoolClient:
         except BaseException:
             # an interrupt, or a pool that could not be reached: leave the line, and give
             # back anything granted meanwhile
-            with contextlib.suppress(StateError):
-                self.transport.run(ops.Cancel(request=request_id, holder=holder,
-                                              now=self.clock()))
+            self._give_back(holder)
             raise
         if reply.problem is not None:
             raise PoolUnavailable(reply.problem)
         if reply.granted is None:
             raise CheckoutTimeout(reply.timeout or f"check-out of {count} timed out")
         return reply.granted, holder, reply.machines
+
+    def _give_back(self, holder: Holder) -> None:
+        """Take ``holder``'s request out of the line and return what it was granted, unused."""
+        with contextlib.suppress(StateError):
+            self.transport.run(ops.Cancel(request=holder.request, holder=holder,
+                                          now=self.clock()))
 
     def _needs_ping(self, views: dict[str, ops.MachineView], names: list[str]) -> list[str]:
         """Machines not known healthy within ``pre_ping_after`` seconds."""

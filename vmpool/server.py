@@ -329,10 +329,12 @@ class LeaseServer:
                 self._update_connected()
         self._withdraw({peer for peer, _ in batch})
         order = list(ops)
+        last = {peer: i for i, (peer, _) in enumerate(batch)}
         try:
             results = self.store.apply([ops[i] for i in order])
         except StateError as exc:  # the record cannot be had (a full disk, a removed pool)
             results = [exc] * len(order)
+        withdrawn: list[tuple[str, _Waiting]] = []
         for i, result in zip(order, results, strict=True):
             op = ops[i]
             if isinstance(result, BaseException):
@@ -347,10 +349,18 @@ class LeaseServer:
                 and op.wait > 0
             ):
                 started = time.monotonic()
-                self._waiting[op.request.id] = _Waiting(batch[i][0], op, started,
-                                                        started + op.wait)
+                waiting = _Waiting(batch[i][0], op, started, started + op.wait)
+                if last[waiting.peer] > i:
+                    # its client sent more after it (an interrupted wait, then its Cancel):
+                    # withdrawn now, or its answer would come after the later ones
+                    withdrawn.append((op.request.id, waiting))
+                    replies[i] = _reply(CheckoutReply(problem="withdrawn by the client"))
+                else:
+                    self._waiting[op.request.id] = waiting
             else:
                 replies[i] = _reply(result)
+        if withdrawn:
+            self._give_up(withdrawn)
         if any(_leaves_work(op, result) for op, result in zip(
             (ops[i] for i in order), results, strict=True
         )):

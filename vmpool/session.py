@@ -175,8 +175,9 @@ class SessionServer:
                 self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
         for conn in list(self._conns):
+            # reading ends; a waiting worker's answer (just woken above) still goes out
             with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
+                conn.shutdown(socket.SHUT_RD)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         self.file.remove()
@@ -243,8 +244,11 @@ class SessionServer:
                     return PoolAnswer(error=rec.errors[ask.profile])
                 if ask.profile in rec.pools:
                     return PoolAnswer(pool=rec.pools[ask.profile])
+                if self._closed:
+                    return PoolAnswer(error="the controller stopped before making it (the "
+                                      "session is ending)")
                 left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
+                if left <= 0:
                     return PoolAnswer()
                 self._cond.wait(left)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -456,3 +457,74 @@ def test_a_lease_keeps_its_connection_after_the_client_object_is_dropped(start: 
     gc.collect()
     wait_until(lambda: c.server is not None and c.server.stats.reclaimed_on_close == 1, 5,
                "the reclaim once the lease is dropped too")
+
+
+# -- review of the rebuilt lease layer (issue 16) ------------------------------------------
+def test_a_waiting_checkout_and_its_cancel_in_one_batch_are_answered_in_order(
+    start: Start,
+) -> None:
+    """An interrupted client's check-out and the Cancel that follows it can reach the server
+    together: the check-out is answered first, so replies stay paired with requests."""
+    c = start(size=1)
+    assert c.server is not None
+    holder = worker_client(c)
+    lease = holder.checkout(1, timeout=5)  # nothing free: the raw check-out would wait
+    step = _request("waits").model_copy(update={"wait": 30.0})
+    cancel = ops.Cancel(request="waits", holder=step.request.holder, now=2.0)
+    raw = _Raw(c.server.path)
+    try:
+        first, second = raw.call(step.model_dump_json().encode() + b"\n",
+                                 cancel.model_dump_json().encode() + b"\n")
+        assert "problem" in first["ok"] and "granted" in first["ok"], (first, second)
+        assert first["ok"]["problem"] is not None
+        assert "problem" not in second["ok"], (first, second)
+        assert not c.server._waiting and not c.snapshot().queue
+    finally:
+        raw.close()
+    holder.checkin(lease)
+
+
+def test_an_interrupt_after_the_grant_gives_the_machines_back(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupt during the pre-ping (pytest-timeout's signal, a ^C) after the grant came:
+    nobody will check that lease in, so the check-out gives it back before it raises."""
+    c = start(size=1)
+    client = PoolClient(c.directory.store(c.pool_id), c.backend,
+                        policy_for(c.profile, c.backend), pre_ping=True)
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(c.backend, "exec", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        client.checkout(1, timeout=5)
+    monkeypatch.undo()
+    (machine,) = c.snapshot().machines
+    assert machine.state is MachineState.READY and machine.holder is None, machine
+    client.checkin(client.checkout(1, timeout=5))
+
+
+def test_a_forked_child_does_not_keep_its_parents_connection_open(start: Start) -> None:
+    """The connection is the parent's lifeline: a child forked meanwhile (multiprocessing, a
+    test's helper) must not hold it open, or the parent's death goes unseen while it lives."""
+    c = start(size=1)
+    assert c.server is not None
+    client = worker_client(c)
+    client.checkout(1, timeout=5)
+    release_r, release_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: lives until told, touches nothing
+        os.close(release_w)
+        os.read(release_r, 1)
+        os._exit(0)
+    os.close(release_r)
+    try:
+        client.close()  # as if the parent had died
+        closed = time.monotonic()
+        while c.server.stats.reclaimed_on_close == 0:
+            assert time.monotonic() - closed < 1.0, "the child keeps the connection open"
+            time.sleep(0.005)
+    finally:
+        os.close(release_w)
+        os.waitpid(pid, 0)

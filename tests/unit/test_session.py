@@ -86,3 +86,32 @@ def test_demand_and_workers_reach_the_controller_and_its_record(
 def test_without_a_controller_a_worker_gets_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StateError, match=r"session nosuch: .*the controller is gone"):
         SessionClient(tmp_path, "nosuch").report({"default": 1}, [], final=True)
+
+
+def test_a_worker_waiting_when_the_controller_stops_hears_so_at_once(tmp_path: Path) -> None:
+    tmp_path.chmod(0o700)
+    server = SessionServer(tmp_path, "sess02", current_process(), lambda: None)
+    server.start()
+    client = SessionClient(tmp_path, "sess02")
+    errors: list[tuple[Exception, float]] = []
+
+    def wait() -> None:
+        try:
+            client.wait_pool("default", 60)
+        except (PoolUnavailable, StateError) as exc:
+            errors.append((exc, time.monotonic()))
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server._conns:  # the worker is connected (and waiting)
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    time.sleep(0.05)
+    server.stop()
+    stopped = time.monotonic()
+    thread.join(10)
+    (error, when), = errors
+    assert when - stopped < 1.0
+    # not "did not create the pool within 60s": it did not wait 60 s
+    assert "within 60s" not in str(error) and "stop" in str(error), error

@@ -155,3 +155,43 @@ def test_a_forked_child_opens_its_own_connection(sock_path: Path) -> None:
     finally:
         conn.close()
         server.close()
+
+
+def test_a_call_interrupted_while_reading_an_owed_reply_still_owes_its_own(
+    sock_path: Path,
+) -> None:
+    """Two interrupted calls in a row leave two replies owed: the third call gets its own."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(1)
+    conn = _wire.Connection(sock_path, timeout=5)
+
+    def serve() -> None:  # answers nothing until the third line, then all three in order
+        peer, _ = listener.accept()
+        with peer:
+            buffer = b""
+            while buffer.count(b"\n") < 3:
+                chunk = peer.recv(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+            peer.sendall(b'{"ok":"first"}\n{"ok":"second"}\n{"ok":"third"}\n')
+            peer.recv(1)  # until the client closes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    main = threading.get_ident()
+    old = signal.signal(signal.SIGUSR1, _raise_interrupt)
+    try:
+        for line in (b"first\n", b"second\n"):
+            timer = threading.Timer(0.1, lambda: signal.pthread_kill(main, signal.SIGUSR1))
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                conn.call(line)
+            timer.join()
+        assert conn.call(b"third\n") == b'"third"'
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        conn.close()
+        listener.close()
+    thread.join(5)
