@@ -4,19 +4,30 @@ snapshot reset. Two machines booted once for the module (a cold boot is 20-30 s 
 from __future__ import annotations
 
 import shutil
+import stat
 import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from vmpool.backends.base import MachineSpec
+import vmpool
+from vmpool.backends.base import Backend, MachineSpec
 from vmpool.backends.qemu import QemuBackend
 from vmpool.backends.qemu import debian as qemu_debian
+from vmpool.client import VM
 from vmpool.config import QemuSettings
-from vmpool.errors import BackendUnavailable
+from vmpool.errors import (
+    BackendUnavailable,
+    CommandFailed,
+    CommandSucceeded,
+    UnitFailed,
+    WaitTimeout,
+)
 
 pytestmark = [
     pytest.mark.qemu,
@@ -132,3 +143,77 @@ def p(pair: Pair) -> Pair:
     return pair
 
 
+
+
+# --- the VM-test API on a QEMU Debian guest (machine b; a is the reset test's) ----------------
+
+
+@pytest.fixture
+def vm(pair: Pair, handle: Callable[[Backend, str], VM]) -> VM:
+    return handle(pair.backend, pair.b)
+
+
+def test_succeed_and_fail_raise_with_the_output(vm: VM) -> None:
+    assert vm.succeed("echo $((6 * 7))") == "42\n"
+    with pytest.raises(CommandFailed, match="said-this"):
+        vm.succeed("echo said-this; exit 2")
+    assert vm.fail("echo no; false") == "no\n"
+    with pytest.raises(CommandSucceeded):
+        vm.fail("true")
+
+
+def test_wait_for_unit_returns_for_an_active_unit_and_raises_at_once_for_a_failed_one(
+    vm: VM,
+) -> None:
+    vm.wait_for_unit("ssh.service", timeout=30)
+    vm.succeed(
+        "printf '[Service]\\nExecStart=/bin/sh -c \"echo about-to-fail; exit 3\"\\n' "
+        "> /etc/systemd/system/vmpool-broken.service && systemctl daemon-reload && "
+        "systemctl start --no-block vmpool-broken.service"
+    )
+    started = time.monotonic()
+    with pytest.raises(UnitFailed) as info:
+        vm.wait_for_unit("vmpool-broken.service", timeout=60)
+    assert time.monotonic() - started < 5
+    assert "vmpool-broken.service" in str(info.value) and "status=3" in str(info.value)
+
+
+def test_wait_for_port_sees_sshd_and_times_out_on_a_closed_port(vm: VM) -> None:
+    vm.wait_for_port(22, timeout=30)
+    with pytest.raises(WaitTimeout, match=r"TCP port 2222 is not listening within 0.5s"):
+        vm.wait_for_port(2222, timeout=0.5)
+
+
+def test_copy_to_and_copy_from_keep_files_and_modes(vm: VM, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tool").write_text("#!/bin/sh\necho from-host\n")
+    (src / "tool").chmod(0o750)
+    vm.copy_to(src, "/opt/in")
+    assert vm.succeed("/opt/in/tool; stat -c %a /opt/in/tool") == "from-host\n750\n"
+    vm.succeed("echo from-guest > /opt/in/made")
+    vm.copy_from("/opt/in", tmp_path / "out")
+    assert (tmp_path / "out" / "made").read_text() == "from-guest\n"
+    assert stat.S_IMODE((tmp_path / "out" / "tool").stat().st_mode) == 0o750
+
+
+def test_ssh_takes_the_pool_key_only_and_ansible_pings_both_machines(
+    pair: Pair, handle: Callable[[Backend, str], VM], tmp_path: Path
+) -> None:
+    vms = [handle(pair.backend, name) for name in (pair.a, pair.b)]
+    access = vms[0].ssh
+    assert stat.S_IMODE(access.key_file.parent.stat().st_mode) == 0o700
+    config = vms[0].succeed("sshd -T | grep -E '^(passwordauthentication|permitrootlogin) '")
+    assert sorted(config.splitlines()) == [
+        "passwordauthentication no", "permitrootlogin without-password"
+    ]
+    inventory = vmpool.ansible_inventory(vms, tmp_path / "hosts.ini")
+    ran = subprocess.run(
+        [sys.executable, "-m", "ansible.cli.adhoc", "-i", str(inventory), "vmpool", "-m", "ping"],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={"ANSIBLE_HOME": str(tmp_path / "ansible"), "ANSIBLE_NOCOLOR": "1",
+             "PATH": "/usr/bin:/bin"},
+    )
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    for machine in vms:
+        assert f"{machine.name} | SUCCESS" in ran.stdout

@@ -58,6 +58,8 @@ SNAPSHOT_TAG = "vmpool-ready"
 
 _SNAPSHOT_TIMEOUT = 120.0
 _RESYNC_TIMEOUT = 15.0
+#: setting a Debian guest's identity (ssh-keygen, an sshd restart): seconds on a busy host
+_IDENTITY_TIMEOUT = 120.0
 
 
 class QemuBackend:
@@ -340,7 +342,11 @@ class QemuBackend:
 
     def _wait_debian(self, run_dir: Path, record: Record, deadline: float) -> None:
         """Ready = systemd in one of ``ready_states``, the machine's own identity and the
-        pool's key set (once per boot), and sshd answering on the forwarded port."""
+        pool's key set (once per boot), and sshd answering on the forwarded port.
+
+        Resumable: the controller calls wait_ready in short slices; a slice that ends first
+        raises ReadyTimeout and the next one continues (the identity is recorded once set).
+        """
         name = record.name
         ready = self.settings.ready_states
 
@@ -366,8 +372,9 @@ class QemuBackend:
                         first_interval=0.1, max_interval=0.5)
             if not record.prepared:
                 public = pool_key(self.state_dir).with_suffix(".pub").read_text()
+                # a one-off step of its own length: the controller waits in slices of 2 s
                 result = self.exec(name, debian_guest.identity_argv(record, public),
-                                   remaining())
+                                   _IDENTITY_TIMEOUT)
                 if not result.ok:
                     raise BackendError(
                         f"qemu machine {name}: setting its identity failed (exit "
@@ -383,6 +390,10 @@ class QemuBackend:
                                f"{process.died_hint(run_dir)}") from None
         except ReadyTimeout as exc:
             raise ReadyTimeout(f"{exc}{process.died_hint(run_dir)}") from None
+        finally:
+            # qemu-ga serves one connection at a time: the process warming the machine is
+            # not the one that checks it out, pings and resets it
+            self.release(name)
 
     def _run_dir(self, name: str) -> Path:
         return self.root / name
