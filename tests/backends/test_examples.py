@@ -86,6 +86,28 @@ def test_debian_examples_pass_on_podman_through_the_pool_and_leave_nothing(
     from vmpool.config import PodmanSettings
 
     build_image(PodmanSettings(distro="debian"))  # .ci/install built it: kept while current
+    _run_debian_examples(tmp_path, "podman")
+
+
+@pytest.mark.qemu
+@pytest.mark.xdist_group("ex-debian-qemu")
+def test_debian_examples_pass_on_qemu_through_the_pool_and_leave_nothing(
+    tmp_path: Path,
+) -> None:
+    from vmpool.backends.qemu import debian as qemu_debian
+    from vmpool.config import QemuSettings
+
+    qemu_debian.find_image(QemuSettings())  # .ci/install built it (90 s): not built here
+    _run_debian_examples(tmp_path, "qemu")
+    # no qemu process of this state dir is left (its command line holds the run dir)
+    state = str(tmp_path / "state")
+    left = [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
+            if any(state in arg for arg in p.info["cmdline"] or [])]
+    assert left == []
+
+
+def _run_debian_examples(tmp_path: Path, backend_name: str) -> None:
+    """examples/debian/ with -n 2 through a pool of 2 machines on ``backend_name``."""
     state = tmp_path / "state"
     prefix = "vmdeb" + secrets.token_hex(3)
     config = tmp_path / "pool.toml"
@@ -95,7 +117,7 @@ def test_debian_examples_pass_on_podman_through_the_pool_and_leave_nothing(
     proc = subprocess.run(
         [
             sys.executable, "-m", "pytest", "-n", "2",
-            "--vm-backend", "podman",
+            "--vm-backend", backend_name,
             "--vm-state-dir", str(state),
             "--vm-pool-config", str(config),
             "-p", "no:cacheprovider",
@@ -111,7 +133,7 @@ def test_debian_examples_pass_on_podman_through_the_pool_and_leave_nothing(
     assert "6 passed" in proc.stdout, output
     assert "machines created 2" in proc.stdout, output
     profile = load(config, environ={}).default
-    backend = make_backend("podman", profile, state)
+    backend = make_backend(backend_name, profile, state)
     assert backend.list(prefix + "-") == [], output
     assert backend.list_networks(prefix + "-") == [], output
     assert not list(state.glob("*.json")), "pool record left behind"

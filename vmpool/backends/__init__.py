@@ -38,7 +38,7 @@ def make_backend(name: str, profile: Profile, state_dir: Path) -> Backend:
     if name == "qemu":
         from vmpool.backends.qemu import QemuBackend
 
-        return QemuBackend(profile.qemu, state_dir)
+        return QemuBackend(profile.qemu, state_dir, packages=profile.image.packages)
     if name == "orbstack":
         from vmpool.backends.orbstack import OrbstackBackend
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import builtins
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,12 +27,13 @@ from vmpool.backends.base import (
     MachineInfo,
     MachineSpec,
     SshAccess,
+    probe_until,
     validate_name,
 )
-from vmpool.backends.qemu import agent, process, qmp, sockets
+from vmpool.backends.qemu import agent, debian_guest, process, qmp, sockets
 from vmpool.backends.qemu.accel import AccelResolver
 from vmpool.backends.qemu.clone import Clones
-from vmpool.backends.qemu.image import find_image
+from vmpool.backends.qemu.image import ImagePaths, find_image
 from vmpool.backends.qemu.network import Networks, mac
 from vmpool.backends.qemu.records import (
     LABELS,
@@ -49,7 +50,8 @@ from vmpool.backends.qemu.records import (
 )
 from vmpool.backends.qemu.template import TEMPLATES_DIR, Templates
 from vmpool.config import QemuSettings
-from vmpool.errors import BackendError
+from vmpool.errors import BackendError, ReadyTimeout
+from vmpool.ssh import pool_key
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ SNAPSHOT_TAG = "vmpool-ready"
 
 _SNAPSHOT_TIMEOUT = 120.0
 _RESYNC_TIMEOUT = 15.0
+#: setting a Debian guest's identity (ssh-keygen, an sshd restart): seconds on a busy host
+_IDENTITY_TIMEOUT = 120.0
 
 
 class QemuBackend(BackendBase):
@@ -66,9 +70,16 @@ class QemuBackend(BackendBase):
     capabilities = Capabilities(reset=True, labels=True, network=True)
 
     def __init__(
-        self, settings: QemuSettings, state_dir: Path, *, template_dir: Path | None = None
+        self,
+        settings: QemuSettings,
+        state_dir: Path,
+        *,
+        template_dir: Path | None = None,
+        packages: Iterable[str] = (),
     ) -> None:
         self.settings = settings
+        #: packages the Debian image was built with (``[image] packages``)
+        self.packages = tuple(packages)
         self.state_dir = Path(state_dir)
         self.root = self.state_dir / "qemu"
         #: where clone templates are saved; per host by default, so every session shares them
@@ -94,7 +105,7 @@ class QemuBackend(BackendBase):
         _proc.run(
             ["qemu-img", "--version"], timeout=30, install_hint=process.IMG_INSTALL_HINT
         ).check("qemu-img --version")
-        find_image(self.settings)
+        self._image()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -103,7 +114,10 @@ class QemuBackend(BackendBase):
         name = validate_name(spec.name)
         if name == NETWORKS_DIR:
             raise BackendError(f"machine name {name!r} is reserved by the qemu backend")
-        image = find_image(self.settings)
+        image = self._image()
+        debian = self.settings.distro == "debian"
+        if debian:
+            pool_key(self.state_dir)  # made once per pool, installed at the first readiness
         run_dir = self._run_dir(name)
         private_dir(self.root)
         try:
@@ -131,6 +145,7 @@ class QemuBackend(BackendBase):
                 prefix=net.prefix if net else None,
                 mac=mac(net.name, spec.index) if net else None,
                 hub=str(net.hub_sock) if net else None,
+                distro=self.settings.distro,
             )
             process.make_overlay(image, run_dir / OVERLAY)
             save_record(run_dir, record)
@@ -154,7 +169,10 @@ class QemuBackend(BackendBase):
         record = replace(
             record, accel=accel, template=None, template_stamp=None, clone_pending=False
         )
-        if self.settings.warmup == "clone":
+        if record.distro == "debian":
+            # a new boot: identity and key again, on a port free now
+            record = replace(record, ssh_port=debian_guest.free_port(), prepared=False)
+        elif self.settings.warmup == "clone":
             template = self.templates.get(
                 record.mac is not None, accel, f"qemu machine {record.name}"
             )
@@ -192,6 +210,8 @@ class QemuBackend(BackendBase):
                 record = self.clones.finish(run_dir, load_record(run_dir), deadline)
         remaining = max(deadline - time.monotonic(), 0.01)
         agent.wait_agent(run_dir, record, remaining, what=f"qemu machine {name}")
+        if record.distro == "debian":
+            self._wait_debian(run_dir, record, deadline)
 
     def exec(self, name: str, argv: Sequence[str], timeout: float) -> ExecResult:
         """Run ``argv`` through qemu-ga's guest-exec; ExecTimeout (and a kill) after ``timeout``."""
@@ -242,6 +262,8 @@ class QemuBackend(BackendBase):
                 run_dir, record, _RESYNC_TIMEOUT, what=f"qemu machine {name} after reset",
                 run_true=False,
             )
+            if record.distro == "debian":
+                agent.set_time(record, time.monotonic() + _RESYNC_TIMEOUT)
 
     def delete(self, name: str) -> None:
         """Quit (or kill) qemu and remove the run directory; a missing machine is success."""
@@ -275,8 +297,11 @@ class QemuBackend(BackendBase):
         return load_record(self._existing(name)).ip
 
     def ssh(self, name: str) -> SshAccess | None:
-        """None: the busybox guest has no sshd (the Debian guest will forward one)."""
-        return None
+        """A Debian guest's sshd, forwarded from 127.0.0.1; None for the busybox guest."""
+        record = load_record(self._existing(name))
+        if record.distro != "debian" or record.ssh_port is None:
+            return None
+        return SshAccess("127.0.0.1", record.ssh_port, "root", pool_key(self.state_dir))
 
     # --- networks -----------------------------------------------------------------------
 
@@ -302,7 +327,7 @@ class QemuBackend(BackendBase):
         """The slow one-off work, done before any machine is asked for: the KVM verdict and,
         with clone warm-up, the template (the plugin calls this while tests are collected)."""
         accel = self.resolve_accel()
-        if self.settings.warmup == "clone":
+        if self.settings.warmup == "clone" and self.settings.distro == "busybox":
             self.templates.get(networked, accel, "the pool")
 
     def template_path(self, networked: bool) -> Path:
@@ -310,6 +335,66 @@ class QemuBackend(BackendBase):
         return self.templates.path(networked, self.resolve_accel())
 
     # --- internals ----------------------------------------------------------------------
+
+    def _image(self) -> ImagePaths:
+        if self.settings.distro == "debian":
+            return debian_guest.image_paths(self.settings, self.packages)
+        return find_image(self.settings)
+
+    def _wait_debian(self, run_dir: Path, record: Record, deadline: float) -> None:
+        """Ready = systemd in one of ``ready_states``, the machine's own identity and the
+        pool's key set (once per boot), and sshd answering on the forwarded port.
+
+        Resumable: the controller calls wait_ready in short slices; a slice that ends first
+        raises ReadyTimeout and the next one continues (the identity is recorded once set).
+        """
+        name = record.name
+        ready = self.settings.ready_states
+
+        def remaining() -> float:
+            return max(deadline - time.monotonic(), 0.01)
+
+        def systemd_up() -> None:
+            if process.find(run_dir) is None:
+                raise process.QemuExited
+            result = self.exec(name, ["systemctl", "is-system-running"], remaining())
+            state = result.stdout.strip()
+            if state not in ready:
+                raise BackendError(f"systemd is {state!r}, not {' or '.join(ready)}")
+
+        def ssh_up() -> None:
+            if process.find(run_dir) is None:
+                raise process.QemuExited
+            assert record.ssh_port is not None
+            debian_guest.probe_ssh(record.ssh_port, deadline)
+
+        try:
+            probe_until(systemd_up, timeout=remaining(), what=f"qemu machine {name} systemd",
+                        first_interval=0.1, max_interval=0.5)
+            if not record.prepared:
+                public = pool_key(self.state_dir).with_suffix(".pub").read_text()
+                # a one-off step of its own length: the controller waits in slices of 2 s
+                result = self.exec(name, debian_guest.identity_argv(record, public),
+                                   _IDENTITY_TIMEOUT)
+                if not result.ok:
+                    raise BackendError(
+                        f"qemu machine {name}: setting its identity failed (exit "
+                        f"{result.returncode}): {(result.stderr or result.stdout)[-500:]}"
+                    )
+                debian_guest.check_identity(record, result.stdout)
+                record = replace(record, prepared=True)
+                save_record(run_dir, record)
+            probe_until(ssh_up, timeout=remaining(), what=f"qemu machine {name} ssh",
+                        first_interval=0.1, max_interval=0.5)
+        except process.QemuExited:
+            raise BackendError(f"qemu machine {name}: qemu exited"
+                               f"{process.died_hint(run_dir)}") from None
+        except ReadyTimeout as exc:
+            raise ReadyTimeout(f"{exc}{process.died_hint(run_dir)}") from None
+        finally:
+            # qemu-ga serves one connection at a time: the process warming the machine is
+            # not the one that checks it out, pings and resets it
+            self.release(name)
 
     def _run_dir(self, name: str) -> Path:
         return self.root / name

@@ -18,6 +18,7 @@ from typing import cast
 
 from vmpool.backends.base import probe_until
 from vmpool.backends.qemu import agent, process, qmp
+from vmpool.backends.qemu.network import guest_address_commands
 from vmpool.backends.qemu.records import RECORD, Accel, Record, save_record
 from vmpool.backends.qemu.template import Templates
 from vmpool.errors import BackendError, ReadyTimeout, VmPoolError
@@ -146,18 +147,6 @@ def identity_script(record: Record) -> str:
         # mix host randomness in: clones start with the template's pool (reseeds soon after)
         f"echo {secrets.token_hex(32)} > /dev/urandom",
     ]
-    if record.ip is not None and record.mac is not None:
-        lines += [
-            "ip link set eth0 down",
-            f"ip link set eth0 address {q(record.mac)}",
-            "ip addr flush dev eth0",
-            f"ip addr add {q(f'{record.ip}/{record.prefix}')} dev eth0",
-            "ip link set eth0 up",
-        ]
-    lines.append("hostname")
-    if record.ip is not None:
-        lines += [
-            "cat /sys/class/net/eth0/address",
-            "ip -o -4 addr show dev eth0 | awk '{print $4}'",
-        ]
+    setting, printing = guest_address_commands(record, "eth0")
+    lines += [*setting, "hostname", *printing]
     return "\n".join(lines) + "\n"

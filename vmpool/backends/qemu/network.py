@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import secrets
+import shlex
 import shutil
 import socket
 import sys
@@ -76,6 +77,26 @@ def mac(network: str, index: int) -> str:
     """The MAC of machine ``index`` on ``network``: distinct per guest (QEMU's default is not)."""
     digest = hashlib.sha256(network.encode()).digest()
     return f"52:54:00:{digest[0]:02x}:{(index >> 8) & 0xFF:02x}:{index & 0xFF:02x}"
+
+
+def guest_address_commands(record: Record, device: str) -> tuple[list[str], list[str]]:
+    """Guest shell lines giving ``device`` the record's MAC and pool address, and lines
+    printing them back (MAC, then address/prefix) for the caller to compare; none without."""
+    if record.ip is None or record.mac is None:
+        return [], []
+    dev = shlex.quote(device)
+    setting = [
+        f"ip link set {dev} down",
+        f"ip link set {dev} address {shlex.quote(record.mac)}",
+        f"ip addr flush dev {dev}",
+        f"ip addr add {shlex.quote(f'{record.ip}/{record.prefix}')} dev {dev}",
+        f"ip link set {dev} up",
+    ]
+    printing = [
+        f"cat /sys/class/net/{dev}/address",
+        f"ip -o -4 addr show dev {dev} | awk '{{print $4}}'",
+    ]
+    return setting, printing
 
 
 class Networks:

@@ -19,7 +19,7 @@ import psutil
 from vmpool import _proc
 from vmpool._files import UMASK, tighten_tree
 from vmpool.backends.base import probe_until
-from vmpool.backends.qemu import qmp, sockets
+from vmpool.backends.qemu import debian_guest, qmp, sockets
 from vmpool.backends.qemu.records import (
     CONSOLE,
     OVERLAY,
@@ -68,6 +68,8 @@ class Launcher:
 
     def cmdline(self, record: Record | None) -> str:
         """The kernel command line; ``None`` is the template's (no address: clones get theirs)."""
+        if record is not None and record.distro == "debian":
+            return debian_guest.kernel_cmdline(self.settings)
         hostname = record.name if record is not None else TEMPLATE_NAME
         cmdline = ["console=ttyS0", "quiet", "panic=1", f"vmpool.hostname={hostname}"]
         if record is not None and record.ip is not None:
@@ -89,6 +91,7 @@ class Launcher:
         (paths, sockets, netdev, MAC property): the devices must match for the restore."""
         s = self.settings
         cloned = template or incoming is not None
+        debian = record.distro == "debian"
         argv = [
             s.binary,
             "-daemonize",
@@ -98,7 +101,7 @@ class Launcher:
             "-name", f"guest={record.name},process={record.name}",
             "-M", s.machine,
             "-accel", accel,
-            "-m", str(s.memory),
+            "-m", str(debian_guest.memory(s) if debian else s.memory),
             "-smp", str(s.cpus),
             "-serial", f"file:{run_dir / CONSOLE}",
             "-kernel", record.kernel,
@@ -111,6 +114,8 @@ class Launcher:
             "-qmp", f"unix:{record.qmp_sock},server=on,wait=off",
             "-pidfile", str(run_dir / PIDFILE),
         ]
+        if debian:
+            argv += debian_guest.nic_argv(record)
         if record.mac is not None:
             if record.hub is not None:
                 # a unix socket in a 0700 directory: only we can connect, unlike an inet

@@ -51,6 +51,12 @@ class Record:
     clone_pending: bool = False
     #: time.monotonic() at launch (system-wide on Linux): bounds the clone's restore
     launched_at: float | None = None
+    #: "busybox" or "debian" ([qemu] distro when it was created)
+    distro: str = "busybox"
+    #: the 127.0.0.1 port forwarded to a Debian guest's sshd (chosen at each launch)
+    ssh_port: int | None = None
+    #: a Debian guest got its own identity and the pool's ssh key (at its first readiness)
+    prepared: bool = False
 
     @property
     def qmp_sock(self) -> Path:
