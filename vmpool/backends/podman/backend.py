@@ -398,6 +398,9 @@ class PodmanBackend:
             else ["rm", "-f", "-v"]
         records = {n: self._records.load(n) for n in names}
         extra = self._holders(records)
+        if self._live is not None:  # from the host, at once: `rm` then waits for no process
+            for name in names:
+                self._live.kill(name)
         if extra:  # --depend: a holder goes after the machine in its namespace
             args.append("--depend")
         result = self._tool.run(*args, *names, *extra)
