@@ -1,19 +1,22 @@
-"""Per-reset cost on podman: live reset, CLI recreate, and a plain container per test.
+"""Per-reset cost on podman: live reset, API and CLI recreate, and a plain container per test.
 
     python -m bench.podman_reset                    # 10 interleaved rounds
     python -m bench.podman_reset --rounds 30 --json out.json
 
 Each round runs, one after another (so load from elsewhere hits them alike):
   live   vmpool's reset of a machine the live reset serves (vmpool.backends.podman.live_reset)
-  cli    vmpool's reset with the live reset off: remove, run from the snapshot, probe
+  api    vmpool's full reset (the live reset off): through podman's REST API service
+         (vmpool.backends.podman.api_reset): host-side kill, delete, create, start, agent start
+  cli    vmpool's full reset with the API off too: `rm -f -v`, `run -d` from the snapshot, probe
   plain  what a per-test fixture does: `podman run -d`, an exec probe, `podman rm -f -v`
 Before each reset (untimed) the machine gets dirty: a file written, a process left running; the
 reset is checked to have undone both.
 
 Wall time is the call's. CPU is that of every process in a cpuacct cgroup made for this run
 (this process and all it starts: the podman CLI, nsenter ...) plus the container's own cgroup
-(runc's init, the probe). Not counted: conmon and what it runs (podman puts every conmon in one
-shared cgroup), which only the recreating ways (cli, plain) use: their CPU is under-counted.
+(runc's init, the probe); the API service is this process's child, started inside that cgroup,
+so its CPU is counted. Not counted: conmon and what it runs (podman puts every conmon in one
+shared cgroup), which only the recreating ways (api, cli, plain) use: their CPU is under-counted.
 Needs root (cgroup v1 cpuacct, as on this host) and podman.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -39,7 +43,7 @@ from vmpool.config import PodmanSettings
 
 _CPUACCT = Path("/sys/fs/cgroup/cpuacct")
 _DIRT = "touch /tmp/vmpool-bench-dirt; sleep 1000 >/dev/null 2>&1 &"
-WAYS = ("live", "cli", "plain")
+WAYS = ("live", "api", "cli", "plain")
 
 
 @contextlib.contextmanager
@@ -51,7 +55,10 @@ def own_cgroup() -> Iterator[Path]:
         (path / "cgroup.procs").write_text(str(os.getpid()))
         yield path
     finally:
-        (_CPUACCT / "cgroup.procs").write_text(str(os.getpid()))
+        # this process, and what it started that still runs (the API service until teardown)
+        for pid in (path / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                (_CPUACCT / "cgroup.procs").write_text(pid)
         path.rmdir()
 
 
@@ -95,12 +102,12 @@ class Plain:
 
 def run(rounds: int, root: Path) -> dict[str, list[tuple[float, float]]]:
     image = build_image(PodmanSettings())
-    live = PodmanBackend(PodmanSettings(image=image), root / "live")
-    cli = PodmanBackend(PodmanSettings(image=image), root / "cli")
-    cli._live = None  # today's reset: always the CLI recreate
-    names = {"live": f"vmpoolbench-{uuid.uuid4().hex[:8]}-live",
-             "cli": f"vmpoolbench-{uuid.uuid4().hex[:8]}-cli"}
-    backends = {"live": live, "cli": cli}
+    backends = {way: PodmanBackend(PodmanSettings(image=image), root / way)
+                for way in WAYS if way != "plain"}
+    backends["api"]._live = None  # the fallback: a full reset, through the API
+    backends["cli"]._live = backends["cli"]._api = None  # the full reset on the CLI
+    live = backends["live"]
+    names = {way: f"vmpoolbench-{uuid.uuid4().hex[:8]}-{way}" for way in backends}
     plain = Plain(image, live.run_options().argv())
     results: dict[str, list[tuple[float, float]]] = {w: [] for w in WAYS}
     try:
@@ -117,7 +124,7 @@ def run(rounds: int, root: Path) -> dict[str, list[tuple[float, float]]]:
                     assert b.exec(name, ["sh", "-c", _DIRT], 60).ok
                     box = _container_cgroup(name)
                     box0 = _usage(box)
-                    wall, cpu = timed(cgroup, lambda b=b, name=name: b.reset(name))
+                    wall, cpu = timed(cgroup, functools.partial(b.reset, name))
                     # live: the same container's CPU meanwhile; cli: all of the new one's
                     new = _container_cgroup(name)
                     cpu += (_usage(new) - (box0 if new == box else 0)) / 1e9
@@ -130,7 +137,7 @@ def run(rounds: int, root: Path) -> dict[str, list[tuple[float, float]]]:
                 results["plain"].append((wall, cpu + plain.cpu_in_box / 1e9))
     finally:
         for way, name in names.items():
-            backends[way].delete(name)
+            backends[way].delete_many([name])  # and the API service, where one was started
     return results
 
 

@@ -27,6 +27,7 @@ from vmpool.backends.podman import (
     image_current,
     warm_image_name,
 )
+from vmpool.backends.podman import api as podman_api
 from vmpool.backends.podman import commands as podman_commands
 from vmpool.backends.podman import image as podman_image
 from vmpool.config import PodmanSettings
@@ -67,9 +68,11 @@ def image() -> str:
 
 
 @pytest.fixture(scope="session")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     # shared, so the runtime verdict is probed once per test session
-    return tmp_path_factory.mktemp("podman-state")
+    path = tmp_path_factory.mktemp("podman-state")
+    yield path
+    podman_api.stop_recorded(path)  # what full resets started (teardown's delete_many would)
 
 
 @pytest.fixture

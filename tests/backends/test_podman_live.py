@@ -17,6 +17,7 @@ import pytest
 from vmpool import _proc, reaper
 from vmpool.backends.base import MachineSpec
 from vmpool.backends.podman import PodmanBackend, build_image
+from vmpool.backends.podman import api as podman_api
 from vmpool.backends.podman import live_reset as podman_live
 from vmpool.config import PodmanSettings
 from vmpool.state import JsonStateDir
@@ -61,6 +62,7 @@ def make(image: str, tmp_path: Path) -> Iterator[Callable[..., tuple[PodmanBacke
     yield make
     for backend, name in made:
         backend.delete(name)
+    podman_api.stop_recorded(tmp_path)  # what full resets started (teardown's delete_many would)
 
 
 def container_id(name: str) -> str:

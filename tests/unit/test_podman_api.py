@@ -59,7 +59,8 @@ def test_error_status_names_endpoint_and_podmans_message(short_dir: Path) -> Non
         with pytest.raises(podman_api.ApiError) as info:
             api.delete("m1")
     assert info.value.status == 500
-    assert "DELETE /v4.0.0/libpod/containers/m1?force=true&timeout=0&v=true" in str(info.value)
+    endpoint = "DELETE /v4.0.0/libpod/containers/m1?force=true&timeout=0&volumes=true"
+    assert endpoint in str(info.value)
     assert "container state improper" in str(info.value)
 
 

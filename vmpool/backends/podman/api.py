@@ -144,7 +144,8 @@ class PodmanApi:
     def delete(self, name: str, *, volumes: bool = True) -> bool:
         """Remove the container at once (force, no stop timeout), with its anonymous volumes
         unless ``volumes`` is False; False when it was already gone."""
-        query = {"force": "true", "timeout": "0", "v": "true" if volumes else "false"}
+        # libpod's name for it is `volumes`; `v` (docker's) is silently ignored on /libpod paths
+        query = {"force": "true", "timeout": "0", "volumes": "true" if volumes else "false"}
         resp = self.request(
             "DELETE", f"{LIBPOD}/containers/{_q(name)}", query=query, ok=(200, 204, 404)
         )
@@ -316,12 +317,9 @@ def _message(decoded: Any, raw: bytes) -> str:
     return raw.decode(errors="replace").strip()[-500:] or "(empty body)"
 
 
-def recreate(api: PodmanApi, name: str, spec: Mapping[str, Any], *,
-             timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
-    """The full reset through the API: SIGKILL the container's processes from the host (its
-    cgroup's pids), delete it with its anonymous volumes, create ``spec`` and start it; ready
-    when inspect says Running (never an API exec: those leave conmon processes for minutes).
-    Returns the new container's inspect record."""
+def remove(api: PodmanApi, name: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """SIGKILL the container's processes from the host (its cgroup's pids), then delete it with
+    its anonymous volumes; a missing container is no error."""
     deadline = time.monotonic() + timeout
     info = api.inspect(name)
     pid = int(info.get("State", {}).get("Pid") or 0) if info else 0
@@ -330,11 +328,19 @@ def recreate(api: PodmanApi, name: str, spec: Mapping[str, Any], *,
     while True:
         try:
             api.delete(name)
-            break
+            return
         except ApiError as exc:  # "container state improper" right after a host-side kill
             if exc.status != 500 or time.monotonic() >= deadline:
                 raise
             time.sleep(_POLL)
+
+
+def run(api: PodmanApi, spec: Mapping[str, Any], *,
+        timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+    """Create ``spec`` and start it; ready when inspect says Running (never an API exec: those
+    leave conmon processes for minutes). Returns the container's inspect record."""
+    deadline = time.monotonic() + timeout
+    name = str(spec["name"])
     api.create(spec)
     api.start(name)
     while True:
@@ -345,6 +351,13 @@ def recreate(api: PodmanApi, name: str, spec: Mapping[str, Any], *,
             raise BackendError(f"podman API: {name} not running {timeout}s after start: "
                                f"{(info or {}).get('State')!r}")
         time.sleep(_POLL)
+
+
+def recreate(api: PodmanApi, name: str, spec: Mapping[str, Any], *,
+             timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+    """The full reset through the API: `remove` the container, then `run` ``spec``."""
+    remove(api, name, timeout=timeout)
+    return run(api, spec, timeout=timeout)
 
 
 def _kill_cgroup(pid: int) -> None:

@@ -19,6 +19,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,14 @@ from vmpool.backends.base import (
     SshAccess,
     probe_until,
     validate_name,
+)
+from vmpool.backends.podman.api_reset import (
+    HOLDER_LABEL,
+    NET_FILES,
+    ApiReset,
+    holder_name,
+    holders,
+    stop_service,
 )
 from vmpool.backends.podman.commands import Commands
 from vmpool.backends.podman.exec_agent import MOUNT_POINT as AGENT_MOUNT
@@ -99,6 +108,9 @@ class PodmanBackend(BackendBase):
         self._checked_at: float | None = None
         #: in-place resets (vmpool.backends.podman.live_reset); podman only
         self._live = LiveReset(self._dir / "live", write_json) if self._tool.is_podman else None
+        #: full resets through podman's API service; podman only
+        self._api = ApiReset(self._state_dir, timeout=settings.command_timeout) \
+            if self._tool.is_podman else None
 
     # -- the protocol --------------------------------------------------------------------------
     def check(self) -> None:
@@ -182,7 +194,7 @@ class PodmanBackend(BackendBase):
         record = self._records.load(name) or self._record_from_inspect(name)
         if record.warm_image is None and self._unchanged(name):
             record.warm_image, record.warm_image_id = record.image, None
-            record.ip = self.address(name) if record.network else None
+            record.ip, record.net_files = self._network_identity(name, record)
             self._records.write(record)
             log.debug("snapshot %s: unchanged since %s, no commit", name, record.image)
             self._snapshot_live(name)
@@ -200,10 +212,24 @@ class PodmanBackend(BackendBase):
             # the container may still run from the old image; it is removed after the next reset
             record.stale_images.append(record.warm_image_id)
         record.warm_image, record.warm_image_id = warm, image_id
-        record.ip = self.address(name) if record.network else None
+        record.ip, record.net_files = self._network_identity(name, record)
         self._records.write(record)
         log.debug("snapshot %s -> %s (%s) in %.3fs", name, warm, image_id, result.duration)
         self._snapshot_live(name)
+
+    def _network_identity(self, name: str, record: MachineRecord
+                          ) -> tuple[str | None, dict[str, str]]:
+        """The address, /etc/hosts and resolv.conf a full reset gives back (networked only)."""
+        if not record.network:
+            return None, {}
+        info = self._inspect(name) or {}
+        files = {}
+        for key in NET_FILES:
+            try:
+                files[key] = Path(str(info[key])).read_text(encoding="utf-8")
+            except (KeyError, OSError):  # docker's live in the daemon's directory
+                continue
+        return self._address_in(name, info), files
 
     def _snapshot_live(self, name: str) -> None:
         """Record the ready state a live reset returns to (nothing when one is impossible)."""
@@ -279,29 +305,77 @@ class PodmanBackend(BackendBase):
             record.warm_image = warm_image_name(name)
         if record is None or not record.warm_image:
             raise BackendError(f"reset {name}: no snapshot recorded; snapshot() it first")
+        if not self._api_reset_done(record):
+            self._cli_reset(record)
+        self._drop_stale_images(record)
+        self.wait_ready(name, self.settings.command_timeout)
+        self._snapshot_live(name)  # the new container's ready state, for the next reset
+
+    def _api_reset_done(self, record: MachineRecord) -> bool:
+        """The full reset through the API service (vmpool.backends.podman.api_reset); False
+        where the CLI path must do it, or when the API failed part-way (logged)."""
+        if self._api is None or record.warm_image is None:
+            return False
+        # the last user may have tampered with the agent's files: the new container gets new
+        # ones (and its agent in wait_ready)
+        options = self._commands.with_mounts(record.name, record.options)
+        recipe = replace(record, options=options)
+        try:
+            return self._api.reset(
+                recipe, record.warm_image,
+                before_create=lambda: self._commands.rebuild_dir(record.name),
+            )
+        except BackendError as exc:
+            log.warning("reset %s through the podman API failed (the CLI instead): %s",
+                        record.name, exc)
+            return False
+
+    def _cli_reset(self, record: MachineRecord) -> None:
+        """``rm -f -v`` and ``run -d`` from the warm image, keeping the address where it can."""
+        name, image = record.name, str(record.warm_image)
         self._tool.remove_container(name)
         # the last user may have tampered with the agent's files: the new container gets new
         # ones (and its agent in wait_ready)
         self._commands.rebuild_dir(name)
-        run = ["run", "-d", *self._commands.with_mounts(name, record.options)]
+        options = self._commands.with_mounts(name, record.options)
+        holder = self._holder_of(record)
+        if holder is not None:  # an API reset gave it a holder, which owns the address
+            options = _joining(options, holder)
+        run = ["run", "-d", *options]
         result = None
-        if record.ip:
-            result = self._tool.run(*run, "--ip", record.ip, record.warm_image, *record.command)
+        if record.ip and holder is None:
+            result = self._tool.run(*run, "--ip", record.ip, image, *record.command)
             if result.returncode != 0:
                 # the address was taken meanwhile (or the network has no fixed subnet)
                 log.info("reset %s: cannot keep address %s: %s", name, record.ip,
                          result.stderr.strip()[-300:])
                 self._tool.remove_container(name)
         if result is None or result.returncode != 0:
-            self._tool.run(*run, record.warm_image, *record.command).check(f"reset {name}")
-        self._drop_stale_images(record)
-        self.wait_ready(name, self.settings.command_timeout)
-        self._snapshot_live(name)  # the new container's ready state, for the next reset
+            self._tool.run(*run, image, *record.command).check(f"reset {name}")
+
+    def _holders(self, records: Mapping[str, MachineRecord | None]) -> _Argv:
+        """The holders the machines may have: networked ones, and any whose record is lost."""
+        if not self._tool.is_podman:
+            return []
+        return holders([n for n, r in records.items() if r is None or r.network])
+
+    def _holder_of(self, record: MachineRecord) -> str | None:
+        """The running holder of the machine's network namespace, if it has one."""
+        if not record.network or not self._tool.is_podman:
+            return None
+        holder = holder_name(record.name)
+        info = self._tool.inspect(holder)
+        return holder if info and (info.get("State") or {}).get("Running") else None
 
     def delete(self, name: str) -> None:
         validate_name(name)
-        self._tool.remove_container(name)
         record = self._records.load(name)
+        holder = self._holders({name: record})
+        if holder:  # with the machine in its namespace (--depend)
+            self._tool.run("rm", "-f", "-v", "-t", "0", "--ignore", "--depend", name, *holder
+                           ).check(f"remove {name}")
+        else:
+            self._tool.remove_container(name)
         if may_have_warm_image(record):
             self._tool.remove_image(warm_image_name(name), missing_ok=True)
         if record is not None:
@@ -323,7 +397,14 @@ class PodmanBackend(BackendBase):
         # removes none of them; -v: with the anonymous volumes the image declares
         args = ["rm", "-f", "-v", "-t", "0", "--ignore"] if self._tool.is_podman \
             else ["rm", "-f", "-v"]
-        result = self._tool.run(*args, *names)
+        records = {n: self._records.load(n) for n in names}
+        extra = self._holders(records)
+        if self._live is not None:  # from the host, at once: `rm` then waits for no process
+            for name in names:
+                self._live.kill(name)
+        if extra:  # --depend: a holder goes after the machine in its namespace
+            args.append("--depend")
+        result = self._tool.run(*args, *names, *extra)
         if result.returncode != 0:
             # which one failed (or was merely missing: docker says so)? ask one by one
             for name in names:
@@ -332,9 +413,8 @@ class PodmanBackend(BackendBase):
                 except BackendError as exc:
                     errors[name] = str(exc)
         gone = [n for n in names if n not in errors]
-        records = {n: self._records.load(n) for n in gone}
         images = [warm_image_name(n) for n in gone if may_have_warm_image(records[n])]
-        images += [i for r in records.values() if r is not None for i in r.stale_images]
+        images += [i for n in gone if (r := records[n]) is not None for i in r.stale_images]
         if images:
             rm = ["image", "rm", "--ignore"] if self._tool.is_podman else ["image", "rm"]
             if self._tool.run(*rm, *images).returncode != 0:
@@ -342,6 +422,11 @@ class PodmanBackend(BackendBase):
                     self._tool.remove_image(image, missing_ok=True)
         for name in gone:
             self._forget(name)
+        if self._tool.is_podman:  # teardown and reap: the API service goes too (a reset
+            # starts it again)
+            if self._api is not None:
+                self._api.close()
+            stop_service(self._state_dir)
         return errors
 
     def list(self, prefix: str) -> _MachineInfos:
@@ -361,6 +446,8 @@ class PodmanBackend(BackendBase):
             if isinstance(names, str):
                 names = names.split(",")
             labels = parse_labels(row.get("Labels"), ignore=RECIPE_LABEL)
+            if HOLDER_LABEL in labels:  # part of its machine, not a machine
+                continue
             running = str(row.get("State", "")).lower() == "running"
             for raw in names:
                 cname = str(raw).lstrip("/")
@@ -401,6 +488,11 @@ class PodmanBackend(BackendBase):
             if ip:
                 return str(ip)
         ip = settings.get("IPAddress")
+        if not ip and not networks and record is not None and record.network:
+            holder = self._holder_of(record)  # the machine shares its holder's namespace
+            held = self._tool.inspect(holder) if holder is not None else None
+            if held is not None:
+                return self._address_in(holder_name(name), held)
         return str(ip) if ip else None
 
 
@@ -430,6 +522,8 @@ class PodmanBackend(BackendBase):
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
             gone.append(str(path.relative_to(self._dir.parent)))
+        if not existing and not dry_run and self._tool.is_podman:
+            stop_service(self._state_dir)  # no machine left that a reset would need it for
         return gone
 
     def _forget(self, name: str) -> None:
@@ -477,3 +571,16 @@ class PodmanBackend(BackendBase):
         command = [str(c) for c in (config.get("Cmd") or self.settings.command)]
         options = self._options.build(name, labels, network, systemd=command == [INIT])
         return MachineRecord(name, image, options, command, network=network)
+
+
+def _joining(options: Sequence[str], holder: str) -> _Argv:
+    """``options`` with ``--network NET`` replaced by joining ``holder``'s namespace."""
+    out: _Argv = []
+    args = iter(options)
+    for arg in args:
+        if arg == "--network":
+            next(args, None)
+            out += ["--network", f"container:{holder}"]
+        else:
+            out.append(arg)
+    return out

@@ -33,6 +33,9 @@ class MachineRecord:
     stale_images: list[str] = field(default_factory=list)
     #: address on ``network`` when snapshotted; reset asks for it again so it stays stable
     ip: str | None = None
+    #: the files podman bind-mounts for the network (inspect's ``HostsPath``,
+    #: ``ResolvConfPath``) when snapshotted, which a reset through a holder gives back
+    net_files: dict[str, str] = field(default_factory=dict)
 
     def may_have_warm_image(self) -> bool:
         """False only when the record shows the machine was never snapshotted to an image of
