@@ -1,8 +1,8 @@
 """The pool's record and its store: one JSON file per pool, locked read-modify-write.
 
 ``StateStore`` is the small interface the lease logic needs; ``JsonStateDir`` implements it
-with a JSON file per pool under a portalocker lock on a separate lock file, written atomically
-(temp file, fsync, rename). A database-backed store can implement the same interface.
+with a JSON file per pool under a lock on a separate lock file (vmpool._lock.hold), written
+atomically (temp file, fsync, rename). A database-backed store can implement the same interface.
 """
 
 from __future__ import annotations
@@ -11,20 +11,18 @@ import contextlib
 import json
 import os
 import stat
-import threading
-import time
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, Protocol, TypeVar
 
 import platformdirs
-import portalocker
 from pydantic import BaseModel, Field, ValidationError
 
-from vmpool._files import atomic_write, private_dir, private_opener
+from vmpool._files import atomic_write, private_dir
+from vmpool._lock import hold, let_go
 from vmpool.backends.base import NAME_RE
-from vmpool.errors import PoolGone, StateError
+from vmpool.errors import LockTimeout, PoolGone, StateError
 from vmpool.ownership import ProcessRef, check_pool_id
 
 #: 2: processes are identified by boot id and start in clock ticks (vmpool.ownership), not by
@@ -32,8 +30,6 @@ from vmpool.ownership import ProcessRef, check_pool_id
 #: written back as 2
 SCHEMA_VERSION = 2
 LOCK_TIMEOUT = 30.0
-#: a process waiting for a pool's lock re-announces itself this often (see announce_waiting)
-_ANNOUNCE_EVERY = 0.05
 
 
 class MachineState(StrEnum):
@@ -196,87 +192,6 @@ def _recovery(state_dir: Path, pool_id: str) -> str:
     )
 
 
-def _lock(path: Path, timeout: float) -> IO[str]:
-    """Open ``path`` and lock it exclusively; AlreadyLocked if that takes over ``timeout`` s.
-
-    A busy lock is waited for in the kernel (in a helper thread, so the wait can time out),
-    not by polling: on a contended pool, pollers burn the CPU the holder needs, wake up late
-    (portalocker sleeps >= 1 ms between attempts) and barge past longer waiters, which is what
-    made the check-out tail latency ~3x worse (bench/checkout_latency.py).
-    """
-    fh = open(path, "a", opener=private_opener)  # noqa: SIM115 - closed by caller or waiter
-    try:
-        portalocker.lock(fh, portalocker.LOCK_EX | portalocker.LOCK_NB)
-    except portalocker.LockException:
-        announce_waiting(fh)
-        return _Waiter(fh).wait(timeout)
-    except BaseException:
-        fh.close()
-        raise
-    return fh
-
-
-def announce_waiting(fh: IO[str]) -> None:
-    """Tell the holder of a lock that someone waits: the lock file's mtime changes (its
-    contents are never used). An owner that keeps the lock (vmpool.writeback) watches it."""
-    now = time.time_ns()
-    with contextlib.suppress(OSError):
-        os.utime(fh.fileno(), ns=(now, now))
-
-
-class _Waiter:
-    """A thread blocked on a lock for a caller that may give up (timeout, interrupt)."""
-
-    def __init__(self, fh: IO[str]) -> None:
-        self.fh = fh
-        self.done = threading.Event()
-        self.guard = threading.Lock()
-        self.abandoned = False
-        self.error: BaseException | None = None
-        threading.Thread(target=self._run, name="vmpool-lock-wait", daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            portalocker.lock(self.fh, portalocker.LOCK_EX)
-        except BaseException as exc:
-            self.error = exc
-        with self.guard:
-            if not self.abandoned:
-                self.done.set()
-                return
-        # the caller gave up: let go at once
-        if self.error is None:
-            portalocker.unlock(self.fh)
-        self.fh.close()
-
-    def wait(self, timeout: float) -> IO[str]:
-        interrupted: BaseException | None = None
-        deadline = time.monotonic() + timeout
-        try:
-            # announce again now and then: a holder that let go and took the lock back before
-            # this waiter ran has not seen the first announcement
-            while not self.done.wait(min(_ANNOUNCE_EVERY, max(deadline - time.monotonic(), 0))):
-                if time.monotonic() >= deadline:
-                    break
-                announce_waiting(self.fh)
-        except BaseException as exc:  # e.g. KeyboardInterrupt: never leave the lock held
-            interrupted = exc
-        with self.guard:
-            got = self.done.is_set()
-            self.abandoned = not got  # then the thread lets go as soon as it gets the lock
-        if got and (interrupted is not None or self.error is not None):
-            if self.error is None:
-                portalocker.unlock(self.fh)
-            self.fh.close()
-        if interrupted is not None:
-            raise interrupted
-        if self.error is not None:
-            raise self.error
-        if not got:
-            raise portalocker.AlreadyLocked(f"{self.fh.name}: still locked after {timeout:g}s")
-        return self.fh
-
-
 class JsonStateDir:
     """A state directory: ``<id>.json`` per pool beside ``<id>.lock``, mode 0700/0600."""
 
@@ -355,18 +270,15 @@ class JsonStore:
     def _acquire(self) -> IO[str]:
         """Take the pool's lock (StateError after LOCK_TIMEOUT); give it back with _release."""
         try:
-            return _lock(self.lock_path, LOCK_TIMEOUT)
-        except portalocker.LockException as exc:
+            return hold(self.lock_path, LOCK_TIMEOUT)
+        except LockTimeout as exc:
             raise StateError(
                 f"{self.lock_path}: could not lock within {LOCK_TIMEOUT:g}s (a process holds it)"
             ) from exc
 
     @staticmethod
     def _release(fh: IO[str]) -> None:
-        try:
-            portalocker.unlock(fh)
-        finally:
-            fh.close()
+        let_go(fh)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

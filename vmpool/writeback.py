@@ -306,7 +306,7 @@ class WriteBackStore(JsonStore):
                 self._cond.notify_all()
 
     def _someone_waits(self) -> bool:
-        """A process blocked on the lock has announced itself (vmpool.state.announce_waiting)."""
+        """A process blocked on the lock has announced itself (vmpool._lock.announce_waiting)."""
         assert self._fh is not None
         try:
             return os.fstat(self._fh.fileno()).st_mtime_ns != self._lock_mtime

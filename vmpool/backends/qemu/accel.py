@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import cast
 
 import platformdirs
-import portalocker
 
-from vmpool._files import private_dir, private_opener
+from vmpool._files import private_dir
+from vmpool._lock import file_lock
 from vmpool.backends.qemu import agent, process, sockets
 from vmpool.backends.qemu.image import ImagePaths, find_image
 from vmpool.backends.qemu.records import (
@@ -33,7 +33,7 @@ from vmpool.backends.qemu.records import (
     write_json,
 )
 from vmpool.config import QemuSettings
-from vmpool.errors import BackendError, VmPoolError
+from vmpool.errors import BackendError, LockTimeout, VmPoolError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class AccelResolver:
         private_dir(self.root)
         wait = self.settings.kvm_probe_timeout * 2 + _LAUNCH_TIMEOUT
         try:
-            with portalocker.Lock(str(lock), mode="a", timeout=wait, opener=private_opener):
+            with file_lock(lock, timeout=wait, holder="another KVM probe"):
                 verdicts = read_json(cache)
                 cached = verdicts.get(key)
                 if isinstance(cached, dict) and cached.get("accel") in ("kvm", "tcg"):
@@ -89,7 +89,7 @@ class AccelResolver:
                 }
                 write_json(cache, verdicts)
                 return accel
-        except portalocker.exceptions.LockException as exc:
+        except LockTimeout as exc:
             raise BackendError(f"timed out waiting for another KVM probe ({lock})") from exc
 
     def _key(self, image: ImagePaths) -> str:

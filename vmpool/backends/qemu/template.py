@@ -20,9 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import portalocker
-
-from vmpool._files import private_dir, private_opener, tighten
+from vmpool._files import private_dir, tighten
+from vmpool._lock import file_lock
 from vmpool.backends.base import probe_until
 from vmpool.backends.qemu import agent, process, qmp, sockets
 from vmpool.backends.qemu.image import MANIFEST_FILE, ImagePaths, find_image, image_dir
@@ -37,7 +36,7 @@ from vmpool.backends.qemu.records import (
     write_json,
 )
 from vmpool.config import QemuSettings
-from vmpool.errors import BackendError, VmPoolError
+from vmpool.errors import BackendError, LockTimeout, VmPoolError
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +107,7 @@ class Templates:
         try:
             private_dir(self.directory)
             # one builder per host: other processes (xdist workers, sessions) wait for it
-            with portalocker.Lock(
-                str(lock), mode="a", timeout=_TEMPLATE_LOCK_TIMEOUT, opener=private_opener
-            ):
+            with file_lock(lock, timeout=_TEMPLATE_LOCK_TIMEOUT, holder="another template build"):
                 found = valid_template(path)
                 if found is not None:
                     return found
@@ -119,7 +116,7 @@ class Templates:
                 if found is None:
                     raise BackendError(f"{path} is missing or incomplete after the build")
                 return found
-        except (VmPoolError, OSError, portalocker.exceptions.LockException) as exc:
+        except (VmPoolError, OSError) as exc:  # LockTimeout included
             log.warning(
                 "qemu: could not build the clone template %s (%s: %s); booting machines instead",
                 path, type(exc).__name__, exc,
@@ -132,14 +129,12 @@ class Templates:
         """Remove the template state at ``path`` if it is still the file with ``stamp``."""
         lock = self.directory / f".{path.stem}.lock"
         try:
-            with portalocker.Lock(
-                str(lock), mode="a", timeout=_DISCARD_LOCK_TIMEOUT, opener=private_opener
-            ):
+            with file_lock(lock, timeout=_DISCARD_LOCK_TIMEOUT, holder="a template build"):
                 if stamp is not None and _stamp(path) == stamp:
                     path.unlink(missing_ok=True)
                     log.warning("qemu: removed the clone template %s (qemu could not load it)",
                                 path)
-        except (OSError, portalocker.exceptions.LockException) as exc:
+        except (OSError, LockTimeout) as exc:
             log.warning("qemu: could not remove the clone template %s: %s", path, exc)
 
     def prune(self, keep: Path) -> None:
