@@ -7,6 +7,7 @@ Every function here mutates the ``Pool`` it is given and is meant to run inside
 from __future__ import annotations
 
 import heapq
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -78,9 +79,12 @@ def free_machines(pool: Pool, fresh: bool) -> list[Machine]:
     ]
 
 
+_WEAR = operator.attrgetter("uses_since_reset", "slot")
+
+
 def _choose(free: list[Machine], count: int) -> list[Machine]:
     """Prefer machines used least since their reset, then the oldest slot: spreads wear."""
-    return heapq.nsmallest(count, free, key=lambda m: (m.uses_since_reset, m.slot))
+    return heapq.nsmallest(count, free, key=_WEAR)
 
 
 def serve_queue(pool: Pool, now: float) -> None:
