@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import random
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -514,6 +514,32 @@ def test_a_forked_child_does_not_keep_its_parents_connection_open(start: Start) 
         os.waitpid(pid, 0)
 
 
+def _error_after(c: Controller, waiter: PoolClient, event: Callable[[], None]) -> tuple[
+    Exception, float
+]:
+    """The error a check-out waiting in line gets from ``event``, and how long after it."""
+    errors: list[tuple[Exception, float]] = []
+
+    def wait() -> None:
+        try:
+            waiter.checkout(1, timeout=60)
+        except VmPoolError as exc:
+            errors.append((exc, time.monotonic()))
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    deadline = time.monotonic() + 10
+    assert c.server is not None
+    while not c.server._waiting:
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    event()
+    happened = time.monotonic()
+    thread.join(10)
+    (error, when), = errors
+    return error, when - happened
+
+
 @pytest.mark.parametrize("local", [False, True], ids=["socket", "in-process"])
 def test_waiting_checkouts_hear_at_once_that_the_server_stopped(
     start: Start, local: bool
@@ -521,58 +547,21 @@ def test_waiting_checkouts_hear_at_once_that_the_server_stopped(
     c = start(size=1)
     assert c.server is not None
     holder = worker_client(c)
-    lease = holder.checkout(1, timeout=5)
+    holder.checkout(1, timeout=5)
     waiter = worker_client(c)
     if local:
         waiter.transport = LocalTransport(c.server)
-    errors: list[tuple[Exception, float]] = []
-
-    def wait() -> None:
-        try:
-            waiter.checkout(1, timeout=60)
-        except VmPoolError as exc:
-            errors.append((exc, time.monotonic()))
-
-    thread = threading.Thread(target=wait)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not c.server._waiting:
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    c.server.stop()
-    stopped = time.monotonic()
-    thread.join(10)
-    (error, when), = errors
-    assert when - stopped < 1.0 and "stopped" in str(error), error
+    error, after = _error_after(c, waiter, c.server.stop)
+    assert after < 1.0 and "stopped" in str(error), error
     holder.close()
-    del lease
 
 
 def test_waiting_checkouts_hear_at_once_that_the_pool_is_closing(start: Start) -> None:
     c = start(size=1)
-    assert c.server is not None
     holder = worker_client(c)
     holder.checkout(1, timeout=5)
-    waiter = worker_client(c)
-    errors: list[tuple[Exception, float]] = []
-
-    def wait() -> None:
-        try:
-            waiter.checkout(1, timeout=60)
-        except VmPoolError as exc:
-            errors.append((exc, time.monotonic()))
-
-    thread = threading.Thread(target=wait)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not c.server._waiting:
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    c.begin_closing()
-    closing = time.monotonic()
-    thread.join(10)
-    (error, when), = errors
-    assert isinstance(error, PoolUnavailable) and when - closing < 0.5, error
+    error, after = _error_after(c, worker_client(c), c.begin_closing)
+    assert isinstance(error, PoolUnavailable) and after < 0.5, error
     assert not c.snapshot().queue
 
 
