@@ -171,6 +171,7 @@ class Connection:
         self.path = path
         self.timeout = timeout
         self._stream: _Stream | None = None
+        self._finalizer: weakref.finalize[[], Connection] | None = None
         self._lock = threading.Lock()
         _connections.add(self)
 
@@ -179,7 +180,9 @@ class Connection:
         keep it open (the server would not see the parent's death while the child lives),
         nor wait for a lock a parent thread held at the fork."""
         if self._stream is not None:
-            self._stream.forget()  # the parent's connection stays open
+            # the parent's connection stays open: no shutdown here, now or at exit
+            self._let_go_of()
+            self._stream.forget()
         self._stream = None
         self._lock = threading.Lock()
 
@@ -190,6 +193,8 @@ class Connection:
                 raise ServerGone(f"{self.path}: no lease server answers there")
             sock.settimeout(None)  # the reader waits as long as it takes; callers time out
             self._stream = _Stream(sock, self.path)
+            # a connection dropped without close() still closes (its reader would keep it)
+            self._finalizer = weakref.finalize(self, self._stream.close)
         return self._stream
 
     def call(self, line: bytes, *, wait: float = 0.0) -> bytes | Failure:
@@ -218,7 +223,13 @@ class Connection:
     def close(self) -> None:
         stream, self._stream = self._stream, None
         if stream is not None:
+            self._let_go_of()
             stream.close()
+
+    def _let_go_of(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
 
 
 _connections: weakref.WeakSet[Connection] = weakref.WeakSet()
