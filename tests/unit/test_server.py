@@ -654,3 +654,20 @@ def test_interrupts_at_any_moment_of_a_checkout_never_leak_or_double_grant(
     pool = c.snapshot()
     assert not pool.queue, pool.queue
     assert [m.state for m in pool.machines] == [MachineState.READY] * 2, pool.machines
+
+
+def test_one_of_two_clients_in_a_process_closing_leaves_the_others_lease(start: Start) -> None:
+    """EOF reclaim is per process: while the process speaks through another connection, what
+    it holds is still its own."""
+    c = start(size=2)
+    assert c.server is not None
+    first, second = worker_client(c), worker_client(c)
+    first.checkout(1, timeout=5)
+    kept = second.checkout(1, timeout=5)
+    first.close()
+    deadline = time.monotonic() + 0.3  # the close is seen within this (the EOF test: < 1 s)
+    while time.monotonic() < deadline:
+        assert c.snapshot().machine(kept.names[0]).state is MachineState.LEASED
+        time.sleep(0.01)
+    assert c.server.stats.reclaimed_on_close == 0
+    assert second.checkin(kept) == {kept.names[0]: "reuse"}
