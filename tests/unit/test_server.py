@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from vmpool import cli, ops
+from vmpool import _wire, cli, ops
 from vmpool.backends.sim import SimBackend
 from vmpool.client import PoolClient
 from vmpool.config import Profile
@@ -671,3 +671,16 @@ def test_one_of_two_clients_in_a_process_closing_leaves_the_others_lease(start: 
         time.sleep(0.01)
     assert c.server.stats.reclaimed_on_close == 0
     assert second.checkin(kept) == {kept.names[0]: "reuse"}
+
+
+def test_a_request_handed_over_as_the_server_stops_is_answered(start: Start) -> None:
+    """Between the serving thread's end and stop() returning, submit() still answers."""
+    c = start(size=1)
+    server = c.server
+    assert server is not None and server._thread is not None
+    server._stopping = True
+    server._wake()
+    server._thread.join(10)  # the thread is gone; stop() has not yet returned
+    future = server.submit(ops.Status().model_dump_json().encode())
+    assert isinstance(future.result(timeout=2), _wire.Failure)
+    server.stop()
