@@ -152,6 +152,7 @@ class LeaseServer:
         self._stopping = False
         self._inbox: list[tuple[_Peer, bytes]] = []  # in-process requests (submit)
         self._inbox_lock = threading.Lock()
+        self._served = False  # the serving thread has ended: submit() answers at once
         self._peers: dict[socket.socket, _Peer] = {}
         self._waiting: dict[str, _Waiting] = {}
         #: the processes with an open connection (read by the controller's reclaim)
@@ -208,10 +209,10 @@ class LeaseServer:
         """Hand a request line over in this process (vmpool.transport.LocalTransport)."""
         peer = _Peer()
         peer.future = Future()
-        if self._thread is None:
-            peer.future.set_result(_wire.Failure("the lease server is not running"))
-            return peer.future
         with self._inbox_lock:
+            if self._thread is None or self._served:
+                peer.future.set_result(_wire.Failure("the lease server is not running"))
+                return peer.future
             self._inbox.append((peer, line))
         self._wake()
         return peer.future
@@ -272,6 +273,7 @@ class LeaseServer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
             with self._inbox_lock:
+                self._served = True
                 for peer, _ in self._inbox:
                     peer.answer(_wire.error_line("the lease server stopped"))
                 self._inbox.clear()

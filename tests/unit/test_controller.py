@@ -642,7 +642,8 @@ def test_pre_ping_failure_replaces_the_machine_and_checkout_still_succeeds(
     controller.wait_until_ready(2, 10)
     first = ready_names(controller.snapshot())[0]  # the one a check-out is offered first
     backend.kill(first)
-    lease = client_for(controller).checkout(1, timeout=5)
+    client = client_for(controller)
+    lease = client.checkout(1, timeout=5)
     assert lease.names != [first]
     wait_until(lambda: controller.snapshot().find(first) is None, what=f"{first} gone")
     wait_until(lambda: len(ready_names(controller.snapshot())) == 1,

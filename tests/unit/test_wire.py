@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -195,3 +196,25 @@ def test_a_call_interrupted_while_reading_an_owed_reply_still_owes_its_own(
         conn.close()
         listener.close()
     thread.join(5)
+
+
+def test_a_connection_dropped_without_close_still_closes(sock_path: Path) -> None:
+    """The server reclaims on EOF: a client forgotten without close() must still give it."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(1)
+    conn = _wire.Connection(sock_path, timeout=5)
+    sender = threading.Thread(target=conn.call, args=(b"hello\n",), daemon=True)
+    sender.start()
+    peer, _ = listener.accept()
+    try:
+        peer.settimeout(5)
+        assert peer.recv(100) == b"hello\n"
+        peer.sendall(b'{"ok":1}\n')
+        sender.join(5)
+        del conn, sender
+        gc.collect()
+        assert peer.recv(100) == b""  # EOF, not a 5 s timeout
+    finally:
+        peer.close()
+        listener.close()
