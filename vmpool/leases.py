@@ -115,7 +115,8 @@ def grant(pool: Pool, req: Request, now: float) -> list[Machine] | None:
     if len(free) < req.count:
         return None
     chosen = _choose(free, req.count)
-    held = req.holder.model_copy(update={"since": now})  # the holder as it leases now
+    # the holder as it leases now (frozen, so shared when the client sent it so already)
+    held = req.holder if req.holder.since == now else req.holder.model_copy(update={"since": now})
     for m in chosen:
         m.state = MachineState.LEASED
         m.holder = held
