@@ -532,7 +532,9 @@ def ready_machine(backend: PodmanBackend) -> Iterator[str]:
 def _agent_pid(machine: str) -> str:
     """The pid of the exec agent in ``machine``, found with a plain `podman exec`."""
     out = podman("exec", machine, "ps", "-o", "pid,args").check("ps").stdout
-    pids = [line.split()[0] for line in out.splitlines() if "agent.sh" in line]
+    # its own command line (PID 1's, which starts it, names the script too)
+    pids = [line.split()[0] for line in out.splitlines()
+            if line.split()[1:] == ["sh", "/.vmpool/agent.sh"]]
     assert pids, out
     return min(pids, key=int)  # the agent itself; higher pids are its per-command subshells
 
@@ -885,4 +887,5 @@ def test_an_input_fifo_a_test_replaced_is_repaired_not_waited_on(
         for f in $(find /.vmpool -name in); do rm -f "$f"; {make[replacement]}; done""")
     backend.reset(machine)  # check-in; the next test's first command runs through the agent
     assert backend.exec(machine, ["echo", "next test"], timeout=5).stdout == "next test\n"
-    assert "agent.sh" in podman("exec", machine, "ps", "-o", "args").stdout
+    ps = podman("exec", machine, "ps", "-o", "args").stdout.splitlines()
+    assert "sh /.vmpool/agent.sh" in [line.strip() for line in ps]

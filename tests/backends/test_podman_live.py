@@ -311,7 +311,7 @@ def test_a_ready_time_process_that_died_falls_back(
 ) -> None:
     backend, name = make()
     ready = ready_state(backend, name)
-    agent = next(p for p in processes(name) if "agent.sh" in p).split()[0]
+    agent = next(p for p in processes(name) if p.endswith(" sh /.vmpool/agent.sh")).split()[0]
     run(backend, name, f"kill -9 {agent}")
     _falls_back_clean(backend, name, caplog, "ready-time process", ready)
 

@@ -52,7 +52,13 @@ from vmpool.backends.podman.image import (
 )
 from vmpool.backends.podman.live_reset import LiveReset
 from vmpool.backends.podman.networks import Networks
-from vmpool.backends.podman.options import SSH_PORT, SSH_PUBLISH, SYSTEMD_OPTION, ContainerOptions
+from vmpool.backends.podman.options import (
+    AGENT_ARGV0,
+    SSH_PORT,
+    SSH_PUBLISH,
+    SYSTEMD_OPTION,
+    ContainerOptions,
+)
 from vmpool.backends.podman.records import (
     MachineRecord,
     RecordStore,
@@ -101,7 +107,7 @@ class PodmanBackend(BackendBase):
         self._dir = Path(state_dir) / settings.tool
         self._records = RecordStore(self._dir)
         self._runtime = RuntimeDetector(self._tool, self.image, self._dir, write_json)
-        self._commands = Commands(self._tool, self._dir / "exec")
+        self._commands = Commands(self._tool, self._dir / "exec", self._agent_autostarts)
         self._networks = Networks(self._tool)
         self._options = ContainerOptions(self._tool, self._runtime, self._commands, self.image,
                                          self._state_dir)
@@ -133,7 +139,7 @@ class PodmanBackend(BackendBase):
             validate_name(spec.network)
         systemd = self._options.boots_systemd()
         options = self._options.build(name, spec.labels, spec.network, systemd=systemd)
-        command = [INIT] if systemd else list(self.settings.command)
+        command = self._options.command(name, systemd=systemd)
         self._commands.rebuild_dir(name)
         self._tool.run("create", *options, self.image, *command).check(f"create {name}")
         self._records.write(MachineRecord(name, self.image, options, command,
@@ -554,6 +560,11 @@ class PodmanBackend(BackendBase):
         ]
         if keep_current:
             self._records.write(record)
+
+    def _agent_autostarts(self, name: str) -> bool:
+        """Whether the machine's command starts the exec agent itself (see ContainerOptions)."""
+        record = self._records.load(name)
+        return record is not None and record.command[3:4] == [AGENT_ARGV0]
 
     def _inspect(self, name: str) -> dict[str, Any] | None:
         return self._tool.inspect(name)

@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vmpool import _proc
@@ -38,8 +38,12 @@ class Commands:
     """Runs commands in the machines of one backend, and keeps their agents' directories
     (``<directory>/<name>``)."""
 
-    def __init__(self, tool: Tool, directory: Path) -> None:
+    def __init__(
+        self, tool: Tool, directory: Path, autostarts: Callable[[str], bool] = lambda _: False
+    ) -> None:
         self._tool = tool
+        #: whether a machine's own command starts its agent (then give it a moment first)
+        self._autostarts = autostarts
         self.settings = tool.settings
         self.dir = directory
         #: machine -> when starting its exec agent last failed (monotonic)
@@ -151,6 +155,8 @@ class Commands:
                 return agent.listening()  # another process kept the lock; it may have started one
             if agent.listening():  # another process (or thread) started it meanwhile
                 return True
+            if self._autostarts(name) and self._await_listening(agent):
+                return True  # the container's command started it: none of ours is needed
             try:
                 agent.repair()  # a test may have replaced the FIFO: the agent needs a real one
             except OSError as exc:
@@ -176,6 +182,14 @@ class Commands:
             log.info("no exec agent in %s (commands use `%s exec`) for now: %s", name,
                      self._tool.name, result.stderr.strip()[-300:])
             self._agent_failed[name] = time.monotonic()
+        return False
+
+    def _await_listening(self, agent: ExecAgent) -> bool:
+        deadline = time.monotonic() + _AGENT_START
+        while time.monotonic() < deadline:
+            if agent.listening():
+                return True
+            self._nap.wait(0.002)
         return False
 
     def _is_tool_error(self, name: str, result: _proc.ProcResult) -> bool:

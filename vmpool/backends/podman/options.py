@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from vmpool.backends.podman.commands import Commands
 from vmpool.backends.podman.image import INIT
@@ -22,6 +23,8 @@ _SYSTEMD_COMMANDS = frozenset({INIT, "/lib/systemd/systemd", "/usr/lib/systemd/s
 #: sshd's port in a systemd machine, published on the host's 127.0.0.1 only
 SSH_PORT = 22
 SSH_PUBLISH = f"127.0.0.1::{SSH_PORT}"
+#: $0 of the shell that starts the exec agent beside the machine's command
+AGENT_ARGV0 = "vmpool-agent"
 
 
 class ContainerOptions:
@@ -37,8 +40,8 @@ class ContainerOptions:
         self._commands = commands
         self._image = image
         self._state_dir = state_dir
-        #: image -> whether it boots systemd (``[podman] systemd = "auto"``)
-        self._systemd_images: dict[str, bool] = {}
+        #: image -> its Config (``[podman] systemd = "auto"``, the entrypoint)
+        self._image_configs: dict[str, dict[str, Any]] = {}
 
     def boots_systemd(self) -> bool:
         """Whether machines run systemd as PID 1 (``[podman] systemd``; auto: when the image's
@@ -54,16 +57,33 @@ class ContainerOptions:
             return False
         if setting is True:
             return True
-        known = self._systemd_images.get(self._image)
+        cmd = self._image_config().get("Cmd")
+        return isinstance(cmd, list) and bool(cmd) and cmd[0] in _SYSTEMD_COMMANDS
+
+    def command(self, name: str, *, systemd: bool) -> list[str]:
+        """The machine's command: systemd's, or ``[podman] command`` with the exec agent started
+        beside it (so no ``exec -d`` is needed once it runs) where the image has no entrypoint
+        that would take the wrapper for its arguments."""
+        if systemd:
+            return [INIT]
+        command = list(self.settings.command)
+        agent = self._commands.agent(name)
+        if agent is None or self._image_config().get("Entrypoint"):
+            return command
+        return ["sh", "-c", f'sh {agent.script} & exec "$@"', AGENT_ARGV0, *command]
+
+    def _image_config(self) -> dict[str, Any]:
+        """The image's ``Config`` (Cmd, Entrypoint ...), asked once per image."""
+        known = self._image_configs.get(self._image)
         if known is None:
-            result = self._tool.run("image", "inspect", "--format", "{{json .Config.Cmd}}",
+            result = self._tool.run("image", "inspect", "--format", "{{json .Config}}",
                                     self._image)
             try:
-                cmd = json.loads(result.stdout) if result.returncode == 0 else None
+                data = json.loads(result.stdout) if result.returncode == 0 else None
             except ValueError:
-                cmd = None
-            known = isinstance(cmd, list) and bool(cmd) and cmd[0] in _SYSTEMD_COMMANDS
-            self._systemd_images[self._image] = known
+                data = None
+            known = data if isinstance(data, dict) else {}
+            self._image_configs[self._image] = known
         return known
 
     def build(
