@@ -14,9 +14,7 @@ container may get a new address on its network (its name, which is also its host
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -33,8 +31,8 @@ from vmpool.backends.base import (
     probe_until,
     validate_name,
 )
+from vmpool.backends.podman import inventory
 from vmpool.backends.podman.api_reset import (
-    HOLDER_LABEL,
     NET_FILES,
     ApiReset,
     holder_name,
@@ -45,7 +43,6 @@ from vmpool.backends.podman.commands import Commands
 from vmpool.backends.podman.exec_agent import MOUNT_POINT as AGENT_MOUNT
 from vmpool.backends.podman.image import (
     INIT,
-    RECIPE_LABEL,
     machine_image,
     missing_image_message,
     warm_image_name,
@@ -66,8 +63,7 @@ from vmpool.backends.podman.records import (
     write_json,
 )
 from vmpool.backends.podman.runtime import RunOptions, RuntimeDetector
-from vmpool.backends.podman.tool import Tool, json_rows, last_line, validate_prefix
-from vmpool.backends.podman.tool import labels as parse_labels
+from vmpool.backends.podman.tool import Tool, last_line
 from vmpool.config import ImageSettings, PodmanSettings
 from vmpool.errors import BackendError, BackendUnavailable
 from vmpool.ssh import pool_key
@@ -436,30 +432,7 @@ class PodmanBackend(BackendBase):
         return errors
 
     def list(self, prefix: str) -> _MachineInfos:
-        validate_prefix(prefix)
-        if self._tool.is_podman:
-            args = ["ps", "-a", "--format", "json"]
-            if prefix:
-                args[2:2] = ["--filter", f"name=^{prefix}"]
-        else:
-            args = ["ps", "-a", "--no-trunc", "--format", "{{json .}}"]
-            if prefix:
-                args[2:2] = ["--filter", f"name={prefix}"]
-        rows = json_rows(self._tool.run(*args).check("list containers").stdout)
-        machines: dict[str, MachineInfo] = {}
-        for row in rows:
-            names = row.get("Names") or row.get("Name") or []
-            if isinstance(names, str):
-                names = names.split(",")
-            labels = parse_labels(row.get("Labels"), ignore=RECIPE_LABEL)
-            if HOLDER_LABEL in labels:  # part of its machine, not a machine
-                continue
-            running = str(row.get("State", "")).lower() == "running"
-            for raw in names:
-                cname = str(raw).lstrip("/")
-                if cname.startswith(prefix):
-                    machines[cname] = MachineInfo(cname, labels, running)
-        return sorted(machines.values(), key=lambda m: m.name)
+        return inventory.machines(self._tool, prefix)
 
     def create_network(self, name: str, labels: Mapping[str, str]) -> None:
         self._networks.create(name, labels)
@@ -508,26 +481,8 @@ class PodmanBackend(BackendBase):
         """Remove the recipes and agent directories of machines named ``prefix…`` that are not
         in ``existing`` (removed outside vmpool), once untouched for ``older_than`` seconds (a
         machine being created has them a moment before it exists). Returns what went."""
-        validate_prefix(prefix)
-        now = time.time()
-        gone: _Argv = []
-        leftovers = [(p.name[: -len(".json")], p) for p in self._dir.glob(f"{prefix}*.json")]
-        leftovers += [(p.name, p) for p in (self._dir / "exec").glob(f"{prefix}*")]
-        leftovers += [(p.name, p) for p in (self._dir / "live").glob(f"{prefix}*")]
-        for name, path in leftovers:
-            try:
-                old = now - path.stat().st_mtime > older_than
-            except FileNotFoundError:
-                continue
-            if name in existing or not old:
-                continue
-            if not dry_run:
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
-            gone.append(str(path.relative_to(self._dir.parent)))
+        gone = inventory.sweep(self._dir, prefix, existing, older_than=older_than,
+                               dry_run=dry_run)
         if not existing and not dry_run and self._tool.is_podman:
             stop_service(self._state_dir)  # no machine left that a reset would need it for
         return gone
