@@ -199,10 +199,22 @@ def kill_guest_process(agent: Agent, pid: int) -> None:
 
 
 def wait_agent(
-    run_dir: Path, record: Record, timeout: float, *, what: str, run_true: bool = True
+    run_dir: Path,
+    record: Record,
+    timeout: float,
+    *,
+    what: str,
+    run_true: bool = True,
+    set_clock: bool = False,
 ) -> None:
     """Probe until the agent answers a guest-sync (and runs `true`), or raise ReadyTimeout;
-    BackendError at once when qemu exits."""
+    BackendError at once when qemu exits.
+
+    ``set_clock`` then sets the guest's clock to the host's over the same connection: after
+    loadvm or -incoming the guest runs on from the saved time. (A `date -s` through
+    guest-exec, not guest-set-time: that one also runs `hwclock -w`, which waits for the RTC's
+    next second, up to 1.4 s under TCG.)
+    """
     sock = record.qga_sock
     overall = time.monotonic() + timeout
 
@@ -218,27 +230,20 @@ def wait_agent(
                 result = guest_exec(agent, what, ["true"], PROBE_STEP_TIMEOUT, deadline)
                 if not result.ok:
                     raise BackendError(f"`true` exited {result.returncode}: {result.stderr}")
+            if set_clock:
+                argv = ["date", "-u", "-s", f"@{time.time():.6f}"]
+                result = guest_exec(agent, what, argv, PROBE_STEP_TIMEOUT, deadline)
+                if not result.ok:
+                    raise process.ProbeFailed(f"setting the clock failed: {result.stderr.strip()}")
 
     try:
         probe_until(probe, timeout=timeout, what=what, first_interval=0.05, max_interval=0.5)
     except process.QemuExited:
         raise BackendError(f"{what}: qemu exited{process.died_hint(run_dir)}") from None
+    except process.ProbeFailed as exc:
+        raise BackendError(f"{what}: {exc}") from None
     except ReadyTimeout as exc:
         raise ReadyTimeout(f"{exc}{process.died_hint(run_dir)}") from None
-
-
-def set_time(record: Record, deadline: float) -> None:
-    """Set the guest's clock to the host's (``guest-set-time``): after loadvm or -incoming
-    the guest runs on from the saved time."""
-    with Agent.open(record.qga_sock, deadline) as agent:
-        agent.sync(deadline)
-        try:
-            agent.call("guest-set-time", {"time": time.time_ns()}, deadline)
-        except AgentError as exc:
-            # qemu-ga sets the system clock first, then runs hwclock (not in a minimal
-            # Debian): the clock tests can see is set all the same
-            if "hwclock" not in str(exc):
-                raise
 
 
 class Sessions:

@@ -260,10 +260,8 @@ class QemuBackend(BackendBase):
                 qmp.qmp(record, "cont", None)
             agent.wait_agent(
                 run_dir, record, _RESYNC_TIMEOUT, what=f"qemu machine {name} after reset",
-                run_true=False,
+                run_true=False, set_clock=record.distro == "debian",
             )
-            if record.distro == "debian":
-                agent.set_time(record, time.monotonic() + _RESYNC_TIMEOUT)
 
     def delete(self, name: str) -> None:
         """Quit (or kill) qemu and remove the run directory; a missing machine is success."""
