@@ -71,8 +71,12 @@ def test_a_ready_machine_runs_systemd_with_its_own_identity(vms: list[VM]) -> No
         ).splitlines()
         assert hostname == vm.name
         assert len(machine_id) == 32
-        seen.append((hostname, machine_id, host_key.split()[1]))
-    for i in range(3):  # hostname, machine-id and ssh host key all differ
+        ssh = vm.ssh
+        endpoint = (vm.backend.address(vm.name), ssh.port if ssh is not None else None)
+        seen.append((hostname, machine_id, host_key.split()[1], endpoint))
+        guest_clock = float(vm.succeed("date +%s.%N"))
+        assert abs(guest_clock - time.time()) < 2.0
+    for i in range(4):  # hostname, machine-id, ssh host key and address/ssh port all differ
         assert seen[0][i] != seen[1][i]
 
 

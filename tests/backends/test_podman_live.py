@@ -94,8 +94,16 @@ def ipc_objects(name: str) -> list[str]:
     return [ln for ln in out.splitlines() if ln[:2] == "0x"]
 
 
+def process_tree(name: str) -> list[str]:
+    """Who runs what under which parent, without the pid numbers: a recreated container's
+    processes are the same ones, though the order they started in may number them apart."""
+    rows = [r.split(" ", 3) for r in processes(name)]  # pid, parent, user, command
+    command = {pid: cmd for pid, _, _, cmd in rows}
+    return sorted(f"{user} {cmd} <- {command.get(ppid, '-')}" for _, ppid, user, cmd in rows)
+
+
 def ready_state(backend: PodmanBackend, name: str) -> tuple[str, list[str], list[str]]:
-    return fingerprint(backend, name), processes(name), ipc_objects(name)
+    return fingerprint(backend, name), process_tree(name), ipc_objects(name)
 
 
 def run(backend: PodmanBackend, name: str, script: str) -> None:
