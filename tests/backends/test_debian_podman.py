@@ -87,7 +87,10 @@ def test_wait_for_unit_returns_for_an_active_unit(vms: list[VM]) -> None:
 def test_wait_for_unit_of_a_failing_unit_raises_at_once_with_its_status(vms: list[VM]) -> None:
     vm = vms[0]
     vm.succeed(
-        "printf '[Service]\\nExecStart=/bin/sh -c \"echo about-to-fail; exit 3\"\\n' "
+        # oneshot: "activating" until its command ends, then failed; a simple service is
+        # "active" for the moment between its start and its exit, which wait_for_unit may see
+        "printf '[Service]\\nType=oneshot\\n"
+        "ExecStart=/bin/sh -c \"echo about-to-fail; exit 3\"\\n' "
         "> /etc/systemd/system/vmpool-broken.service && systemctl daemon-reload && "
         "systemctl start --no-block vmpool-broken.service"
     )

@@ -167,7 +167,8 @@ def test_wait_for_unit_returns_for_an_active_unit_and_raises_at_once_for_a_faile
 ) -> None:
     vm.wait_for_unit("ssh.service", timeout=30)
     vm.succeed(
-        "printf '[Service]\\nExecStart=/bin/sh -c \"echo about-to-fail; exit 3\"\\n' "
+        "printf '[Service]\\nType=oneshot\\n"
+        "ExecStart=/bin/sh -c \"echo about-to-fail; exit 3\"\\n' "
         "> /etc/systemd/system/vmpool-broken.service && systemctl daemon-reload && "
         "systemctl start --no-block vmpool-broken.service"
     )
