@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmpool import leases, ops, transfer
 from vmpool._files import private_opener
@@ -33,6 +34,9 @@ from vmpool.errors import (
 from vmpool.ownership import current_process
 from vmpool.state import Holder, JsonStore, Request
 from vmpool.transport import Transport, connect
+
+if TYPE_CHECKING:
+    from vmpool.pgstore.store import PgStore
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +269,7 @@ class PoolClient:
 
     def __init__(
         self,
-        store: JsonStore,
+        store: JsonStore | PgStore,
         backend: Backend,
         policy: leases.Policy,
         *,

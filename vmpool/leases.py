@@ -14,7 +14,7 @@ from typing import Literal
 
 from vmpool.errors import CheckoutTimeout
 from vmpool.ownership import ProcessRef
-from vmpool.state import Machine, MachineState, Pool, Request
+from vmpool.state import Holder, Machine, MachineState, Pool, Request
 
 Action = Literal["reuse", "reset", "replace"]
 Alive = Callable[[ProcessRef], bool]
@@ -122,6 +122,7 @@ def grant(pool: Pool, req: Request, now: float) -> list[Machine] | None:
         m.holder = held
         m.uses += 1
         m.uses_since_reset += 1
+        m.generation += 1
     pool.stats.checkouts += req.count
     return chosen
 
@@ -190,7 +191,7 @@ def unavailable(pool: Pool, count: int, alive: Alive | None = None) -> str | Non
         return f"pool {pool.id} is shutting down"
     if pool.error is not None:
         return f"pool {pool.id}: its controller failed: {pool.error}"
-    if alive is not None and pool.owner is not None and not alive(pool.owner):
+    if alive is not None and not pool.durable and pool.owner is not None and not alive(pool.owner):
         return (
             f"pool {pool.id}: its controller (pid {pool.owner.pid} on {pool.owner.host}) is "
             "gone, so it grants no more machines; `vmpool gc` or the next session reaps it"
@@ -255,6 +256,11 @@ def decide(machine: Machine, policy: Policy, *, failed: bool, dirty: bool, now: 
     return action
 
 
+def _same_lease(held: Holder, holder: ProcessRef) -> bool:
+    """Whether ``holder`` returns the lease ``held`` records (its request id, when it says)."""
+    return not isinstance(holder, Holder) or not holder.request or holder.request == held.request
+
+
 def _release(machine: Machine, action: Action, actor: ProcessRef | None) -> None:
     machine.holder = None
     if action == "reuse":
@@ -286,8 +292,8 @@ def checkin(
         m = pool.find(name)
         if m is None or m.state is not MachineState.LEASED or m.holder is None:
             continue  # reclaimed meanwhile: nothing of ours to return
-        if not m.holder.same_process(holder):
-            continue
+        if not m.holder.same_process(holder) or not _same_lease(m.holder, holder):
+            continue  # another lease's now (this one was reclaimed and granted again)
         dirtied = name in (dirty or set())
         # a pool being destroyed deletes what comes back: no reset or replacement first
         action = (
