@@ -230,7 +230,7 @@ def test_a_waiting_checkout_is_answered_when_a_checkin_frees_a_machine(
     waiter.close()
     assert got and got[0].granted == held[:1]
     # woken by the NOTIFY (PostgreSQL) or its next look (the file: at most 0.1 s apart)
-    assert took < 0.4, took
+    assert took < 1.0, took
 
 
 def test_a_waiting_checkout_on_postgresql_looks_when_woken_not_on_a_timer(
@@ -254,7 +254,8 @@ def test_a_waiting_checkout_on_postgresql_looks_when_woken_not_on_a_timer(
     waiter.close()
     transport.close()
     assert got and got[0].granted == held[:1]
-    assert took < 0.2 and waiter.looks == 2, (took, waiter.looks)
+    # its fallback look is 5 s away: only the NOTIFY can have woken it
+    assert took < 1.0 and waiter.looks == 2, (took, waiter.looks)
 
 
 def test_holder_ids_name_the_host_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
