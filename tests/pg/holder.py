@@ -61,7 +61,7 @@ def main() -> int:
             name, h = checkout(t, cycles)
         except StateError as exc:
             errors += 1
-            print("error", exc, file=sys.stderr, flush=True)
+            print("holder error:", exc, file=sys.stderr, flush=True)
             continue
         marker = Path(markers) / name
         try:
@@ -75,7 +75,7 @@ def main() -> int:
             checkin(t, name, h)
         except StateError as exc:
             errors += 1
-            print("error", exc, file=sys.stderr, flush=True)
+            print("holder error:", exc, file=sys.stderr, flush=True)
         cycles += 1
     print(cycles, doubles, errors, flush=True)
     return 0
