@@ -25,6 +25,7 @@ from vmpool.errors import (
     PoolUnavailable,
     ReadyTimeout,
     StateError,
+    StoreError,
     VmPoolError,
     describe,
 )
@@ -274,6 +275,8 @@ class Controller:
                 exc_info=None if isinstance(exc, VmPoolError) else exc,
             )
         self.error = exc
+        if self.shared is not None and isinstance(exc, StoreError):
+            return  # the shared store itself (restarting): the other sessions' pool is fine
         with contextlib.suppress(Exception), self.store.transaction() as pool:
             pool.error = text
 

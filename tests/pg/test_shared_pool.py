@@ -159,3 +159,19 @@ def test_status_shows_the_shared_pool_and_its_holders(
     assert held["name"] == lease.names[0] and held["test"] == "t::x"
     client.checkin(lease)
     client.close()
+
+
+@pytest.mark.slow
+def test_after_a_server_crash_one_session_leads_again_and_the_pool_serves(
+    pg: throwaway.Throwaway, start: Start, directory: JsonStateDir
+) -> None:
+    a = start("sa")
+    b = start("sb")
+    a.wait_until_ready(2, 30)
+    pg.restart_crash()
+    wait_until(lambda: sum(_leading(a, b)) == 1, 30, "one leader again")
+    client = _client(b, directory)
+    lease = client.checkout(2, timeout=20)
+    client.checkin(lease)
+    client.close()
+    assert sum(_leading(a, b)) == 1 and b.snapshot().error is None
