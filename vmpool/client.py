@@ -31,7 +31,7 @@ from vmpool.errors import (
     VmPoolError,
     WaitTimeout,
 )
-from vmpool.ownership import current_process
+from vmpool.ownership import ProcessRef, current_process
 from vmpool.state import Holder, JsonStore, Request
 from vmpool.transport import Transport, connect
 
@@ -429,16 +429,18 @@ class PoolClient:
             now=self.clock(),
         ))
         for name in reply.mine:
-            reset_machine(self.transport, self.backend, name, self.clock)
+            reset_machine(self.transport, self.backend, name, self.clock, self._me)
         return reply.actions
 
 
 def reset_machine(
-    transport: Transport, backend: Backend, name: str, clock: Callable[[], float]
+    transport: Transport, backend: Backend, name: str, clock: Callable[[], float],
+    actor: ProcessRef | None = None,
 ) -> bool:
     """Restore a machine in state ``resetting`` to its snapshot and record the outcome.
 
     A failed reset turns into a replacement (the controller's job); returns True on success.
+    ``actor``: this process, the reset's actor (a late outcome of another's changes nothing).
     """
     error = None
     address = None
@@ -450,7 +452,7 @@ def reset_machine(
         log.warning("reset of %s failed, it will be replaced: %s", name, exc)
     try:
         transport.run(ops.ResetDone(name=name, ok=error is None, error=error, address=address,
-                                now=clock()))
+                                    actor=actor, now=clock()))
     except StateError as exc:
         log.warning("cannot record the reset of %s: %s", name, exc)
     return error is None

@@ -425,7 +425,7 @@ class Controller:
             else self.shared.transport() if self.shared is not None else None
         )
         assert transport is not None
-        reset_machine(transport, self.backend, name, self.clock)
+        reset_machine(transport, self.backend, name, self.clock, self.me)
 
     def _delete(self, name: str, *, replaced: bool) -> None:
         try:

@@ -326,11 +326,15 @@ def finish_reset(
     error: str | None,
     now: float,
     address: str | None = None,
+    actor: ProcessRef | None = None,
 ) -> None:
     """Record the outcome of a reset (and the address, which a reset may change); a failed
-    one becomes a replacement."""
+    one becomes a replacement. Given its ``actor``, nothing changes unless that process is
+    the machine's actor now (fencing a late outcome)."""
     m = pool.find(name)
     if m is None or m.state is not MachineState.RESETTING:
+        return
+    if actor is not None and m.actor is not None and not m.actor.same_process(actor):
         return
     m.actor = None
     if ok:

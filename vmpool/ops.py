@@ -188,11 +188,15 @@ class ResetDone(_Effect):
     ok: bool
     error: str | None = None
     address: str | None = None
+    #: the process that reset it: a machine another process resets now is not its to finish
+    #: (its outcome came late, e.g. retried after a lost reply)
+    actor: ProcessRef | None = None
     now: float
 
     def apply(self, pool: Pool) -> Applied:
         leases.finish_reset(
-            pool, self.name, ok=self.ok, error=self.error, now=self.now, address=self.address
+            pool, self.name, ok=self.ok, error=self.error, now=self.now, address=self.address,
+            actor=self.actor,
         )
         return Applied()
 

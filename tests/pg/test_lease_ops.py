@@ -269,3 +269,17 @@ def test_holder_ids_name_the_host_from_the_environment(monkeypatch: pytest.Monke
         monkeypatch.delenv("VMPOOL_HOST_ID")
         ownership.hostname.cache_clear()
     assert current_process().host == os.uname().nodename
+
+
+def test_a_late_reset_outcome_of_another_process_changes_nothing(
+    any_store: JsonStore | PgStore, transport: Transport
+) -> None:
+    granted = checkout(transport, "r").granted
+    assert granted is not None
+    checkin(transport, granted, "r", RESET)  # resetting, with this process as its actor
+    other = _dead_process()
+    transport.run(ops.ResetDone(name=granted[0], ok=True, actor=other, now=time.time()))
+    assert record(any_store)[granted[0]] is MachineState.RESETTING
+    transport.run(ops.ResetDone(name=granted[0], ok=True, actor=current_process(),
+                                now=time.time()))
+    assert record(any_store)[granted[0]] is MachineState.READY

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 #: seconds after a server (re)start during which a missing lifeline proves nothing
 GRACE = 2.0
 _NOW = "extract(epoch from clock_timestamp())"
+#: seconds after its last beat a holder's row is deleted
+_FORGET_AFTER = 7 * 86400.0
 
 
 def token(ref: ProcessRef) -> str:
@@ -98,6 +100,10 @@ class _Beat:
                 if conn is None or conn.closed:
                     conn = connect(self.dsn, 3600.0, application_name=self.token)
                     delay = 0.02
+                    # rows of processes gone long ago (a dead holder's row is needed only
+                    # while its leases may still be in a record)
+                    conn.execute(f"DELETE FROM vmpool_holders WHERE beat < {_NOW} - %s",
+                                 (_FORGET_AFTER,))
                 conn.execute(
                     "INSERT INTO vmpool_holders (token, host, pid, beat) "
                     f"VALUES (%s, %s, %s, {_NOW}) ON CONFLICT (token) DO UPDATE "
