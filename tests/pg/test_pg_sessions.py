@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.chaos._harness import child_env, podman_usable
 from vmpool.pgstore import throwaway
 from vmpool.pgstore.store import pool_ids
 
@@ -36,19 +36,22 @@ def test_machine_is_mine_alone(pool_vm, i):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sim", pytest.param("podman", marks=pytest.mark.podman)])
 def test_three_sessions_share_one_pool_without_sharing_a_machine(
-    pg: throwaway.Throwaway, tmp_path: Path
+    pg: throwaway.Throwaway, tmp_path: Path, backend: str
 ) -> None:
+    if backend == "podman" and (why := podman_usable()):
+        pytest.skip(why)
     (tmp_path / "test_shared.py").write_text(TESTS)
     marks = tmp_path / "marks"
     marks.mkdir()
     state = tmp_path / "state"
     runs = []
     for i in range(3):
-        env = {**os.environ, "VMPOOL_STORE": pg.dsn, "VMPOOL_HOST_ID": f"ci-host-{i}",
+        env = {**child_env(), "VMPOOL_STORE": pg.dsn, "VMPOOL_HOST_ID": f"ci-host-{i}",
                "MARKS": str(marks), "PYTHONPATH": str(Path(__file__).parents[2])}
         runs.append(subprocess.Popen(
-            [sys.executable, "-m", "pytest", *QUICK, "-q", "--vm-backend", "sim",
+            [sys.executable, "-m", "pytest", *QUICK, "-q", "--vm-backend", backend,
              "--vm-state-dir", str(state), "--vm-pool-size", "2", "test_shared.py"],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
@@ -66,6 +69,15 @@ def test_three_sessions_share_one_pool_without_sharing_a_machine(
     # the last session to leave destroyed the pool: nothing lost, nothing left behind
     assert pool_ids(pg.dsn) == []
     assert list(marks.iterdir()) == []
-    left = list((state / "sim" / "machines").glob("*")) if (state / "sim" / "machines").is_dir() \
-        else []
+    if backend == "sim":
+        machines = state / "sim" / "machines"
+        left = list(machines.glob("*")) if machines.is_dir() else []
+    else:
+        left = _podman_names("vmpool-shared")
     assert left == [], left
+
+
+def _podman_names(prefix: str) -> list[str]:
+    out = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    return [n for n in out.split() if n.startswith(prefix)]
