@@ -48,7 +48,11 @@ class Policy:
         return self.can_reset and (self.checkin != "replace" or self.failure != "replace")
 
 
-_USABLE = frozenset({MachineState.READY, MachineState.LEASED})
+#: the states as module names: a member looked up on its enum class costs ~0.2 us on
+#: Python 3.11 (EnumType.__getattr__), and the lease decisions test every machine of the pool
+READY, LEASED, BROKEN = MachineState.READY, MachineState.LEASED, MachineState.BROKEN
+RESETTING, REPLACING = MachineState.RESETTING, MachineState.REPLACING
+_USABLE = frozenset({READY, LEASED})
 
 
 def _worst(a: Action, b: Action) -> Action:
@@ -72,7 +76,7 @@ def free_machines(pool: Pool, fresh: bool) -> list[Machine]:
         m
         for m in pool.machines
         if m.holder is None
-        and m.state is MachineState.READY
+        and m.state is READY
         and m.slot < size
         and m.config_hash == config_hash
         and (not fresh or m.uses_since_reset == 0)
@@ -118,7 +122,7 @@ def grant(pool: Pool, req: Request, now: float) -> list[Machine] | None:
     # the holder as it leases now (frozen, so shared when the client sent it so already)
     held = req.holder if req.holder.since == now else req.holder.model_copy(update={"since": now})
     for m in chosen:
-        m.state = MachineState.LEASED
+        m.state = LEASED
         m.holder = held
         m.uses += 1
         m.uses_since_reset += 1
@@ -150,7 +154,7 @@ def cancel(pool: Pool, request_id: str) -> list[str]:
 def _ungrant(pool: Pool, m: Machine) -> None:
     """Undo a grant that was never used by a test: the machine is as it was before."""
     m.holder = None
-    m.state = MachineState.READY
+    m.state = READY
     m.uses -= 1
     m.uses_since_reset -= 1
     pool.stats.checkouts -= 1
@@ -175,7 +179,7 @@ def return_unused(pool: Pool, names: list[str], holder: ProcessRef) -> None:
         m = pool.find(name)
         if (
             m is not None
-            and m.state is MachineState.LEASED
+            and m.state is LEASED
             and m.holder is not None
             and m.holder.same_process(holder)
         ):
@@ -218,12 +222,12 @@ def timeout_error(pool: Pool, waited: float, count: int, now: float) -> Checkout
     by_state: dict[MachineState, list[Machine]] = {}
     for m in pool.machines:
         by_state.setdefault(m.state, []).append(m)
-    leased = by_state.get(MachineState.LEASED, [])
+    leased = by_state.get(LEASED, [])
     warming = sum(
         len(by_state.get(s, []))
-        for s in (MachineState.CREATING, MachineState.STARTING, MachineState.RESETTING)
+        for s in (MachineState.CREATING, MachineState.STARTING, RESETTING)
     )
-    broken = by_state.get(MachineState.BROKEN, [])
+    broken = by_state.get(BROKEN, [])
     holders = "; ".join(
         f"{m.name} held by {m.holder.worker} (pid {m.holder.pid}) for "
         f"{m.holder.test or '?'} since {now - m.holder.since:.0f}s"
@@ -264,12 +268,12 @@ def _same_lease(held: Holder, holder: ProcessRef) -> bool:
 def _release(machine: Machine, action: Action, actor: ProcessRef | None) -> None:
     machine.holder = None
     if action == "reuse":
-        machine.state = MachineState.READY
+        machine.state = READY
     elif action == "reset":
-        machine.state = MachineState.RESETTING
+        machine.state = RESETTING
         machine.actor = actor
     else:
-        machine.state = MachineState.REPLACING
+        machine.state = REPLACING
         machine.actor = None
 
 
@@ -290,7 +294,7 @@ def checkin(
     returned: list[tuple[Machine, Action]] = []
     for name in names:
         m = pool.find(name)
-        if m is None or m.state is not MachineState.LEASED or m.holder is None:
+        if m is None or m.state is not LEASED or m.holder is None:
             continue  # reclaimed meanwhile: nothing of ours to return
         if not m.holder.same_process(holder) or not _same_lease(m.holder, holder):
             continue  # another lease's now (this one was reclaimed and granted again)
@@ -332,13 +336,13 @@ def finish_reset(
     one becomes a replacement. Given its ``actor``, nothing changes unless that process is
     the machine's actor now (fencing a late outcome)."""
     m = pool.find(name)
-    if m is None or m.state is not MachineState.RESETTING:
+    if m is None or m.state is not RESETTING:
         return
     if actor is not None and m.actor is not None and not m.actor.same_process(actor):
         return
     m.actor = None
     if ok:
-        m.state = MachineState.READY
+        m.state = READY
         m.uses_since_reset = 0
         m.error = None
         m.checked_at = now
@@ -346,7 +350,7 @@ def finish_reset(
             m.address = address
         pool.stats.reset += 1
     else:
-        m.state = MachineState.REPLACING
+        m.state = REPLACING
         m.error = error
     serve_queue(pool, now)
 
@@ -357,7 +361,7 @@ def mark_unhealthy(pool: Pool, name: str, error: str, now: float) -> None:
     if m is None:
         return
     m.holder = None
-    m.state = MachineState.REPLACING
+    m.state = REPLACING
     m.actor = None
     m.error = error
     serve_queue(pool, now)
@@ -373,17 +377,17 @@ def reclaim(pool: Pool, policy: Policy, alive: Alive, now: float) -> list[str]:
     out = []
     drop_dead_waiters(pool, alive)
     for m in pool.machines:
-        if m.state is MachineState.LEASED and m.holder is not None and not alive(m.holder):
+        if m.state is LEASED and m.holder is not None and not alive(m.holder):
             action = decide(m, policy, failed=True, dirty=True, now=now)
             _release(m, action, None)
             pool.stats.reclaimed += 1
             out.append(m.name)
         elif (
-            m.state in (MachineState.CREATING, MachineState.STARTING, MachineState.RESETTING)
+            m.state in (MachineState.CREATING, MachineState.STARTING, RESETTING)
             and m.actor is not None
             and not alive(m.actor)
         ):
-            m.state = MachineState.REPLACING
+            m.state = REPLACING
             m.actor = None
             pool.stats.reclaimed += 1
             out.append(m.name)
@@ -395,7 +399,7 @@ def reclaim(pool: Pool, policy: Policy, alive: Alive, now: float) -> list[str]:
 def all_broken(pool: Pool) -> bool:
     if pool.size <= 0 or any(m.state in _USABLE for m in pool.machines):
         return False  # the usual answer, without counting (on every check-out)
-    broken = sum(1 for m in pool.machines if m.state is MachineState.BROKEN and m.slot < pool.size)
+    broken = sum(1 for m in pool.machines if m.state is BROKEN and m.slot < pool.size)
     return broken >= pool.size
 
 

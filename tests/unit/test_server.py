@@ -83,6 +83,16 @@ def test_checkouts_and_checkins_go_through_the_server(start: Start) -> None:
     assert all(m.state is MachineState.READY and m.holder is None for m in pool.machines)
 
 
+def test_a_running_server_keeps_what_its_process_held_out_of_full_collections(
+    start: Start,
+) -> None:
+    assert gc.get_freeze_count() == 0
+    c = start(size=1)
+    assert gc.get_freeze_count() > 1000  # modules, pytest's own objects: never walked now
+    c.stop(lease_timeout=0)
+    assert gc.get_freeze_count() == 0
+
+
 def test_without_a_server_clients_use_the_file(start: Start) -> None:
     c = start(size=1, serve=False)
     assert c.server is None and not c.store.socket_path.exists()

@@ -78,7 +78,7 @@ def test_a_server_that_never_answers_times_out_as_server_gone(sock_path: Path) -
             conn.call(b"{}\n")
     finally:
         server.close()
-    assert 0.25 <= time.monotonic() - started < 5
+    assert 0.25 <= time.monotonic() - started < 1.5  # its deadline, not a longer tick
 
 
 def test_a_server_that_closes_mid_request_is_server_gone(sock_path: Path) -> None:
