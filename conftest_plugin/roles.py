@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmpool import doctor, reaper
 from vmpool.backends import make_backend
@@ -22,7 +22,10 @@ from vmpool.controller import Controller, Progress, policy_for
 from vmpool.errors import BackendError, PoolUnavailable, StateError, VmPoolError, describe
 from vmpool.ownership import current_process, new_session_id
 from vmpool.session import SessionClient, SessionServer
-from vmpool.state import JsonStateDir, Pool, default_state_dir
+from vmpool.state import JsonStateDir, JsonStore, Pool, default_state_dir
+
+if TYPE_CHECKING:
+    from vmpool.pgstore.store import PgStore
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,23 @@ class Settings:
 def resolve_state_dir(cfg: Config) -> Path:
     configured = cfg.default.pool.state_dir
     return Path(configured).expanduser() if configured else default_state_dir()
+
+
+def waits_file(directory: JsonStateDir, pool_id: str, session: str, shared: bool) -> Path:
+    """Where a session's check-out waits are sampled (each session of a shared pool keeps
+    its own)."""
+    if shared:
+        return directory.path / f"{pool_id}.{session}.waits"
+    return directory.store(pool_id).side_file("waits")
+
+
+def _shared_pools(dsn: str | None) -> Callable[[], list[str]] | None:
+    """The pools of a shared store, for the reaper to spare (None: no shared store)."""
+    if dsn is None:
+        return None
+    from vmpool.pgstore.store import pool_ids
+
+    return lambda: pool_ids(dsn)
 
 
 def profile_size(profile: Profile, default_size: int) -> int:
@@ -160,7 +180,8 @@ class ControllerRole:
             # prepare first: what it starts (podman's API service) makes the reap's calls cheap
             backend.prepare(networked=profile.pool.network and backend.capabilities.network)
             with contextlib.suppress(VmPoolError):
-                self.reaped.append(reaper.reap(self.directory, backend, profile.pool.name_prefix))
+                self.reaped.append(reaper.reap(self.directory, backend, profile.pool.name_prefix,
+                                               shared=_shared_pools(profile.pool.store)))
         except Exception as exc:  # an OSError too: the workers must hear of it, not wait
             self._fail(name, exc)
             return None
@@ -195,6 +216,7 @@ class ControllerRole:
                 session=self.settings.session,
                 keep=self.settings.keep,
                 progress=self._on_progress,
+                store=profile.pool.store,
             )
             with self._lock:
                 if self._stop.is_set():
@@ -225,6 +247,10 @@ class ControllerRole:
             argv += ["--profile", outcome.profile]
         return shlex.join(argv)
 
+    def _waits(self, controller: Controller) -> Path:
+        return waits_file(self.directory, controller.pool_id, self.settings.session,
+                          controller.shared is not None)
+
     def usage_errors(self) -> list[str]:
         with contextlib.suppress(StateError):
             return self.session.read().usage_errors
@@ -251,7 +277,7 @@ class ControllerRole:
             self._thread.join()
         outcomes = []
         for name, controller in self.controllers.items():
-            waits = _read_waits(controller.store.side_file("waits"))
+            waits = _read_waits(self._waits(controller))
             wait = controller.settings.teardown_timeout
             pool = controller.stop(lease_timeout=lease_budget(wait) if lease_budget else None)
             outcomes.append(
@@ -267,10 +293,11 @@ class ControllerRole:
                 )
             )
             with contextlib.suppress(FileNotFoundError):
-                controller.store.side_file("waits").unlink()
+                self._waits(controller).unlink()
             with contextlib.suppress(VmPoolError):
                 self.reaped.append(
-                    reaper.reap(self.directory, controller.backend, controller.settings.name_prefix)
+                    reaper.reap(self.directory, controller.backend, controller.settings.name_prefix,
+                                shared=_shared_pools(controller.settings.store))
                 )
         for backend in self._backends.values():  # what prepare() left running (podman's API)
             try:
@@ -331,11 +358,15 @@ class WorkerRole:
         if profile_name in self._clients:
             return self._clients[profile_name]
         pool_id = self.session.wait_pool(profile_name, timeout)
-        store = self.directory.store(pool_id)
+        profile = self.cfg.profile(profile_name)
+        store: JsonStore | PgStore = self.directory.store(pool_id)
+        if profile.pool.store is not None:
+            from vmpool.pgstore.store import PgStore
+
+            store = PgStore(profile.pool.store, pool_id, lease=profile.pool.store_lease)
         pool = store.read()
         if pool is None:
             raise PoolUnavailable(f"vmpool: pool {pool_id} vanished")
-        profile = self.cfg.profile(profile_name)
         backend: Backend = make_backend(pool.backend, profile, self.directory.path)
         client = PoolClient(
             store,
@@ -344,7 +375,8 @@ class WorkerRole:
             worker=self.worker_id,
             pre_ping=profile.pool.pre_ping,
             pre_ping_after=profile.pool.pre_ping_after,
-            wait_log=store.side_file("waits"),
+            wait_log=waits_file(self.directory, pool_id, self.settings.session,
+                                profile.pool.store is not None),
         )
         self._clients[profile_name] = client
         return client

@@ -241,10 +241,20 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 # -- status --------------------------------------------------------------------------------------
-def _status_doc(directory: JsonStateDir) -> dict[str, Any]:
+def _stores(directory: JsonStateDir, shared: str | None) -> list[Any]:
+    """Every pool's store: the state directory's files, and a shared store's pools."""
+    stores: list[Any] = [directory.store(pool_id) for pool_id in directory.pool_ids()]
+    if shared is not None:
+        from vmpool.pgstore.store import PgStore, pool_ids
+
+        stores += [PgStore(shared, pool_id) for pool_id in pool_ids(shared)]
+    return stores
+
+
+def _status_doc(directory: JsonStateDir, shared: str | None = None) -> dict[str, Any]:
     pools = []
-    for pool_id in directory.pool_ids():
-        pool = transport.read_current(directory.store(pool_id))  # a live pool's server: current
+    for store in _stores(directory, shared):
+        pool = transport.read_current(store)  # a live pool's server: current
         if pool is None:
             continue
         now = time.time()
@@ -257,6 +267,7 @@ def _status_doc(directory: JsonStateDir) -> dict[str, Any]:
                 "session": pool.session,
                 "kept": pool.keep,
                 "owner_alive": bool(pool.owner and is_alive(pool.owner)),
+                "shared": pool.durable,
                 "network": pool.network,
                 "stats": pool.stats.model_dump(),
                 "machines": [
@@ -288,9 +299,10 @@ def _status_doc(directory: JsonStateDir) -> dict[str, Any]:
 
 
 def _status(args: argparse.Namespace) -> int:
-    directory = _state_dir(_load(args))
+    cfg = _load(args)
+    directory = _state_dir(cfg)
     while True:
-        doc = _status_doc(directory)
+        doc = _status_doc(directory, cfg.default.pool.store)
         if args.json:
             print(json.dumps(doc, indent=2))
         else:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmpool import leases, ops, transfer
 from vmpool._files import private_opener
@@ -30,9 +31,12 @@ from vmpool.errors import (
     VmPoolError,
     WaitTimeout,
 )
-from vmpool.ownership import current_process
+from vmpool.ownership import ProcessRef, current_process
 from vmpool.state import Holder, JsonStore, Request
 from vmpool.transport import Transport, connect
+
+if TYPE_CHECKING:
+    from vmpool.pgstore.store import PgStore
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +269,7 @@ class PoolClient:
 
     def __init__(
         self,
-        store: JsonStore,
+        store: JsonStore | PgStore,
         backend: Backend,
         policy: leases.Policy,
         *,
@@ -425,16 +429,18 @@ class PoolClient:
             now=self.clock(),
         ))
         for name in reply.mine:
-            reset_machine(self.transport, self.backend, name, self.clock)
+            reset_machine(self.transport, self.backend, name, self.clock, self._me)
         return reply.actions
 
 
 def reset_machine(
-    transport: Transport, backend: Backend, name: str, clock: Callable[[], float]
+    transport: Transport, backend: Backend, name: str, clock: Callable[[], float],
+    actor: ProcessRef | None = None,
 ) -> bool:
     """Restore a machine in state ``resetting`` to its snapshot and record the outcome.
 
     A failed reset turns into a replacement (the controller's job); returns True on success.
+    ``actor``: this process, the reset's actor (a late outcome of another's changes nothing).
     """
     error = None
     address = None
@@ -446,7 +452,7 @@ def reset_machine(
         log.warning("reset of %s failed, it will be replaced: %s", name, exc)
     try:
         transport.run(ops.ResetDone(name=name, ok=error is None, error=error, address=address,
-                                now=clock()))
+                                    actor=actor, now=clock()))
     except StateError as exc:
         log.warning("cannot record the reset of %s: %s", name, exc)
     return error is None

@@ -53,6 +53,19 @@ class PoolSettings(_Strict):
     state_dir: Path | None = Field(
         None, description="Where pool state files live. Default: the user state dir (platformdirs)."
     )
+    store: str | None = Field(
+        None,
+        description="Where the pool's lease record lives: unset, a JSON file per pool in "
+        "state_dir (one host); a PostgreSQL URI (postgresql://user@host/db; the password from "
+        "~/.pgpass or PGPASSWORD, never printed) for a pool shared by sessions on many hosts. "
+        "Also VMPOOL_STORE.",
+    )
+    store_lease: float = Field(
+        30.0,
+        gt=0,
+        description="With a PostgreSQL store: seconds a holder process lives without a "
+        "heartbeat (it beats every third of it); a stopped one loses its leases after this.",
+    )
     checkout_timeout: float = Field(
         300.0, gt=0, description="Seconds a test waits for a free machine before CheckoutTimeout."
     )
@@ -101,6 +114,20 @@ class PoolSettings(_Strict):
         "destroyed before pytest exits with code 4. false: machines are made once collection "
         "is final and valid (only checks, reaping and templates overlap collection).",
     )
+
+    @field_validator("store")
+    @classmethod
+    def _postgresql_uri(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        scheme = value.partition("://")[0]
+        if scheme not in ("postgresql", "postgres"):
+            # never echo the value: it may hold a password
+            raise ValueError(
+                "must be a PostgreSQL URI, postgresql://[user@]host[:port]/database "
+                f"(got a value starting {scheme[:12]!r}); unset, the JSON file store is used"
+            )
+        return value
 
 
 class SimSettings(_Strict):

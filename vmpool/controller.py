@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vmpool import adoption, doctor, leases, teardown, upkeep
 from vmpool.backends.base import Backend, MachineSpec
@@ -24,6 +25,7 @@ from vmpool.errors import (
     PoolUnavailable,
     ReadyTimeout,
     StateError,
+    StoreError,
     VmPoolError,
     describe,
 )
@@ -37,9 +39,13 @@ from vmpool.ownership import (
     pool_id,
 )
 from vmpool.server import LeaseServer
-from vmpool.state import JsonStateDir, MachineState, Pool
+from vmpool.state import JsonStateDir, JsonStore, MachineState, Pool
 from vmpool.transport import FileTransport
 from vmpool.writeback import WriteBackStore
+
+if TYPE_CHECKING:  # psycopg is an optional dependency: imported only for such pools
+    from vmpool.pgstore.shared import Shared
+    from vmpool.pgstore.store import PgStore
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +105,7 @@ class Controller:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         serve: bool = True,
+        store: str | None = None,
     ) -> None:
         self.directory = directory
         self.backend = backend
@@ -114,7 +121,15 @@ class Controller:
         self.config_hash = profile.config_hash(backend.name)
         self.me: ProcessRef = current_process()
         self.pool_id = pool_id(self.settings.name_prefix, session, profile.name)
-        self.store = directory.store(self.pool_id)
+        self.store: JsonStore | PgStore = directory.store(self.pool_id)
+        #: a pool on PostgreSQL, shared by the sessions of many hosts (vmpool.pgstore.shared)
+        self.shared: Shared | None = None
+        if store is not None:
+            from vmpool.pgstore.shared import Shared
+
+            self.pool_id = pool_id(self.settings.name_prefix, "shared", profile.name)
+            self.shared = Shared(store, self.pool_id, self.settings.store_lease)
+            self.store = self.shared.store
         self.adopted_from: str | None = None
         self._stop = threading.Event()
         self._cancel = threading.Event()
@@ -144,6 +159,10 @@ class Controller:
     def start(self) -> None:
         """Create (or adopt) the pool record and begin warming in the background."""
         self.backend.check()
+        if self.shared is not None:
+            self.shared.attach(self._new_record, self._take_over)
+            self._start_thread()
+            return
         adopted = self._adopt()
         if adopted is None:
             network = None
@@ -152,30 +171,40 @@ class Controller:
                 self.backend.create_network(
                     network, owner_labels(self.pool_id, self.session, self.me, self.config_hash)
                 )
-            now = self.clock()
-            self.store.create(
-                Pool(
-                    id=self.pool_id,
-                    profile=self.profile.name,
-                    backend=self.backend.name,
-                    size=self.size,
-                    session=self.session,
-                    name_prefix=self.settings.name_prefix,
-                    config_hash=self.config_hash,
-                    owner=self.me,
-                    network=network,
-                    created_at=now,
-                )
-            )
+            self.store.create(self._new_record(network))
         if self.serve:
             self.store = WriteBackStore(self.directory, self.pool_id)
             server = LeaseServer(self.store, self.policy, clock=self.clock, on_work=self._wake.set)
             if server.start():
                 self.server = server
+        self._start_thread()
+
+    def _start_thread(self) -> None:
         self._thread = threading.Thread(
             target=self._run, name=f"vmpool-{self.pool_id}", daemon=True
         )
         self._thread.start()
+
+    def _new_record(self, network: str | None = None) -> Pool:
+        return Pool(
+            id=self.pool_id,
+            profile=self.profile.name,
+            backend=self.backend.name,
+            size=self.size,
+            session=self.session,
+            name_prefix=self.settings.name_prefix,
+            config_hash=self.config_hash,
+            owner=self.me,
+            network=network,
+            created_at=self.clock(),
+        )
+
+    def _take_over(self) -> None:
+        """This session was elected the shared pool's controller: it owns the pool now."""
+        with self.store.transaction() as pool:
+            pool.owner = self.me
+        self._last_reclaim = 0.0
+        self._wake.set()
 
     def _adopt(self) -> Pool | None:
         """Take over a kept, idle pool of the same prefix, profile and backend."""
@@ -250,6 +279,8 @@ class Controller:
                 exc_info=None if isinstance(exc, VmPoolError) else exc,
             )
         self.error = exc
+        if self.shared is not None and isinstance(exc, StoreError):
+            return  # the shared store itself (restarting): the other sessions' pool is fine
         with contextlib.suppress(Exception), self.store.transaction() as pool:
             pool.error = text
 
@@ -259,13 +290,18 @@ class Controller:
             self.error = None
 
     def _tick(self) -> bool:
+        if self.shared is not None and not self.shared.leading:
+            return False  # another session's controller keeps the pool
         with self._inflight_lock:
             capacity = self.settings.warmup_parallelism - self._inflight
             delete_capacity = self.settings.warmup_parallelism - self._deleting
+        alive: leases.Alive = self._alive
+        if self.shared is not None and self.clock() - self._last_reclaim >= _RECLAIM_EVERY:
+            alive = self.shared.store.liveness()  # holders of every host, as the store sees them
         with self.store.transaction() as pool:
             now = self.clock()
             if now - self._last_reclaim >= _RECLAIM_EVERY:
-                reclaimed = leases.reclaim(pool, self.policy, self._alive, now)
+                reclaimed = leases.reclaim(pool, self.policy, alive, now)
                 if reclaimed:
                     log.warning("reclaimed machines of dead processes: %s", reclaimed)
                 self._last_reclaim = now
@@ -388,7 +424,12 @@ class Controller:
                 upkeep.record_deleted(pool, name, replaced=False)
 
     def _reset(self, name: str) -> None:
-        reset_machine(FileTransport(self.store), self.backend, name, self.clock)
+        transport = (
+            FileTransport(self.store) if isinstance(self.store, JsonStore)
+            else self.shared.transport() if self.shared is not None else None
+        )
+        assert transport is not None
+        reset_machine(transport, self.backend, name, self.clock, self.me)
 
     def _delete(self, name: str, *, replaced: bool) -> None:
         try:
@@ -431,8 +472,8 @@ class Controller:
         """Teardown is coming (a stop signal): a pool to be destroyed serves no more check-outs,
         takes its machines back without resetting them and stops warming; a kept one goes on
         until stop()."""
-        if self.keep:
-            return
+        if self.keep or self.shared is not None:
+            return  # a shared pool goes on serving the other sessions
         self._cancel.set()
         with contextlib.suppress(StateError), self.store.transaction() as pool:
             pool.closing = True
@@ -442,6 +483,8 @@ class Controller:
 
         Returns the pool's last record (for the end-of-run summary).
         """
+        if self.shared is not None:
+            return self._leave()
         keep = self.keep if keep is None else keep
         wait = self.settings.teardown_timeout if lease_timeout is None else lease_timeout
         deadline = time.monotonic() + wait
@@ -494,6 +537,26 @@ class Controller:
                 self.server.stop()
             if isinstance(self.store, WriteBackStore):
                 self.store.close()
+        return final
+
+    def _leave(self) -> Pool | None:
+        """Leave a shared pool: its last session destroys it; otherwise it goes on, and
+        another session's controller takes over if this one led it."""
+        assert self.shared is not None
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._delete_executor.shutdown(wait=True, cancel_futures=True)
+        final = None
+        with contextlib.suppress(StateError):
+            final = self.store.read()
+        try:
+            if self.shared.leave():
+                self._destroy(final)
+        finally:
+            self.shared.close()
         return final
 
     def _keep(self) -> None:

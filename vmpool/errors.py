@@ -107,7 +107,7 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class StoreError(VmPoolError):
+class StoreError(StateError):
     """The shared lease store (PostgreSQL) cannot be used; the message names the DSN (without
     its password) and the cause."""
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 from vmpool.errors import CheckoutTimeout
 from vmpool.ownership import ProcessRef
-from vmpool.state import Machine, MachineState, Pool, Request
+from vmpool.state import Holder, Machine, MachineState, Pool, Request
 
 Action = Literal["reuse", "reset", "replace"]
 Alive = Callable[[ProcessRef], bool]
@@ -126,6 +126,7 @@ def grant(pool: Pool, req: Request, now: float) -> list[Machine] | None:
         m.holder = held
         m.uses += 1
         m.uses_since_reset += 1
+        m.generation += 1
     pool.stats.checkouts += req.count
     return chosen
 
@@ -194,7 +195,7 @@ def unavailable(pool: Pool, count: int, alive: Alive | None = None) -> str | Non
         return f"pool {pool.id} is shutting down"
     if pool.error is not None:
         return f"pool {pool.id}: its controller failed: {pool.error}"
-    if alive is not None and pool.owner is not None and not alive(pool.owner):
+    if alive is not None and not pool.durable and pool.owner is not None and not alive(pool.owner):
         return (
             f"pool {pool.id}: its controller (pid {pool.owner.pid} on {pool.owner.host}) is "
             "gone, so it grants no more machines; `vmpool gc` or the next session reaps it"
@@ -259,6 +260,11 @@ def decide(machine: Machine, policy: Policy, *, failed: bool, dirty: bool, now: 
     return action
 
 
+def _same_lease(held: Holder, holder: ProcessRef) -> bool:
+    """Whether ``holder`` returns the lease ``held`` records (its request id, when it says)."""
+    return not isinstance(holder, Holder) or not holder.request or holder.request == held.request
+
+
 def _release(machine: Machine, action: Action, actor: ProcessRef | None) -> None:
     machine.holder = None
     if action == "reuse":
@@ -290,8 +296,8 @@ def checkin(
         m = pool.find(name)
         if m is None or m.state is not LEASED or m.holder is None:
             continue  # reclaimed meanwhile: nothing of ours to return
-        if not m.holder.same_process(holder):
-            continue
+        if not m.holder.same_process(holder) or not _same_lease(m.holder, holder):
+            continue  # another lease's now (this one was reclaimed and granted again)
         dirtied = name in (dirty or set())
         # a pool being destroyed deletes what comes back: no reset or replacement first
         action = (
@@ -324,11 +330,15 @@ def finish_reset(
     error: str | None,
     now: float,
     address: str | None = None,
+    actor: ProcessRef | None = None,
 ) -> None:
     """Record the outcome of a reset (and the address, which a reset may change); a failed
-    one becomes a replacement."""
+    one becomes a replacement. Given its ``actor``, nothing changes unless that process is
+    the machine's actor now (fencing a late outcome)."""
     m = pool.find(name)
     if m is None or m.state is not RESETTING:
+        return
+    if actor is not None and m.actor is not None and not m.actor.same_process(actor):
         return
     m.actor = None
     if ok:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeGuard
 
 from pydantic import BaseModel, Field, TypeAdapter
 
@@ -103,6 +103,12 @@ class CheckoutStep(BaseModel):
             leases.return_unused(pool, leases.cancel(pool, self.request.id), self.request.holder)
             return None, problem
         joining = self.join and not any(r.id == self.request.id for r in pool.queue)
+        if joining:
+            # the same request again (its reply was lost): its grant, not more machines
+            held = [m for m in pool.machines if m.state is MachineState.LEASED
+                    and m.holder is not None and m.holder.request == self.request.id]
+            if held:
+                return held, None
         if joining and leases.nobody_waits(pool):
             # nobody ahead: served at once, or it joins the line
             granted = leases.grant(pool, self.request, self.now)
@@ -149,11 +155,13 @@ class CheckinStep(BaseModel):
             failed=self.failed, dirty=set(self.dirty), now=self.now,
         )
         mine = []
-        for name, action in actions.items():
-            if action != "reset":
+        for name in self.names:
+            m = pool.find(name)
+            if m is None or m.state is not MachineState.RESETTING:
                 continue
-            actor = pool.machine(name).actor
-            if actor and actor.same_process(self.holder):
+            if m.actor is not None and m.actor.same_process(self.holder):
+                # ours to do: returned now, or by this check-in sent before (its reply lost)
+                actions.setdefault(name, "reset")
                 mine.append(name)
         return CheckinReply(actions=actions, mine=mine)
 
@@ -180,11 +188,15 @@ class ResetDone(_Effect):
     ok: bool
     error: str | None = None
     address: str | None = None
+    #: the process that reset it: a machine another process resets now is not its to finish
+    #: (its outcome came late, e.g. retried after a lost reply)
+    actor: ProcessRef | None = None
     now: float
 
     def apply(self, pool: Pool) -> Applied:
         leases.finish_reset(
-            pool, self.name, ok=self.ok, error=self.error, now=self.now, address=self.address
+            pool, self.name, ok=self.ok, error=self.error, now=self.now, address=self.address,
+            actor=self.actor,
         )
         return Applied()
 
@@ -261,6 +273,17 @@ class Status(BaseModel):
 
     def apply(self, pool: Pool) -> StatusReply:
         return StatusReply(pool=pool.model_copy(deep=True))
+
+
+def must_wait(op: object, reply: object) -> TypeGuard[CheckoutStep]:
+    """Whether ``op`` is a check-out that waits in line (``wait``) and ``reply`` left it there:
+    a transport without a server then looks again until it is final."""
+    return (
+        isinstance(op, CheckoutStep)
+        and isinstance(reply, CheckoutReply)
+        and not reply.final
+        and op.wait > 0
+    )
 
 
 def holder_of(op: Step) -> Holder | None:

@@ -56,7 +56,10 @@ class ProcessRef(BaseModel):
 
 @functools.cache
 def hostname() -> str:
-    return socket.gethostname()
+    """This host's name in records and labels: ``VMPOOL_HOST_ID`` when set (several "hosts"
+    on one machine, each judging only its own processes by the process table), else the
+    system's host name."""
+    return os.environ.get("VMPOOL_HOST_ID") or socket.gethostname()
 
 
 @functools.cache

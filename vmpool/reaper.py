@@ -57,11 +57,22 @@ def pool_is_live(pool: Pool) -> bool:
 
 
 def reap(
-    directory: JsonStateDir, backend: Backend, prefix: str, *, dry_run: bool = False
+    directory: JsonStateDir, backend: Backend, prefix: str, *, dry_run: bool = False,
+    shared: Callable[[], list[str]] | None = None,
 ) -> ReapReport:
-    """Destroy what dead sessions of ``prefix`` left on ``backend``; spare everything else."""
+    """Destroy what dead sessions of ``prefix`` left on ``backend``; spare everything else.
+
+    ``shared``: the pools of a shared store (vmpool.pgstore): their machines outlive the
+    session that made them while other sessions use the pool; the pool's last session
+    destroys them."""
     report = ReapReport()
     protected: set[str] = set()
+    if shared is not None:
+        try:
+            protected.update(shared())
+        except VmPoolError as exc:  # the store unreachable: no machine of it can be judged
+            report.errors.append(str(exc))
+            return report
     for pid in directory.pool_ids():
         store = directory.store(pid)
         try:

@@ -70,6 +70,8 @@ class Machine(BaseModel):
     error: str | None = None
     #: set by a check-in that asked for a reset/replace the actor has not done yet
     pending: str | None = None
+    #: bumped by every grant: the lease's fencing token (a column of the PostgreSQL store)
+    generation: int = 0
 
 
 class Request(BaseModel):
@@ -115,6 +117,9 @@ class Pool(BaseModel):
     network: str | None = None
     #: why the controller cannot keep the pool now (its maintainer's error): check-outs fail
     error: str | None = None
+    #: every transaction is durable when acknowledged (the PostgreSQL store): a controller
+    #: that dies loses no grant, so its pool keeps serving (vmpool.leases.unavailable)
+    durable: bool = False
     created_at: float
     next_serial: int = 0
     machines: list[Machine] = Field(default_factory=list)

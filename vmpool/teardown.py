@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from vmpool.backends.base import Backend
 from vmpool.errors import StateError, VmPoolError
 from vmpool.ownership import pool_machines, pool_network
-from vmpool.state import JsonStore, Pool
+from vmpool.state import Pool, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class Leftovers:
 
 
 def destroy(
-    backend: Backend, store: JsonStore, pool_id: str, final: Pool | None
+    backend: Backend, store: StateStore, pool_id: str, final: Pool | None
 ) -> Leftovers:
     """Delete every machine of ``pool_id`` (those in ``final``, its last record, and those the
     backend lists with its label), then its network and record; returns what is left."""

@@ -9,20 +9,24 @@
   served, so it looks again, backing off from 2 to 100 ms, until served or out of time.
 - ``LocalTransport``: a lease server in this very process, without a socket (tests drive lease
   flows through it; the server's logic is the same).
-
-A database-backed store plugs in here: every mutation is an operation object (vmpool.ops).
+- ``StoreTransport`` (vmpool.pgstore.transport): a pool on PostgreSQL. Each operation is a
+  transaction of the shared record, run by the client itself on any host; a waiting check-out
+  is woken by the pool's NOTIFY.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from vmpool import _wire, leases, ops
 from vmpool.errors import StateError
 from vmpool.server import LeaseServer
 from vmpool.state import LOCK_TIMEOUT, JsonStore, Operation, Pool
+
+if TYPE_CHECKING:
+    from vmpool.pgstore.store import PgStore
 
 R = TypeVar("R")
 
@@ -46,17 +50,24 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-def connect(store: JsonStore, policy: leases.Policy | None = None) -> Transport:
-    """The pool's lease server if one answers now, else its file (``policy``: what a waiting
-    check-out reclaims dead holders' machines under, with no controller to do it)."""
+def connect(store: JsonStore | PgStore, policy: leases.Policy | None = None) -> Transport:
+    """A pool on PostgreSQL: its transactions, run here. Otherwise the pool's lease server if
+    one answers now, else its file (``policy``: what a waiting check-out reclaims dead
+    holders' machines under, with no lease server to do it)."""
+    if not isinstance(store, JsonStore):
+        from vmpool.pgstore.transport import StoreTransport  # psycopg: only for such pools
+
+        return StoreTransport(store, policy)
     if _wire.answers(store.socket_path):
         return SocketTransport(store)
     return FileTransport(store, policy)
 
 
-def read_current(store: JsonStore) -> Pool | None:
+def read_current(store: JsonStore | PgStore) -> Pool | None:
     """The record as of now: asked of the pool's live lease server (the file lags it by up to
-    a write-back interval), else read from the file."""
+    a write-back interval), else read from the file; a PostgreSQL record is always current."""
+    if not isinstance(store, JsonStore):
+        return store.read_current()
     if os.path.lexists(store.socket_path):
         transport = SocketTransport(store)
         try:
@@ -122,13 +133,8 @@ class FileTransport:
     def run(self, op: Operation[R]) -> R:
         with self.store.transaction() as pool:
             reply = op.apply(pool)
-        if (
-            isinstance(op, ops.CheckoutStep)
-            and isinstance(reply, ops.CheckoutReply)
-            and not reply.final
-            and op.wait > 0
-        ):
-            return self._wait(op)
+        if ops.must_wait(op, reply):
+            return self._wait(op)  # type: ignore[return-value]  # R is its CheckoutReply
         return reply
 
     def _wait(self, op: ops.CheckoutStep) -> ops.CheckoutReply:

@@ -1,9 +1,11 @@
-"""A holder process for the store's tests: ``holder.py DSN POOL NAME MODE MARKERS SECONDS``.
+"""A holder process for the store's fault tests: ``holder.py DSN POOL MODE MARKERS SECONDS``.
 
+MODE ``hold``: check out one machine, print ``name generation``, wait for stdin to close, then
+check in and print ``applied`` or ``fenced`` (the lease was no longer ours: nothing changed).
 MODE ``cycle``: check out one machine, create an O_EXCL marker named after it (a second holder
-of the same machine fails to), remove it, check in; repeat for SECONDS and print the count and
-any errors. MODE ``hold``: check out one machine, print ``name generation``, wait for stdin to
-close, then check in and print whether it applied.
+of the same machine fails to), remove it, check in; repeat for SECONDS, then print
+``cycles doubles errors`` (each error also on stderr). ``LEASE`` in the environment: seconds
+the holder lives without a heartbeat; ``VMPOOL_HOST_ID``: the "host" it runs on.
 """
 
 from __future__ import annotations
@@ -13,29 +15,55 @@ import sys
 import time
 from pathlib import Path
 
-from vmpool.errors import StoreError
+from vmpool import leases, ops
+from vmpool.errors import StateError
+from vmpool.ownership import current_process
+from vmpool.pgstore import lifeline
 from vmpool.pgstore.store import PgStore
+from vmpool.pgstore.transport import StoreTransport
+from vmpool.state import Holder, Request
+
+POLICY = leases.Policy(checkin="reuse", failure="reuse")
+
+
+def checkout(t: StoreTransport, n: int) -> tuple[str, Holder]:
+    request = f"{os.getpid()}-{n}"
+    h = Holder(**current_process().model_dump(), request=request, since=time.time())
+    reply = t.run(ops.CheckoutStep(request=Request(id=request, holder=h, since=h.since),
+                                   wait=30.0, now=h.since))
+    if reply.granted is None:
+        raise StateError(f"no grant: {reply.problem or reply.timeout}")
+    return reply.granted[0], h
+
+
+def checkin(t: StoreTransport, name: str, h: Holder) -> bool:
+    reply = t.run(ops.CheckinStep(names=[name], holder=h, policy=POLICY, now=time.time()))
+    return bool(reply.actions)
 
 
 def main() -> int:
-    dsn, pool, name, mode, markers, seconds = sys.argv[1:7]
-    store = PgStore(dsn, pool, name, lease_seconds=float(os.environ.get("LEASE", "30")))
+    dsn, pool, mode, markers, seconds = sys.argv[1:6]
+    store = PgStore(dsn, pool, lease=float(os.environ.get("LEASE", "30")))
+    t = StoreTransport(store, POLICY)
     if mode == "hold":
-        grant = store.checkout("p", 1, timeout=30)[0]
-        print(grant.name, grant.generation, flush=True)
+        name, h = checkout(t, 0)
+        lifeline.wait_registered(dsn)
+        m = store.read()
+        generation = m.machine(name).generation if m else -1
+        print(name, generation, flush=True)
         sys.stdin.read()
-        print("applied" if store.checkin(grant) else "fenced", flush=True)
+        print("applied" if checkin(t, name, h) else "fenced", flush=True)
         return 0
     end = time.monotonic() + float(seconds)
     cycles = doubles = errors = 0
     while time.monotonic() < end:
         try:
-            grant = store.checkout("p", 1, timeout=30)[0]
-        except StoreError as exc:
+            name, h = checkout(t, cycles)
+        except StateError as exc:
             errors += 1
-            print("error", exc, file=sys.stderr, flush=True)
+            print("holder error:", exc, file=sys.stderr, flush=True)
             continue
-        marker = Path(markers) / grant.name
+        marker = Path(markers) / name
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         except FileExistsError:
@@ -44,10 +72,10 @@ def main() -> int:
             os.close(fd)
             marker.unlink()
         try:
-            store.checkin(grant)
-        except StoreError as exc:
+            checkin(t, name, h)
+        except StateError as exc:
             errors += 1
-            print("error", exc, file=sys.stderr, flush=True)
+            print("holder error:", exc, file=sys.stderr, flush=True)
         cycles += 1
     print(cycles, doubles, errors, flush=True)
     return 0

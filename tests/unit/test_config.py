@@ -399,3 +399,12 @@ def test_podman_systemd_takes_auto_or_a_boolean(tmp_path: Path) -> None:
     assert loaded.default.podman.systemd is True
     problem = only_problem(write(tmp_path, '[podman]\nsystemd = "yes"\n'))
     assert problem.startswith(f"{tmp_path / 'pool.toml'}: podman.systemd: ")
+
+
+def test_store_takes_a_postgresql_uri_from_the_environment_and_never_echoes_another() -> None:
+    cfg = config.load(environ={"VMPOOL_STORE": "postgresql://ci@db.example/vmpool"})
+    assert cfg.default.pool.store == "postgresql://ci@db.example/vmpool"
+    with pytest.raises(ConfigError, match="VMPOOL_STORE: must be a PostgreSQL URI") as info:
+        config.load(environ={"VMPOOL_STORE": "mysql://ci:hunter2@db/vmpool"})
+    assert "hunter2" not in str(info.value)
+    assert config.load(environ={}).default.pool.store is None  # the JSON file store

@@ -1,58 +1,74 @@
-"""The pool's lease record on PostgreSQL: one row per machine, a FIFO of waiting requests.
+"""A pool's record on PostgreSQL: a StateStore (vmpool.state) that many hosts can share.
 
-Every operation mirrors today's lease operations (check-out, check-in, reset done, mark
-unhealthy, return unused, cancel, reclaim) and is one transaction, so several hosts can share
-one pool. Grants are decided under a per-pool advisory transaction lock, strictly in arrival
-order (``requests.seq``): a request at the head that cannot be served yet blocks the ones behind
-it, so a 3-machine request is never starved by 1-machine ones (skip-locked claims are not first
-come first served). Each grant bumps the machine's ``generation``; every later operation on a
-machine names the generation it holds and changes nothing if it is stale (fencing). Times come
-from the database's clock, never the host's.
+Tables: ``vmpool_pools`` (a row per pool: its pool-level fields as jsonb), ``vmpool_machines``
+(a row per machine: key columns for operators and indexes, the whole Machine as jsonb) and
+``vmpool_requests`` (a row per waiting check-out, ``seq`` keeping the line's order). A
+transaction locks the pool's row ``FOR UPDATE`` first, which serialises the pool's operations
+across hosts as the file lock does on one; it loads the Pool, lets the caller change it (the
+same vmpool.ops / vmpool.leases code as the JSON store), then writes back only the rows that
+changed and NOTIFYs the pool's channel when machines or the line changed (vmpool.pgstore
+.transport wakes its waiting check-outs on it).
+
+Safety: a server or session with ``synchronous_commit`` off is refused (StoreUnsafe): with it
+off a database crash loses acknowledged grants and check-ins. A lost connection before the
+pool is loaded is retried on a new one until ``connect_timeout``; one lost later (the outcome
+of the commit unknown) raises StoreLost, and the caller re-runs its operation, which is
+idempotent by request id (vmpool.ops).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
-import socket
+import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.types.json import Jsonb
 
-from vmpool.errors import CheckoutTimeout, StoreError, StoreUnsafe
+from vmpool.errors import PoolGone, StateError, StoreError, StoreUnsafe
+from vmpool.ownership import check_pool_id
+from vmpool.pgstore import lifeline
+from vmpool.state import Pool
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-Outcome = Literal["ok", "dirty", "failed"]
-T = TypeVar("T")
-
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vmpool_meta (key text PRIMARY KEY, value integer NOT NULL);
+CREATE TABLE IF NOT EXISTS vmpool_pools (id text PRIMARY KEY, record jsonb NOT NULL);
 CREATE TABLE IF NOT EXISTS vmpool_machines (
-    pool text NOT NULL, name text NOT NULL, profile text NOT NULL,
-    state text NOT NULL CHECK (state IN ('ready', 'leased', 'resetting', 'broken')),
-    generation bigint NOT NULL DEFAULT 0,
-    holder text, holder_pid integer, expires double precision, error text,
+    pool text NOT NULL REFERENCES vmpool_pools (id) ON DELETE CASCADE,
+    name text NOT NULL, seq bigserial NOT NULL, state text NOT NULL,
+    holder_host text, holder_pid integer, holder_request text,
+    generation bigint NOT NULL DEFAULT 0, record jsonb NOT NULL,
     PRIMARY KEY (pool, name));
 CREATE TABLE IF NOT EXISTS vmpool_requests (
-    id text PRIMARY KEY, seq bigserial NOT NULL, pool text NOT NULL, profile text NOT NULL,
-    count integer NOT NULL CHECK (count > 0), holder text NOT NULL, holder_pid integer NOT NULL,
-    state text NOT NULL CHECK (state IN ('waiting', 'granted', 'cancelled')),
-    granted jsonb);
-CREATE INDEX IF NOT EXISTS vmpool_requests_waiting ON vmpool_requests (pool, seq)
-    WHERE state = 'waiting';
-CREATE TABLE IF NOT EXISTS vmpool_leader (
-    pool text PRIMARY KEY, holder text NOT NULL, holder_pid integer NOT NULL);
+    pool text NOT NULL REFERENCES vmpool_pools (id) ON DELETE CASCADE,
+    id text NOT NULL, seq bigint NOT NULL, record jsonb NOT NULL, PRIMARY KEY (pool, id));
+CREATE TABLE IF NOT EXISTS vmpool_holders (
+    token text PRIMARY KEY, host text NOT NULL, pid integer NOT NULL,
+    beat double precision NOT NULL);
 """
-_NOW = "extract(epoch from clock_timestamp())"
+#: the tables of the first, standalone store (schema 1): never released, dropped on migration
+_OLD_TABLES = "DROP TABLE IF EXISTS vmpool_leader, vmpool_requests, vmpool_machines"
+#: the record as one statement sees it (one snapshot): the pool row with its machines and line
+_LOAD = """
+SELECT (p.record || jsonb_build_object(
+    'machines', (SELECT coalesce(jsonb_agg(m.record ORDER BY m.seq), '[]')
+                 FROM vmpool_machines m WHERE m.pool = p.id),
+    'queue', (SELECT coalesce(jsonb_agg(r.record ORDER BY r.seq), '[]')
+              FROM vmpool_requests r WHERE r.pool = p.id)))::text,
+    (SELECT coalesce(jsonb_agg(jsonb_build_array(r.id, r.seq)), '[]')
+     FROM vmpool_requests r WHERE r.pool = p.id)::text
+FROM vmpool_pools p WHERE p.id = %s
+"""
+_LIST_FIELDS = frozenset({"machines", "queue"})
 
 
 def redacted(dsn: str) -> str:
@@ -65,325 +81,311 @@ def redacted(dsn: str) -> str:
     return make_conninfo("", **{k: v for k, v in parts.items() if v is not None})
 
 
-def holder_id(session: str, worker: str = "master", host: str | None = None) -> str:
-    """A holder's global id: host id + session + worker (also the connection's
-    ``application_name``, so an operator sees who holds what in ``pg_stat_activity``)."""
-    host = host or os.environ.get("VMPOOL_HOST_ID") or socket.gethostname()
-    return f"{host}/{session}/{worker}"
+def channel(pool_id: str) -> sql.Identifier:
+    """The LISTEN/NOTIFY channel of a pool."""
+    return sql.Identifier(f"vmpool:{pool_id}")
 
 
-@dataclass(frozen=True)
-class Grant:
-    """A machine held by a lease: its name and the generation that fences every later call."""
+class StoreLost(StoreError):
+    """The connection broke after the transaction began: whether it committed is unknown."""
 
-    name: str
-    generation: int
+
+class _Image:
+    """What a transaction loaded, to write back only what changed."""
+
+    def __init__(self, pool: Pool, seqs: dict[str, int]) -> None:
+        self.head = _head(pool)
+        # a Machine's fields are immutable values (its holder and actor are frozen models), so
+        # a shallow copy is a snapshot: comparing it finds the machines changed without
+        # dumping all of them (64 dumps cost ~0.5 ms under the pool's lock, per transaction)
+        self.machines = {m.name: dict(m) for m in pool.machines}
+        self.queue = {r.id: r.model_dump_json() for r in pool.queue}
+        self.seqs = seqs
+
+
+def _head(pool: Pool) -> str:
+    return pool.model_dump_json(exclude=set(_LIST_FIELDS))
 
 
 class PgStore:
-    """One holder's connection to a pool's record. Not shared between threads or processes."""
+    """One pool's record on PostgreSQL (implements vmpool.state.StateStore).
+
+    One connection per store; a transaction at a time on it (threads of one process take
+    turns). ``lease``: seconds a holder process of this store lives without a heartbeat
+    (vmpool.pgstore.lifeline); its process starts beating on the first connection.
+    """
 
     def __init__(
-        self,
-        dsn: str,
-        pool: str,
-        holder: str,
-        *,
-        lease_seconds: float = 30.0,
-        retry_for: float = 20.0,
-        poll: float = 0.02,
+        self, dsn: str, pool_id: str, *, lease: float = 30.0, connect_timeout: float = 20.0
     ) -> None:
+        try:
+            check_pool_id(pool_id)
+        except ValueError as exc:
+            raise StateError(f"lease store {redacted(dsn)}: {exc}") from None
         self.dsn = dsn
-        self.pool = pool
-        self.holder = holder
-        self.lease_seconds = lease_seconds
-        self.retry_for = retry_for
-        self.poll = poll
+        self.pool_id = pool_id
+        self.lease = lease
+        self.connect_timeout = connect_timeout
         self._conn: psycopg.Connection[Any] | None = None
+        self._pid = os.getpid()
+        self._lock = threading.RLock()
 
-    # -- connection ------------------------------------------------------------------------
-    def _error(self, what: str, exc: BaseException) -> StoreError:
+    def __repr__(self) -> str:
+        return f"PgStore({redacted(self.dsn)!r}, {self.pool_id!r})"
+
+    # -- connections ---------------------------------------------------------------------------
+    def error(self, what: str, exc: BaseException) -> StoreError:
         return StoreError(f"{what} on {redacted(self.dsn)}: {type(exc).__name__}: {exc}")
 
-    def connection(self) -> psycopg.Connection[Any]:
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._pid != os.getpid():  # a forked child must not share its parent's socket
+            self._conn, self._pid = None, os.getpid()
         if self._conn is not None and not self._conn.closed:
             return self._conn
-        try:
-            conn = psycopg.connect(
-                self.dsn, autocommit=True, application_name=self.holder[-63:], connect_timeout=5
-            )
-        except psycopg.OperationalError:
-            raise  # the server may be restarting: _retrying reconnects until its deadline
-        except psycopg.Error as exc:
-            raise self._error("cannot connect to the lease store", exc) from exc
-        setting = conn.execute("SHOW synchronous_commit").fetchone()
-        if setting is None or setting[0] != "on":
-            conn.close()
-            value = setting[0] if setting else "?"
-            raise StoreUnsafe(
-                f"lease store {redacted(self.dsn)}: synchronous_commit is {value!r}; vmpool "
-                "needs 'on' (with it off a database crash loses acknowledged check-outs and "
-                "check-ins: double grants, stuck machines). Set synchronous_commit = on in "
-                "postgresql.conf or ALTER ROLE/DATABASE … SET synchronous_commit = on"
-            )
-        self._conn = conn
-        return conn
+        self._conn = connect(self.dsn, self.connect_timeout)
+        lifeline.ensure(self.dsn, self.lease)
+        return self._conn
+
+    def drop_connection(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    self._conn.close()
+                self._conn = None
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self.drop_connection()
 
-    def _retrying(self, what: str, op: Callable[[psycopg.Connection[Any]], T]) -> T:
-        """Run ``op`` in one transaction; on a lost connection reconnect and run it again until
-        ``retry_for`` has passed. Only idempotent operations go through here."""
-        deadline = time.monotonic() + self.retry_for
-        while True:
+    @contextlib.contextmanager
+    def _session(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+        """This store's connection for one transaction; StoreLost if it breaks meanwhile."""
+        with self._lock:
+            conn = self._connection()
             try:
-                conn = self.connection()
-                with conn.transaction():
-                    return op(conn)
+                yield conn
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                self.close()
-                if time.monotonic() >= deadline:
-                    raise self._error(f"{what} failed for {self.retry_for:.0f}s", exc) from exc
-                log.info("%s: %s; retrying", what, exc)
-                time.sleep(min(0.1, self.poll * 5))  # a back-off between reconnects
+                self.drop_connection()
+                raise StoreLost(
+                    f"{what} on {redacted(self.dsn)}: the connection broke "
+                    f"({type(exc).__name__}: {exc}); whether it committed is unknown"
+                ) from exc
             except psycopg.Error as exc:
-                raise self._error(what, exc) from exc
+                raise self.error(what, exc) from exc
 
-    # -- schema and machines ---------------------------------------------------------------
-    def migrate(self) -> None:
-        """Create the tables, or refuse a schema newer than this vmpool knows."""
+    # -- StateStore ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Pool]:
+        # pipelined: BEGIN, the lock and the load go in one round trip, the writes and COMMIT
+        # in another (the load runs after the lock is granted: it sees every commit before)
+        with self._session(f"a transaction of pool {self.pool_id}") as conn, \
+                conn.pipeline(), conn.transaction():
+            lock = conn.execute(
+                "SELECT 1 FROM vmpool_pools WHERE id = %s FOR UPDATE", (self.pool_id,)
+            )
+            load = conn.execute(_LOAD, (self.pool_id,))
+            locked = lock.fetchone()
+            loaded = self._parse(load.fetchone()) if locked else None
+            if loaded is None:
+                raise PoolGone(f"pool {self.pool_id} does not exist in {redacted(self.dsn)}")
+            pool, image = loaded
+            yield pool
+            if self._write_back(conn, pool, image):
+                conn.execute(sql.SQL("NOTIFY {}").format(channel(self.pool_id)))
 
-        def op(conn: psycopg.Connection[Any]) -> None:
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext('vmpool-schema'))")
-            conn.execute(_SCHEMA)
-            row = conn.execute("SELECT value FROM vmpool_meta WHERE key = 'schema'").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO vmpool_meta VALUES ('schema', %s)", (SCHEMA_VERSION,))
-            elif row[0] > SCHEMA_VERSION:
+    def read(self) -> Pool | None:
+        try:
+            return self._read()
+        except StoreLost:  # a read changes nothing: once more, on a new connection
+            return self._read()
+
+    def _read(self) -> Pool | None:
+        with self._session(f"reading pool {self.pool_id}") as conn, conn.transaction():
+            loaded = self._load(conn)
+        return None if loaded is None else loaded[0]
+
+    def read_current(self) -> Pool | None:
+        # every commit is durable and visible at once: no owner keeps the record in memory
+        return self.read()
+
+    def create(self, pool: Pool) -> None:
+        pool.durable = True
+        with self._session(f"creating pool {self.pool_id}") as conn, conn.transaction():
+            done = conn.execute(
+                "INSERT INTO vmpool_pools (id, record) VALUES (%s, %s::jsonb) "
+                "ON CONFLICT DO NOTHING", (self.pool_id, _head(pool)),
+            ).rowcount
+            if not done:
+                raise StateError(f"pool {self.pool_id} already exists in {redacted(self.dsn)}")
+            empty = Pool.model_validate_json(pool.model_dump_json())
+            empty.machines, empty.queue = [], []
+            self._write_back(conn, pool, _Image(empty, {}))
+
+    def remove(self) -> None:
+        with self._session(f"removing pool {self.pool_id}") as conn, conn.transaction():
+            conn.execute("DELETE FROM vmpool_pools WHERE id = %s", (self.pool_id,))
+
+    def liveness(self) -> lifeline.Liveness:
+        """Who is alive, as this database sees its holders (vmpool.pgstore.lifeline)."""
+        with self._session("reading holders' heartbeats") as conn:
+            return lifeline.Liveness.read(conn, self.lease)
+
+    # -- loading and writing back --------------------------------------------------------------
+    def _load(self, conn: psycopg.Connection[Any]) -> tuple[Pool, _Image] | None:
+        return self._parse(conn.execute(_LOAD, (self.pool_id,)).fetchone())
+
+    def _parse(self, row: tuple[Any, ...] | None) -> tuple[Pool, _Image] | None:
+        if row is None:
+            return None
+        try:
+            pool = Pool.model_validate_json(row[0])
+        except ValueError as exc:
+            raise StateError(
+                f"pool {self.pool_id} in {redacted(self.dsn)}: unreadable record ({exc}); "
+                f"remove it with: vmpool down --pool {self.pool_id} --force"
+            ) from exc
+        seqs = {str(rid): int(seq) for rid, seq in json.loads(row[1])}
+        return pool, _Image(pool, seqs)
+
+    def _write_back(self, conn: psycopg.Connection[Any], pool: Pool, image: _Image) -> bool:
+        """Write the rows that changed; True when machines or the line did (a NOTIFY is due)."""
+        head = _head(pool)
+        if head != image.head:
+            conn.execute("UPDATE vmpool_pools SET record = %s::jsonb WHERE id = %s",
+                         (head, self.pool_id))
+        changed = False
+        names = set()
+        for m in pool.machines:
+            names.add(m.name)
+            if image.machines.get(m.name) == dict(m):
+                continue
+            dumped = m.model_dump_json()
+            changed = True
+            h = m.holder
+            keys = (m.state.value, h.host if h else None, h.pid if h else None,
+                    h.request if h else None, m.generation, dumped)
+            if m.name in image.machines:
+                conn.execute(
+                    "UPDATE vmpool_machines SET state = %s, holder_host = %s, holder_pid = %s, "
+                    "holder_request = %s, generation = %s, record = %s::jsonb "
+                    "WHERE pool = %s AND name = %s", (*keys, self.pool_id, m.name),
+                )
+            else:
+                conn.execute(
+                    "INSERT INTO vmpool_machines (state, holder_host, holder_pid, "
+                    "holder_request, generation, record, pool, name) "
+                    "VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, %s)", (*keys, self.pool_id, m.name),
+                )
+        gone = [n for n in image.machines if n not in names]
+        if gone:
+            changed = True
+            conn.execute("DELETE FROM vmpool_machines WHERE pool = %s AND name = ANY(%s)",
+                         (self.pool_id, gone))
+        return self._write_queue(conn, pool, image) or changed
+
+    def _write_queue(self, conn: psycopg.Connection[Any], pool: Pool, image: _Image) -> bool:
+        """The line's rows: a request keeps its ``seq``; one put in front of the requests
+        already there gets a lower one (vmpool.leases.enqueue ``front``), any other a higher."""
+        ids = {r.id for r in pool.queue}
+        changed = False
+        gone = [rid for rid in image.queue if rid not in ids]
+        if gone:
+            changed = True
+            conn.execute("DELETE FROM vmpool_requests WHERE pool = %s AND id = ANY(%s)",
+                         (self.pool_id, gone))
+        known = [i for i, r in enumerate(pool.queue) if r.id in image.seqs]
+        first = known[0] if known else len(pool.queue)
+        low = min(image.seqs.values(), default=0)
+        high = max(image.seqs.values(), default=0)
+        for i, r in enumerate(pool.queue):
+            dumped = r.model_dump_json()
+            if r.id in image.seqs:
+                if image.queue.get(r.id) != dumped:
+                    changed = True
+                    conn.execute(
+                        "UPDATE vmpool_requests SET record = %s::jsonb WHERE pool = %s AND id = %s",
+                        (dumped, self.pool_id, r.id),
+                    )
+                continue
+            if i < first:
+                seq = low - (first - i)
+            else:
+                high += 1
+                seq = high
+            changed = True
+            conn.execute(
+                "INSERT INTO vmpool_requests (pool, id, seq, record) "
+                "VALUES (%s, %s, %s, %s::jsonb)",
+                (self.pool_id, r.id, seq, dumped),
+            )
+        return changed
+
+
+def connect(dsn: str, timeout: float, **options: Any) -> psycopg.Connection[Any]:
+    """A new autocommit connection, checked safe (StoreUnsafe otherwise). A server that does
+    not answer (restarting) is tried again until ``timeout``; then StoreError."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        try:
+            conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5, **options)
+            break
+        except psycopg.OperationalError as exc:
+            if time.monotonic() + delay >= deadline:
                 raise StoreError(
-                    f"lease store {redacted(self.dsn)}: schema version {row[0]} is newer "
-                    f"than this vmpool's {SCHEMA_VERSION}; upgrade vmpool"
-                )
-
-        self._retrying("creating the schema", op)
-
-    def add_machines(self, profile: str, names: list[str]) -> None:
-        """Record ready machines (the controller calls this after warm-up)."""
-
-        def op(conn: psycopg.Connection[Any]) -> None:
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO vmpool_machines (pool, name, profile, state) "
-                    "VALUES (%s, %s, %s, 'ready') ON CONFLICT DO NOTHING",
-                    [(self.pool, n, profile) for n in names],
-                )
-            self._serve(conn)
-
-        self._retrying("adding machines", op)
-
-    def machines(self) -> dict[str, tuple[str, int, str | None]]:
-        """name -> (state, generation, holder)."""
-        rows = self._retrying(
-            "reading machines",
-            lambda c: c.execute(
-                "SELECT name, state, generation, holder FROM vmpool_machines WHERE pool = %s",
-                (self.pool,),
-            ).fetchall(),
-        )
-        return {r[0]: (r[1], r[2], r[3]) for r in rows}
-
-    # -- check-out -------------------------------------------------------------------------
-    def _serve(self, conn: psycopg.Connection[Any]) -> None:
-        """Grant waiting requests strictly in arrival order; stop at the first that cannot be
-        served (so it keeps its place). Runs inside the caller's transaction."""
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('vmpool-pool:' || %s))", (self.pool,))
-        waiting = conn.execute(
-            "SELECT id, profile, count, holder, holder_pid FROM vmpool_requests "
-            "WHERE pool = %s AND state = 'waiting' ORDER BY seq",
-            (self.pool,),
-        ).fetchall()
-        for req_id, profile, count, holder, pid in waiting:
-            rows = conn.execute(
-                "SELECT name FROM vmpool_machines WHERE pool = %s AND profile = %s "
-                "AND state = 'ready' ORDER BY name LIMIT %s",
-                (self.pool, profile, count),
-            ).fetchall()
-            if len(rows) < count:
-                return
-            granted = conn.execute(
-                "UPDATE vmpool_machines SET state = 'leased', generation = generation + 1, "
-                f"holder = %s, holder_pid = %s, expires = {_NOW} + %s, error = NULL "
-                "WHERE pool = %s AND name = ANY(%s) RETURNING name, generation",
-                (holder, pid, self.lease_seconds, self.pool, [r[0] for r in rows]),
-            ).fetchall()
-            conn.execute(
-                "UPDATE vmpool_requests SET state = 'granted', granted = %s WHERE id = %s",
-                (Jsonb([[n, g] for n, g in granted]), req_id),
-            )
-            conn.execute("SELECT pg_notify('vmpool_' || md5(%s), %s)", (self.pool, req_id))
-
-    def checkout(
-        self, profile: str, count: int, *, timeout: float, request_id: str | None = None
-    ) -> list[Grant]:
-        """Lease ``count`` machines of ``profile`` at once, in arrival order; a retried
-        request id finds its earlier grant instead of taking more machines."""
-        request_id = request_id or uuid.uuid4().hex
-        deadline = time.monotonic() + timeout
-
-        def enqueue(conn: psycopg.Connection[Any]) -> Any:
-            conn.execute(
-                "INSERT INTO vmpool_requests (id, pool, profile, count, holder, holder_pid, "
-                "state) VALUES (%s, %s, %s, %s, %s, pg_backend_pid(), 'waiting') "
-                "ON CONFLICT (id) DO NOTHING",
-                (request_id, self.pool, profile, count, self.holder),
-            )
-            # a retry on a new connection: the request belongs to this backend now
-            conn.execute(
-                "UPDATE vmpool_requests SET holder_pid = pg_backend_pid() WHERE id = %s "
-                "AND state = 'waiting'",
-                (request_id,),
-            )
-            self._serve(conn)
-            return conn.execute(
-                "SELECT state, granted FROM vmpool_requests WHERE id = %s", (request_id,)
-            ).fetchone()
-
-        while True:
-            row = self._retrying("check-out", enqueue)
-            if row is not None and row[0] == "granted":
-                return [Grant(n, g) for n, g in row[1]]
-            if row is None or row[0] == "cancelled":
-                raise StoreError(
-                    f"check-out {request_id} on {redacted(self.dsn)} was cancelled "
-                    "(its holder was reclaimed as gone)"
-                )
-            if time.monotonic() >= deadline:
-                self.cancel(request_id)
-                raise CheckoutTimeout(
-                    f"no {count} machine(s) of profile {profile!r} in pool {self.pool!r} "
-                    f"became free within {timeout}s (store {redacted(self.dsn)})"
-                )
-            time.sleep(self.poll)  # grants are made by other holders' transactions
-
-    # -- operations on held machines (all fenced by generation) ----------------------------
-    def _fenced(self, what: str, sql: str, params: tuple[Any, ...]) -> bool:
-        def op(conn: psycopg.Connection[Any]) -> bool:
-            changed = conn.execute(sql, params).rowcount
-            self._serve(conn)
-            return changed == 1
-
-        return self._retrying(what, op)
-
-    def checkin(self, grant: Grant, outcome: Outcome = "ok") -> bool:
-        """Give a machine back: ready when clean, to reset when dirty, broken when failed.
-        False when the lease was no longer this holder's (reclaimed: nothing changed)."""
-        state = {"ok": "ready", "dirty": "resetting", "failed": "broken"}[outcome]
-        return self._fenced(
-            "check-in",
-            "UPDATE vmpool_machines SET state = %s, holder = NULL, holder_pid = NULL, "
-            "expires = NULL WHERE pool = %s AND name = %s AND generation = %s "
-            "AND state = 'leased' AND holder = %s",
-            (state, self.pool, grant.name, grant.generation, self.holder),
-        )
-
-    def return_unused(self, grant: Grant) -> bool:
-        """A granted machine the holder never used goes straight back to ready."""
-        return self.checkin(grant, "ok")
-
-    def reset_done(self, name: str, generation: int) -> bool:
-        """The controller finished resetting a machine: ready again (fenced)."""
-        return self._fenced(
-            "reset done",
-            "UPDATE vmpool_machines SET state = 'ready' WHERE pool = %s AND name = %s "
-            "AND generation = %s AND state = 'resetting'",
-            (self.pool, name, generation),
-        )
-
-    def mark_unhealthy(self, grant: Grant, error: str) -> bool:
-        """The holder found its machine broken: it leaves the lease as broken (fenced)."""
-        return self._fenced(
-            "mark unhealthy",
-            "UPDATE vmpool_machines SET state = 'broken', error = %s, holder = NULL, "
-            "holder_pid = NULL, expires = NULL WHERE pool = %s AND name = %s "
-            "AND generation = %s AND state = 'leased' AND holder = %s",
-            (error, self.pool, grant.name, grant.generation, self.holder),
-        )
-
-    def heartbeat(self) -> int:
-        """Extend this holder's leases; returns how many it still holds."""
-        return self._retrying(
-            "heartbeat",
-            lambda c: c.execute(
-                f"UPDATE vmpool_machines SET expires = {_NOW} + %s, holder_pid = "
-                "pg_backend_pid() WHERE pool = %s AND holder = %s AND state = 'leased'",
-                (self.lease_seconds, self.pool, self.holder),
-            ).rowcount,
-        )
-
-    def cancel(self, request_id: str) -> list[str]:
-        """Withdraw a request; machines already granted to it go back to ready."""
-
-        def op(conn: psycopg.Connection[Any]) -> list[str]:
-            row = conn.execute(
-                "UPDATE vmpool_requests SET state = 'cancelled' WHERE id = %s "
-                "RETURNING (SELECT granted FROM vmpool_requests WHERE id = %s)",
-                (request_id, request_id),
-            ).fetchone()
-            names: list[str] = []
-            for name, gen in (row[0] if row and row[0] else []):
-                if conn.execute(
-                    "UPDATE vmpool_machines SET state = 'ready', holder = NULL, "
-                    "holder_pid = NULL, expires = NULL WHERE pool = %s AND name = %s "
-                    "AND generation = %s AND state = 'leased'",
-                    (self.pool, name, gen),
-                ).rowcount:
-                    names.append(name)
-            self._serve(conn)
-            return names
-
-        return self._retrying("cancel", op)
-
-    def reclaim(self) -> list[str]:
-        """Take back leases whose holder's connection is gone or whose lease expired (they go
-        to reset: a dead holder may have dirtied them), and drop dead holders' requests."""
-
-        def op(conn: psycopg.Connection[Any]) -> list[str]:
-            alive = "(SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)"
-            conn.execute(
-                "UPDATE vmpool_requests SET state = 'cancelled' WHERE pool = %s AND "
-                f"state = 'waiting' AND holder_pid NOT IN {alive}",
-                (self.pool,),
-            )
-            rows = conn.execute(
-                "UPDATE vmpool_machines SET state = 'resetting', holder = NULL, "
-                "holder_pid = NULL, expires = NULL WHERE pool = %s AND state = 'leased' AND "
-                f"(holder_pid NOT IN {alive} OR expires < {_NOW}) RETURNING name",
-                (self.pool,),
-            ).fetchall()
-            self._serve(conn)
-            return [r[0] for r in rows]
-
-        return self._retrying("reclaim", op)
-
-    # -- controller election ---------------------------------------------------------------
-    def try_lead(self) -> bool:
-        """Become the pool's controller if no live session is: a session-level advisory lock,
-        released by the server when this connection dies, so another session can take over."""
-        key = f"vmpool-controller:{self.pool}"
-        got = self._retrying(
-            "controller election",
-            lambda c: c.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone(),
-        )
-        return bool(got and got[0])
-
-
-@contextmanager
-def opened(dsn: str, pool: str, holder: str, **kw: Any) -> Iterator[PgStore]:
-    store = PgStore(dsn, pool, holder, **kw)
+                    f"cannot connect to the lease store {redacted(dsn)} within {timeout:g}s: "
+                    f"{exc}".rstrip()
+                ) from exc
+            time.sleep(delay)  # the server may be restarting: a back-off between tries
+            delay = min(delay * 2, 0.5)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to the lease store {redacted(dsn)}: {exc}") from exc
     try:
-        yield store
-    finally:
-        store.close()
+        _check_safe(conn, dsn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _check_safe(conn: psycopg.Connection[Any], dsn: str) -> None:
+    """Refuse a server whose commits may be lost on a crash; set the setting per session too
+    (a role or database default of ``off`` is refused rather than overridden, so that other
+    clients of that database are not left unsafe unnoticed)."""
+    setting = conn.execute("SHOW synchronous_commit").fetchone()
+    value = setting[0] if setting else "?"
+    if value != "on":
+        raise StoreUnsafe(
+            f"lease store {redacted(dsn)}: synchronous_commit is {value!r}; vmpool needs 'on' "
+            "(with it off a database crash loses acknowledged check-outs and check-ins: double "
+            "grants, stuck machines). Set synchronous_commit = on in postgresql.conf, or run "
+            "ALTER ROLE <user> RESET synchronous_commit / ALTER DATABASE <db> RESET "
+            "synchronous_commit"
+        )
+    conn.execute("SET synchronous_commit = on")
+
+
+def migrate(dsn: str, timeout: float = 20.0) -> None:
+    """Create the tables, or refuse a schema newer than this vmpool knows."""
+    with connect(dsn, timeout) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('vmpool-schema'))")
+        conn.execute("CREATE TABLE IF NOT EXISTS vmpool_meta "
+                     "(key text PRIMARY KEY, value integer NOT NULL)")
+        row = conn.execute("SELECT value FROM vmpool_meta WHERE key = 'schema'").fetchone()
+        if row is not None and row[0] > SCHEMA_VERSION:
+            raise StoreError(
+                f"lease store {redacted(dsn)}: schema version {row[0]} is newer than this "
+                f"vmpool's {SCHEMA_VERSION}; upgrade vmpool"
+            )
+        if row is not None and row[0] < SCHEMA_VERSION:
+            conn.execute(_OLD_TABLES)
+        conn.execute(_SCHEMA)
+        conn.execute(
+            "INSERT INTO vmpool_meta VALUES ('schema', %s) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (SCHEMA_VERSION,),
+        )
+
+
+def pool_ids(dsn: str, timeout: float = 20.0) -> list[str]:
+    """Every pool in the store."""
+    with connect(dsn, timeout) as conn:
+        return [r[0] for r in conn.execute("SELECT id FROM vmpool_pools ORDER BY id")]
