@@ -104,9 +104,12 @@ class CheckoutStep(BaseModel):
             return None, problem
         joining = self.join and not any(r.id == self.request.id for r in pool.queue)
         if joining:
-            # the same request again (its reply was lost): its grant, not more machines
-            held = [m for m in pool.machines if m.state is MachineState.LEASED
-                    and m.holder is not None and m.holder.request == self.request.id]
+            # the same request again (its reply was lost: a shared store's connection broke
+            # after the commit): its grant, not more machines
+            rid = self.request.id
+            held = [m for m in pool.machines
+                    if m.holder is not None and m.holder.request == rid
+                    and m.state is leases.LEASED]
             if held:
                 return held, None
         if joining and leases.nobody_waits(pool):
