@@ -514,19 +514,7 @@ class Controller:
             self._cancel.set()
             with contextlib.suppress(StateError), self.store.transaction() as pool:
                 pool.closing = True
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
-        # a kept pool lets planned work run, queued or not: a reset cancelled before it began
-        # would leave its machine resetting, and _keep would delete it
-        self._executor.shutdown(wait=True, cancel_futures=not keep)
-        # deletions not begun are left to teardown (_destroy), which deletes the whole record
-        self._delete_executor.shutdown(wait=True, cancel_futures=True)
-
-        final = None
-        with contextlib.suppress(StateError):
-            final = self.store.read()
+        final = self._halt(cancel=not keep)
         try:
             if keep:
                 self._keep()
@@ -539,19 +527,26 @@ class Controller:
                 self.store.close()
         return final
 
-    def _leave(self) -> Pool | None:
-        """Leave a shared pool: its last session destroys it; otherwise it goes on, and
-        another session's controller takes over if this one led it."""
-        assert self.shared is not None
+    def _halt(self, *, cancel: bool) -> Pool | None:
+        """Stop the maintainer and wait for the work under way; the record as it is then."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # a kept pool lets planned work run, queued or not (``cancel`` false): a reset
+        # cancelled before it began would leave its machine resetting, and _keep would delete it
+        self._executor.shutdown(wait=True, cancel_futures=cancel)
+        # deletions not begun are left to teardown (_destroy), which deletes the whole record
         self._delete_executor.shutdown(wait=True, cancel_futures=True)
-        final = None
         with contextlib.suppress(StateError):
-            final = self.store.read()
+            return self.store.read()
+        return None
+
+    def _leave(self) -> Pool | None:
+        """Leave a shared pool: its last session destroys it; otherwise it goes on, and
+        another session's controller takes over if this one led it."""
+        assert self.shared is not None
+        final = self._halt(cancel=True)
         try:
             if self.shared.leave():
                 self._destroy(final)
