@@ -17,9 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vmpool import adoption, doctor, leases, teardown, upkeep
-from vmpool.backends.base import Backend, MachineSpec
-from vmpool.client import reset_machine
+from vmpool import adoption, leases, teardown, upkeep
+from vmpool.backends.base import Backend
 from vmpool.config import Profile
 from vmpool.errors import (
     PoolUnavailable,
@@ -29,6 +28,7 @@ from vmpool.errors import (
     VmPoolError,
     describe,
 )
+from vmpool.machine_work import MachineWork
 from vmpool.ownership import (
     ProcessRef,
     current_process,
@@ -40,7 +40,6 @@ from vmpool.ownership import (
 )
 from vmpool.server import LeaseServer
 from vmpool.state import JsonStateDir, JsonStore, MachineState, Pool
-from vmpool.transport import FileTransport
 from vmpool.writeback import WriteBackStore
 
 if TYPE_CHECKING:  # psycopg is an optional dependency: imported only for such pools
@@ -56,12 +55,6 @@ _IN_FLIGHT = frozenset({
 })
 _IDLE_TICK = 0.25
 _RECLAIM_EVERY = 0.5
-#: wait_ready is called in slices this long so a teardown can interrupt warm-up
-_READY_SLICE = 2.0
-
-
-class _Cancelled(Exception):
-    """Teardown began while this machine was warming."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +125,7 @@ class Controller:
             self.store = self.shared.store
         self.adopted_from: str | None = None
         self._stop = threading.Event()
-        self._cancel = threading.Event()
+        self.cancelling = threading.Event()
         self._wake = threading.Event()
         self._inflight = 0  # creates and resets under way
         self._deleting = 0  # deletions of replaced or retired machines under way
@@ -146,6 +139,7 @@ class Controller:
         )
         self._thread: threading.Thread | None = None
         self._last_reclaim = 0.0
+        self._work = MachineWork(self)
         #: the maintainer's last error, while it lasts (also on the record: Pool.error)
         self.error: Exception | None = None
         #: serve check-outs/check-ins over a socket (vmpool.server); off, clients use the file
@@ -333,11 +327,11 @@ class Controller:
     def _do(self, item: upkeep.Work, slot: int, network: str | None) -> None:
         try:
             if item.kind == "create":
-                self._create(item.name, slot, network)
+                self._work.create(item.name, slot, network)
             elif item.kind == "reset":
-                self._reset(item.name)
+                self._work.reset(item.name)
             else:
-                self._delete(item.name, replaced=item.kind == "replace")
+                self._work.delete(item.name, replaced=item.kind == "replace")
         except Exception:
             log.exception("vmpool: %s of %s failed unexpectedly", item.kind, item.name)
         finally:
@@ -348,105 +342,7 @@ class Controller:
                     self._inflight -= 1
             self._wake.set()
 
-    def _create(self, name: str, slot: int, network: str | None) -> None:
-        spec = MachineSpec(
-            name=name,
-            labels=owner_labels(self.pool_id, self.session, self.me, self.config_hash),
-            index=slot,
-            network=network,
-        )
-        try:
-            if self._cancel.is_set():
-                raise _Cancelled
-            self.backend.create(spec)
-            self._set_state(name, MachineState.STARTING)
-            self.backend.start(name)
-            self._wait_ready(name)
-            if self.policy.needs_snapshot:  # a replace-only pool never restores one
-                self.backend.snapshot(name)
-            address = self.backend.address(name)
-        except _Cancelled:
-            self._discard(name)
-            return
-        except Exception as exc:  # any failure of a backend call counts against the slot
-            self._discard(name, keep_record=True)
-            self._record_failure(name, exc)
-            return
-        with self.store.transaction() as pool:
-            upkeep.record_ready(pool, name, address, self.clock())
-            snap = pool.model_copy(deep=True)
-        self._report(snap, f"{name} ready")
-
-    def _wait_ready(self, name: str) -> None:
-        deadline = time.monotonic() + self.settings.ready_timeout
-        while True:
-            if self._cancel.is_set():
-                raise _Cancelled
-            remaining = deadline - time.monotonic()
-            try:
-                self.backend.wait_ready(name, min(_READY_SLICE, max(remaining, 0.01)))
-                return
-            except ReadyTimeout:
-                if time.monotonic() >= deadline:
-                    raise
-
-    def _record_failure(self, name: str, exc: BaseException) -> None:
-        with self.store.transaction() as pool:
-            failure = pool.failures.get(next((m.slot for m in pool.machines if m.name == name), -1))
-            attempt = (failure.attempts if failure else 0) + 1
-            delay = upkeep.backoff_delay(
-                attempt, self.settings.backoff, self.settings.backoff_max, self.rng
-            )
-            broken = upkeep.record_create_failure(
-                pool,
-                name,
-                f"{type(exc).__name__}: {doctor.explain(str(exc))}",
-                retries=self.settings.retries,
-                delay=delay,
-                now=self.clock(),
-            )
-            snap = pool.model_copy(deep=True)
-        if broken:
-            log.warning("machine %s is broken after %d attempts: %s", name, attempt, exc)
-        else:
-            log.warning(
-                "creating %s failed (attempt %d), retrying in %.1fs: %s", name, attempt, delay, exc
-            )
-        self._report(snap, f"{name} failed: {exc}")
-
-    def _discard(self, name: str, *, keep_record: bool = False) -> None:
-        try:
-            self.backend.delete(name)
-        except VmPoolError as exc:
-            log.warning("could not delete %s: %s", name, exc)
-        if not keep_record:
-            with contextlib.suppress(StateError), self.store.transaction() as pool:
-                upkeep.record_deleted(pool, name, replaced=False)
-
-    def _reset(self, name: str) -> None:
-        transport = (
-            FileTransport(self.store) if isinstance(self.store, JsonStore)
-            else self.shared.transport() if self.shared is not None else None
-        )
-        assert transport is not None
-        reset_machine(transport, self.backend, name, self.clock, self.me)
-
-    def _delete(self, name: str, *, replaced: bool) -> None:
-        try:
-            self.backend.delete(name)
-        except VmPoolError as exc:
-            log.warning("could not delete %s (will retry at teardown): %s", name, exc)
-            return
-        with self.store.transaction() as pool:
-            upkeep.record_deleted(pool, name, replaced=replaced)
-
-    def _set_state(self, name: str, state: MachineState) -> None:
-        with self.store.transaction() as pool:
-            m = pool.find(name)
-            if m is not None:
-                m.state = state
-
-    def _report(self, pool: Pool, message: str) -> None:
+    def report(self, pool: Pool, message: str) -> None:
         if self.progress is None:
             return
         c = leases.counts(pool)
@@ -474,7 +370,7 @@ class Controller:
         until stop()."""
         if self.keep or self.shared is not None:
             return  # a shared pool goes on serving the other sessions
-        self._cancel.set()
+        self.cancelling.set()
         with contextlib.suppress(StateError), self.store.transaction() as pool:
             pool.closing = True
 
@@ -511,7 +407,7 @@ class Controller:
             # only a pool about to be destroyed interrupts the machines warming (they would be
             # made just to be deleted); a kept one lets them finish (within ready_timeout) so
             # the next session adopts it whole
-            self._cancel.set()
+            self.cancelling.set()
             with contextlib.suppress(StateError), self.store.transaction() as pool:
                 pool.closing = True
         final = self._halt(cancel=not keep)
@@ -567,7 +463,7 @@ class Controller:
             for m in pool.machines:
                 m.actor = None
         for name in doomed:
-            self._discard(name)
+            self._work.discard(name)
 
     def _destroy(self, final: Pool | None) -> None:
         left = teardown.destroy(self.backend, self.store, self.pool_id, final)
