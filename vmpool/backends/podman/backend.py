@@ -92,13 +92,18 @@ class PodmanBackend(BackendBase):
     capabilities = Capabilities(reset=True, labels=True, network=True)
 
     def __init__(
-        self, settings: PodmanSettings, state_dir: Path, image: ImageSettings | None = None
+        self, settings: PodmanSettings, state_dir: Path, image: ImageSettings | None = None,
+        *, url: str | None = None,
     ) -> None:
+        """``url``: a podman service (vmpool.backends.podman.fleet), where every command goes
+        through ``podman --url``; nothing host-side applies there (no live reset, no cgroup
+        kill, no API service of this machine): a reset recreates the container on the CLI."""
         self.settings = settings
         self.name: str = settings.tool
         #: the image machines are made from
         self.image = machine_image(settings, image)
-        self._tool = Tool(settings)
+        self._tool = Tool(settings, url=url)
+        local_podman = self._tool.is_podman and not self._tool.remote
         self._state_dir = Path(state_dir)
         self._dir = Path(state_dir) / settings.tool
         self._records = RecordStore(self._dir)
@@ -109,10 +114,10 @@ class PodmanBackend(BackendBase):
                                          self._state_dir)
         self._checked_at: float | None = None
         #: in-place resets (vmpool.backends.podman.live_reset); podman only
-        self._live = LiveReset(self._dir / "live", write_json) if self._tool.is_podman else None
+        self._live = LiveReset(self._dir / "live", write_json) if local_podman else None
         #: full resets through podman's API service; podman only
         self._api = ApiReset(self._state_dir, timeout=settings.command_timeout) \
-            if self._tool.is_podman else None
+            if local_podman else None
 
     # -- the protocol --------------------------------------------------------------------------
     def check(self) -> None:

@@ -42,7 +42,7 @@ class Networks:
     def _bridge(self, name: str) -> str | None:
         """The host bridge of pool network ``name`` where vmpool isolates it (rootful podman),
         else None."""
-        if not self._tool.is_podman or not isolation.applies():
+        if not self._tool.is_podman or self._tool.remote or not isolation.applies():
             return None
         result = self._tool.run("network", "inspect", "--format", "{{.NetworkInterface}}", name)
         if result.returncode != 0:
