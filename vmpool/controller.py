@@ -44,6 +44,10 @@ from vmpool.writeback import WriteBackStore
 log = logging.getLogger(__name__)
 
 _TICK = 0.05
+#: what a machine in one of these states waits for is the maintainer's next tick
+_IN_FLIGHT = frozenset({
+    MachineState.CREATING, MachineState.STARTING, MachineState.RESETTING, MachineState.REPLACING,
+})
 _IDLE_TICK = 0.25
 _RECLAIM_EVERY = 0.5
 #: wait_ready is called in slices this long so a teardown can interrupt warm-up
@@ -277,9 +281,9 @@ class Controller:
             )
             network = pool.network
             slots = {m.name: m.slot for m in pool.machines} if work else {}
-            busy = bool(pool.queue) or any(
-                m.state not in (MachineState.READY, MachineState.BROKEN) for m in pool.machines
-            )
+            # a leased machine is no work of ours: its check-in reaches us through the server
+            # (on_work), and a tick is a transaction that holds the record from the server
+            busy = bool(pool.queue) or any(m.state in _IN_FLIGHT for m in pool.machines)
         for item in work:
             with self._inflight_lock:
                 if item.deletes:
