@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,14 +40,22 @@ pytestmark = pytest.mark.podman
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _free_port() -> int:
+    """A port of 127.0.0.1 nothing listens on now (the service binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 class Service:
     """One podman "host": ``podman system service`` with storage of its own, on a unix socket."""
 
-    def __init__(self, base: Path, index: int, image_tar: Path) -> None:
+    def __init__(self, base: Path, index: int, image_tar: Path, *, tcp: bool = False) -> None:
         self.dir = base / f"h{index}"
         self.index = index
         self.socket = self.dir / "s.sock"
-        self.url = f"unix://{self.socket}"
+        self.url = f"tcp://127.0.0.1:{_free_port()}" if tcp else f"unix://{self.socket}"
         self.image_tar = image_tar
         self.proc: subprocess.Popen[bytes] | None = None
         for sub in ("root", "run", "tmp", "net"):
@@ -144,9 +153,10 @@ def image_tar() -> Iterator[Path]:
 
 @pytest.fixture
 def services(image_tar: Path) -> Iterator[list[Service]]:
-    """Three podman hosts (a short base path: a unix socket path holds 107 bytes)."""
+    """Three podman hosts: two on unix sockets (a short base path: a socket path holds 107
+    bytes), the third on a port of 127.0.0.1."""
     base = Path(tempfile.mkdtemp(prefix="vmh-", dir="/tmp"))
-    made = [Service(base, i, image_tar) for i in (1, 2, 3)]
+    made = [Service(base, i, image_tar, tcp=i == 3) for i in (1, 2, 3)]
     try:
         for s in made:
             s.start()
