@@ -311,7 +311,7 @@ def test_a_host_killed_mid_run_loses_its_machines_to_the_others_and_gc_cleans_it
     (suite / "test_inner.py").write_text(INNER)
     session = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:randomly", "-p",
-         "no:cacheprovider", "-q", "--vm-pool-size", "3", "--vm-backend", "podman",
+         "no:cacheprovider", "-q", "--vm-pool-size", "6", "--vm-backend", "podman",
          "--vm-state-dir", str(state), "--vm-pool-config", str(config), "--rootdir",
          str(suite), str(suite)],
         env={**os.environ, "VMH_SIGNALS": str(signals)}, stdout=subprocess.PIPE,
@@ -320,24 +320,26 @@ def test_a_host_killed_mid_run_loses_its_machines_to_the_others_and_gc_cleans_it
     try:
         held = wait_until(lambda: (signals / "held").exists() and (signals / "held").read_text(),
                           180, "a machine held by the inner test")
-        # three machines, one per host, before the kill: the held one's host goes
-        wait_until(lambda: len(machine_hosts(state)) == 3 and sum(
+        # six machines, two per host, before the kill: the held one's host goes, with the
+        # held machine and an idle one
+        wait_until(lambda: len(machine_hosts(state)) == 6 and sum(
             m["state"] == "ready" or m["state"] == "leased"
-            for p in _status(state, config)["pools"] for m in p["machines"]) == 3,
-            120, "three machines up")
+            for p in _status(state, config)["pools"] for m in p["machines"]) == 6,
+            120, "six machines up")
         placed = machine_hosts(state)
-        assert sorted(placed.values()) == sorted(s.url for s in services)
+        assert sorted(placed.values()) == sorted(s.url for s in services for _ in (0, 1))
         dead = next(s for s in services if s.url == placed[held])
         lost = sorted(n for n, u in placed.items() if u == dead.url)
+        assert len(lost) == 2
         dead.kill()
         (signals / "killed").touch()
 
         def replaced() -> bool:
             pools = _status(state, config)["pools"]
             up = [m for p in pools for m in p["machines"] if m["state"] in ("ready", "leased")]
-            return len(up) == 3 and all(m["host"] != dead.url for m in up)
+            return len(up) == 6 and all(m["host"] != dead.url for m in up)
 
-        wait_until(replaced, 120, "the lost machine replaced on the other hosts")
+        wait_until(replaced, 120, "the lost machines replaced on the other hosts")
         (signals / "replaced").touch()
         out, _ = session.communicate(timeout=180)
     finally:

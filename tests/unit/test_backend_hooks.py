@@ -20,7 +20,7 @@ from vmpool.controller import Controller, policy_for
 from vmpool.errors import BackendError
 from vmpool.state import JsonStateDir
 
-HOOKS = ("prepare", "release", "delete_many", "forget_missing")
+HOOKS = ("prepare", "release", "delete_many", "forget_missing", "unreachable")
 
 
 class HookedSim(SimBackend):

@@ -9,13 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _waiting import wait_until
 
 from vmpool import config
 from vmpool.backends.base import LABEL_POOL, ExecResult, MachineSpec
 from vmpool.backends.podman.fleet import LABEL_PODMAN_HOST, FleetBackend, machine_hosts
 from vmpool.backends.sim import SimBackend
-from vmpool.config import PodmanHost, PodmanSettings, SimSettings
+from vmpool.config import PodmanHost, PodmanSettings, PoolSettings, SimSettings
+from vmpool.controller import Controller
 from vmpool.errors import BackendError, ConfigError, HostUnreachable
+from vmpool.state import JsonStateDir
 
 
 # -- the config ---------------------------------------------------------------------------------
@@ -178,3 +181,35 @@ def test_no_answering_host_makes_the_fleet_unavailable(
         fleet.check()
     with pytest.raises(HostUnreachable, match="no podman host can take a machine"):
         fleet.create(MachineSpec("vmp-a-0", {LABEL_POOL: "vmp-a"}))
+
+
+def test_the_pool_replaces_idle_machines_of_a_host_that_stops_answering(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet = _fleet(tmp_path, monkeypatch, capacities=(None, None))
+    profile = config.Profile(name="default", pool=PoolSettings(network=False, backoff=0.0))
+    state = JsonStateDir(tmp_path / "state")
+    controller = Controller(directory=state, backend=fleet, profile=profile, size=2,
+                            session="s1", serve=False)
+    controller.start()
+    try:
+        pool = controller.wait_until_ready(2, 10)
+        placed = machine_hosts(tmp_path)
+        assert sorted(placed[m.name] for m in pool.machines) == sorted(h.url for h in fleet.hosts)
+        down = fleet.hosts[0]
+        _sim(fleet, 0).up = False
+
+        def replaced() -> bool:
+            ready = [m for m in controller.snapshot().machines if m.state.value == "ready"]
+            hosts = machine_hosts(tmp_path)
+            return len(ready) == 2 and all(hosts[m.name] != down.url for m in ready)
+
+        wait_until(replaced, 10, "the idle machine of the silent host replaced")
+        [lost] = [m for m in controller.snapshot().machines if m.state.value == "replacing"]
+        assert f"podman host {down.url} does not answer" in (lost.error or "")
+    finally:
+        controller.stop(lease_timeout=5)
+    # teardown could not delete it: the record keeps it for `vmpool gc`
+    assert controller.left_machines == [lost.name]
+    _sim(fleet, 0).up = True
+    assert [i.name for i in fleet.list("")] == [lost.name]

@@ -179,13 +179,18 @@ class Backend(Protocol):
         ``existing`` (removed outside vmpool), once untouched for ``older_than`` seconds;
         returns what went (with ``dry_run``, what would)."""
 
+    def unreachable(self, names: Sequence[str]) -> dict[str, str]:
+        """Those of ``names`` that can no longer be reached (their host stopped answering),
+        each with why; the controller replaces them while idle. Asked about twice a second:
+        it must be cheap and must not block."""
+
 
 class BackendBase:
     """The base of every backend: the optional hooks of Backend, each with its default.
 
     A backend overrides the hooks its tool needs (qemu: prepare, release; podman:
-    delete_many, forget_missing), as pytest-xdist's schedulers implement its scheduler
-    protocol; callers call every hook unconditionally.
+    delete_many, forget_missing; podman's fleet: unreachable), as pytest-xdist's schedulers
+    implement its scheduler protocol; callers call every hook unconditionally.
     """
 
     #: machines the default delete_many deletes at once (the default warmup_parallelism)
@@ -224,6 +229,10 @@ class BackendBase:
     ) -> builtins.list[str]:
         """Nothing is kept beside machines."""
         return []
+
+    def unreachable(self, names: Sequence[str]) -> dict[str, str]:
+        """Every machine is on this machine: none is ever out of reach."""
+        return {}
 
 
 def probe_until(

@@ -322,6 +322,18 @@ class FleetBackend(BackendBase):
         if down:
             raise HostUnreachable("; ".join(down))
 
+    def unreachable(self, names: Sequence[str]) -> dict[str, str]:
+        """The machines of hosts that do not answer (a ping each, at most every second)."""
+        out: dict[str, str] = {}
+        for name in names:
+            try:
+                host = self.host_of(name)
+            except (BackendError, ValueError):
+                continue
+            if host is not None and not host.answers():
+                out[name] = host.down_message(f"ping for {name}")
+        return out
+
     def forget_missing(
         self, prefix: str, existing: set[str], *, older_than: float, dry_run: bool = False
     ) -> builtins.list[str]:
