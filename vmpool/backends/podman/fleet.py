@@ -171,10 +171,16 @@ class FleetBackend(BackendBase):
 
     def _locate(self, name: str) -> Host:
         """Find an unplaced machine (made by another state directory) on the answering hosts."""
+        silent = []
         for host in self.hosts:
-            if host.answers() and any(m.name == name for m in host.backend.list(name)):
+            if not host.answers():
+                silent.append(host.url)
+            elif any(m.name == name for m in host.backend.list(name)):
                 self._place(name, host, None)
                 return host
+        if silent:
+            raise HostUnreachable(f"no answering podman host has a machine {name!r}; not "
+                                  f"answering: {', '.join(silent)}")
         raise BackendError(f"no podman host of [podman] hosts has a machine {name!r}")
 
     # -- the protocol ----------------------------------------------------------------------
