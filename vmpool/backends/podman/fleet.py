@@ -23,6 +23,7 @@ each host its machines go to, under the same name.
 from __future__ import annotations
 
 import builtins
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -198,6 +199,20 @@ class FleetBackend(BackendBase):
                                      + "; ".join(problems))
         for problem in problems:
             log.warning("podman host skipped for now: %s", problem)
+
+    def prepare(self, *, networked: bool) -> None:
+        """Check every host at once (image there, runtime verdict: a throwaway container on
+        each) while tests are collected, so the first machines do not wait for it."""
+        def check(host: Host) -> None:
+            try:
+                self._check_host(host)
+            except BackendError as exc:
+                log.warning("podman host skipped for now: %s: %s", host.url, exc)
+
+        with concurrent.futures.ThreadPoolExecutor(
+            max_workers=len(self.hosts), thread_name_prefix="vmpool-hosts"
+        ) as pool:
+            list(pool.map(check, self.hosts))
 
     def create(self, spec: MachineSpec) -> None:
         name = validate_name(spec.name)
