@@ -352,10 +352,15 @@ def test_a_host_killed_mid_run_loses_its_machines_to_the_others_and_gc_cleans_it
     assert f"podman host {dead.url} does not answer (exec in {held})" in out, out[-4000:]
     # teardown could not remove the machine of the dead host: the record keeps it for gc
     assert list(state.glob("*.json")), "no pool record kept for gc"
+    gc_args = [sys.executable, "-m", "vmpool.cli", "gc", "--state-dir", str(state), "--config",
+               str(config)]
+    early = _proc.run(gc_args, timeout=300)  # while the host is still down: it says so
+    assert early.returncode == 1, early.stdout + early.stderr
+    assert f"podman host {dead.url} does not answer" in early.stderr, early.stderr
+    assert list(state.glob("*.json")), "the record went while its machines are still there"
     dead.start()
     assert dead.containers() == lost  # still there, as the service left them
-    gc = _proc.run([sys.executable, "-m", "vmpool.cli", "gc", "--state-dir", str(state),
-                    "--config", str(config)], timeout=300)
+    gc = _proc.run(gc_args, timeout=300)
     assert gc.returncode == 0, gc.stdout + gc.stderr
     for name in lost:
         assert f"deleted machine {name}" in gc.stdout, gc.stdout
