@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -207,11 +208,50 @@ class VmPoolSession:
         self.outcomes: list[ProfileOutcome] = []
         self._shown: dict[str, int] = {}
         self._early: dict[str, int] = {}
+        #: xdist workers configured and not yet down; whether one went down with an error
+        self._nodes_up = 0
+        self._node_failed = False
+        #: the pools' teardown, once begun (see pytest_testnodedown)
+        self._teardown: threading.Thread | None = None
+        self._teardown_error: VmPoolError | None = None
+        self._problems: list[str] = []
 
     # -- controller -------------------------------------------------------------------------
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput["vmpool"] = self.settings.to_workerinput()
+        self._nodes_up += 1
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        # Once every worker has finished its session normally (their machines are checked in),
+        # the pools' teardown begins in the background while xdist waits for the worker
+        # processes to exit; sessionfinish waits for it. A worker that crashed, or a stop
+        # signal, leaves the teardown to sessionfinish, after xdist has stopped the workers.
+        self._nodes_up -= 1
+        self._node_failed = self._node_failed or error is not None
+        signals = self.signals
+        if (self.controller is None or self._nodes_up > 0 or self._node_failed
+                or self._teardown is not None or (signals is not None and signals.received)):
+            return
+        if signals is not None:
+            signals.teardown_begins()
+        self._teardown = threading.Thread(target=self._stop_pools, name="vmpool-teardown",
+                                          daemon=True)
+        self._teardown.start()
+
+    def _stop_pools(self) -> None:
+        """Tear the pools down (or keep them); the outcomes, or the error, are kept."""
+        assert self.controller is not None
+        signals = self.signals
+        self._problems = self.controller.usage_errors()
+        try:
+            # after a stop signal, the whole teardown fits in teardown_timeout from the signal
+            self.outcomes = self.controller.stop(
+                lease_budget=signals.remaining if signals is not None else None
+            )
+        except VmPoolError as exc:
+            self._teardown_error = exc
 
     # tryfirst: the session channel listens before xdist starts the workers that use it
     @pytest.hookimpl(tryfirst=True)
@@ -289,16 +329,15 @@ class VmPoolSession:
         if signals is not None:
             signals.teardown_begins()
         self._show_progress()
-        problems = self.controller.usage_errors()
-        try:
-            # after a stop signal, the whole teardown fits in teardown_timeout from the signal
-            self.outcomes = self.controller.stop(
-                lease_budget=signals.remaining if signals is not None else None
-            )
-        except VmPoolError as exc:
+        if self._teardown is None:
+            self._stop_pools()
+        else:
+            self._teardown.join()
+        problems = self._problems
+        if self._teardown_error is not None:
             tr = self.config.pluginmanager.get_plugin("terminalreporter")
             if tr is not None:
-                tr.write_line(f"vmpool: teardown error: {exc}", red=True)
+                tr.write_line(f"vmpool: teardown error: {self._teardown_error}", red=True)
         if problems:
             tr = self.config.pluginmanager.get_plugin("terminalreporter")
             if tr is not None:

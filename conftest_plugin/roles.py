@@ -150,16 +150,17 @@ class ControllerRole:
                     self.errors.setdefault(name, text)
 
     def _prepare_profile(self, name: str) -> Backend | None:
-        """Make and check the backend, reap orphans, do the backend's one-off preparation."""
+        """Make and check the backend, do its one-off preparation, reap orphans."""
         if name in self._backends:
             return self._backends[name]
         try:
             profile = self.cfg.profile(name)
             backend = make_backend(profile.pool.backend, profile, self.directory.path)
             backend.check()
+            # prepare first: what it starts (podman's API service) makes the reap's calls cheap
+            backend.prepare(networked=profile.pool.network and backend.capabilities.network)
             with contextlib.suppress(VmPoolError):
                 self.reaped.append(reaper.reap(self.directory, backend, profile.pool.name_prefix))
-            backend.prepare(networked=profile.pool.network and backend.capabilities.network)
         except Exception as exc:  # an OSError too: the workers must hear of it, not wait
             self._fail(name, exc)
             return None
@@ -271,6 +272,11 @@ class ControllerRole:
                 self.reaped.append(
                     reaper.reap(self.directory, controller.backend, controller.settings.name_prefix)
                 )
+        for backend in self._backends.values():  # what prepare() left running (podman's API)
+            try:
+                backend.close()
+            except VmPoolError as exc:
+                log.warning("vmpool: closing the %s backend: %s", backend.name, exc)
         self.session.stop()
         return outcomes
 

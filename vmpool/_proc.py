@@ -80,12 +80,14 @@ def run(
     except BaseException:
         _kill_group(proc)
         raise
+    duration = time.monotonic() - started
+    log.debug("done %s: exit %s in %.3fs", args[:3], proc.returncode, duration)
     return ProcResult(
         tuple(args),
         proc.returncode,
         out.decode(errors="replace"),
         err.decode(errors="replace"),
-        time.monotonic() - started,
+        duration,
     )
 
 

@@ -1,4 +1,4 @@
-"""The optional backend hooks (prepare, release, delete_many, forget_missing): a backend that
+"""The optional backend hooks (prepare, release, delete_many, forget_missing, close): a backend that
 defines none works through the pool on BackendBase's defaults, and one that defines a hook
 has it called."""
 
@@ -20,7 +20,7 @@ from vmpool.controller import Controller, policy_for
 from vmpool.errors import BackendError
 from vmpool.state import JsonStateDir
 
-HOOKS = ("prepare", "release", "delete_many", "forget_missing", "unreachable")
+HOOKS = ("prepare", "release", "delete_many", "forget_missing", "close", "unreachable")
 
 
 class HookedSim(SimBackend):
@@ -35,6 +35,9 @@ class HookedSim(SimBackend):
 
     def release(self, name: str) -> None:
         self.calls.append(("release", name))
+
+    def close(self) -> None:
+        self.calls.append(("close", None))
 
     def delete_many(self, names: Iterable[str]) -> dict[str, str]:
         names = list(names)
@@ -121,10 +124,10 @@ def test_reaper_asks_the_backend_to_forget_what_is_missing(
     assert report.files_removed == ["vmp-litter"]
 
 
-def test_the_plugin_prepares_a_backend_before_its_pool_is_asked_for(
-    tmp_path: Path, make_profile: Callable[..., Profile], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    profile = make_profile(network=True)
+def _role(
+    tmp_path: Path, profile: Profile, monkeypatch: pytest.MonkeyPatch
+) -> tuple[roles.ControllerRole, list[HookedSim]]:
+    """A controller role whose backends are HookedSims (appended to the list as made)."""
     made: list[HookedSim] = []
 
     def make(name: str, profile: Profile, state_dir: Path) -> Backend:
@@ -140,6 +143,27 @@ def test_the_plugin_prepares_a_backend_before_its_pool_is_asked_for(
         default_size=1,
         keep=False,
     )
-    role = roles.ControllerRole(Config(profiles={"default": profile}), settings)
+    return roles.ControllerRole(Config(profiles={"default": profile}), settings), made
+
+
+def test_the_plugin_prepares_a_backend_before_its_pool_is_asked_for(
+    tmp_path: Path, make_profile: Callable[..., Profile], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    role, made = _role(tmp_path, make_profile(network=True), monkeypatch)
     assert role._prepare_profile("default") is made[0]
     assert made[0].called("prepare") == [True]  # the sim has networks: the pool's is shared
+    assert made[0].called("close") == []
+
+
+def test_the_plugin_closes_a_prepared_backend_after_its_last_reap(
+    tmp_path: Path, make_profile: Callable[..., Profile], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    role, made = _role(tmp_path, make_profile(), monkeypatch)
+    role.start()
+    role._start_profile("default")
+    role.controllers["default"].wait_until_ready(1, 10)
+    role.stop()
+    hooks = [name for name, _ in made[0].calls if name != "release"]
+    assert hooks[0] == "prepare"
+    # the teardown's deletion, the last reap's forgetting, then close
+    assert hooks[-3:] == ["delete_many", "forget_missing", "close"]

@@ -172,6 +172,10 @@ class Backend(Protocol):
     def delete_many(self, names: Iterable[str]) -> dict[str, str]:
         """``delete()`` each of ``names``; returns ``{name: error}`` for those that failed."""
 
+    def close(self) -> None:
+        """End what ``prepare()`` left running for this object (podman: its API service);
+        called once the object's work is done (the plugin: after the session's last reap)."""
+
     def forget_missing(
         self, prefix: str, existing: set[str], *, older_than: float, dry_run: bool = False
     ) -> builtins.list[str]:
@@ -188,9 +192,9 @@ class Backend(Protocol):
 class BackendBase:
     """The base of every backend: the optional hooks of Backend, each with its default.
 
-    A backend overrides the hooks its tool needs (qemu: prepare, release; podman:
-    delete_many, forget_missing; podman's fleet: unreachable), as pytest-xdist's schedulers
-    implement its scheduler protocol; callers call every hook unconditionally.
+    A backend overrides the hooks its tool needs (qemu: prepare, release; podman: prepare,
+    close, delete_many, forget_missing; podman's fleet: unreachable), as pytest-xdist's
+    schedulers implement its scheduler protocol; callers call every hook unconditionally.
     """
 
     #: machines the default delete_many deletes at once (the default warmup_parallelism)
@@ -205,6 +209,9 @@ class BackendBase:
 
     def release(self, name: str) -> None:
         """Nothing is kept open to a machine."""
+
+    def close(self) -> None:
+        """Nothing was left running."""
 
     def delete_many(self, names: Iterable[str]) -> dict[str, str]:
         """``delete()`` each (``delete_parallelism`` at once); a BackendError is collected

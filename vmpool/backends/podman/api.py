@@ -102,6 +102,7 @@ class PodmanApi:
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
         conn = _UnixConnection(str(self.socket_path), self.timeout if timeout is None else timeout)
+        started = time.monotonic()
         try:
             conn.request(method, target, body=data, headers=headers)
             resp = conn.getresponse()
@@ -112,6 +113,8 @@ class PodmanApi:
             ) from exc
         finally:
             conn.close()
+        log.debug("podman API %s %s: %s in %.3fs", method, path, resp.status,
+                  time.monotonic() - started)
         decoded = _decode(raw)
         if resp.status not in ok:
             raise ApiError(endpoint, resp.status, _message(decoded, raw))
@@ -132,9 +135,10 @@ class PodmanApi:
             raise BackendError(f"podman API POST {LIBPOD}/containers/create: no Id in {body!r}")
         return str(body["Id"])
 
-    def start(self, name: str) -> None:
-        """Start a created container (304, already running, counts as started)."""
-        self.request("POST", f"{LIBPOD}/containers/{_q(name)}/start", ok=(204, 304))
+    def start(self, name: str) -> bool:
+        """Start a created container; False when it was running already (304)."""
+        resp = self.request("POST", f"{LIBPOD}/containers/{_q(name)}/start", ok=(204, 304))
+        return resp.status == 204
 
     def inspect(self, name: str) -> dict[str, Any] | None:
         """The container's inspect record, None when there is no such container."""
@@ -149,6 +153,55 @@ class PodmanApi:
         resp = self.request(
             "DELETE", f"{LIBPOD}/containers/{_q(name)}", query=query, ok=(200, 204, 404)
         )
+        return resp.status != 404
+
+
+    def containers(self, prefix: str) -> list[dict[str, Any]]:
+        """Every container (running or not) whose name starts with ``prefix``: podman's list
+        rows (``Names``, ``Labels``, ``State`` ...)."""
+        query = {"all": "true"}
+        if prefix:
+            query["filters"] = json.dumps({"name": [f"^{prefix}"]})
+        body = self.request("GET", f"{LIBPOD}/containers/json", query=query).body
+        return [row for row in body or [] if isinstance(row, dict)]
+
+    def changes(self, name: str) -> list[str]:
+        """The container's filesystem changes as ``podman diff`` prints them (``C /etc``)."""
+        body = self.request("GET", f"{LIBPOD}/containers/{_q(name)}/changes").body
+        kinds = {0: "C", 1: "A", 2: "D"}
+        return [f"{kinds.get(int(row.get('Kind', -1)), '?')} {row.get('Path')}"
+                for row in body or [] if isinstance(row, dict)]
+
+    # -- images and networks -----------------------------------------------------------------
+    def remove_images(self, images: list[str]) -> list[str]:
+        """Remove ``images`` in one call (missing ones are ignored); podman's errors, if any
+        (an image a container still uses stays)."""
+        query = "&".join(f"images={_q(i)}" for i in images) + "&ignore=true"
+        resp = self.request("DELETE", f"{LIBPOD}/images/remove?{query}", ok=(200, 404))
+        errors = resp.body.get("Errors") if isinstance(resp.body, dict) else None
+        return [str(e) for e in errors or []]
+
+    def networks(self) -> list[dict[str, Any]]:
+        """Every network: podman's rows (``name``, ``labels``, ``network_interface`` ...)."""
+        body = self.request("GET", f"{LIBPOD}/networks/json").body
+        return [row for row in body or [] if isinstance(row, dict)]
+
+    def network(self, name: str) -> dict[str, Any] | None:
+        """The network's inspect record, None when there is no such network."""
+        resp = self.request("GET", f"{LIBPOD}/networks/{_q(name)}/json", ok=(200, 404))
+        return resp.body if resp.status == 200 and isinstance(resp.body, dict) else None
+
+    def create_network(self, name: str, labels: Mapping[str, str],
+                       options: Mapping[str, str]) -> bool:
+        """Create a bridge network; False when one of that name exists already."""
+        body = {"name": name, "driver": "bridge", "labels": dict(labels),
+                "options": dict(options)}
+        resp = self.request("POST", f"{LIBPOD}/networks/create", body, ok=(200, 409))
+        return resp.status == 200
+
+    def delete_network(self, name: str) -> bool:
+        """Remove the network; False when it was already gone."""
+        resp = self.request("DELETE", f"{LIBPOD}/networks/{_q(name)}", ok=(200, 204, 404))
         return resp.status != 404
 
 
@@ -317,11 +370,13 @@ def _message(decoded: Any, raw: bytes) -> str:
     return raw.decode(errors="replace").strip()[-500:] or "(empty body)"
 
 
-def remove(api: PodmanApi, name: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
-    """SIGKILL the container's processes from the host (its cgroup's pids), then delete it with
-    its anonymous volumes; a missing container is no error."""
+def remove(api: PodmanApi, name: str, *, timeout: float = DEFAULT_TIMEOUT,
+           killed: bool = False) -> None:
+    """SIGKILL the container's processes from the host (its cgroup's pids) unless the caller
+    has (``killed``), then delete it with its anonymous volumes; a missing container is no
+    error."""
     deadline = time.monotonic() + timeout
-    info = api.inspect(name)
+    info = None if killed else api.inspect(name)
     pid = int(info.get("State", {}).get("Pid") or 0) if info else 0
     if pid > 0:
         _kill_cgroup(pid)

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from vmpool.backends.base import LABEL_POOL, LABEL_SESSION, validate_name
 from vmpool.backends.podman import api
+from vmpool.backends.podman.channel import ApiChannel
 from vmpool.backends.podman.records import MachineRecord
-from vmpool.errors import BackendError, BackendUnavailable
+from vmpool.errors import BackendError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,9 @@ def container_spec(record: MachineRecord, image: str, *, netns_of: str | None) -
         elif flag == "--network":
             if given != record.network:  # not the pool's (extra_args): the CLI says it
                 raise Untranslatable(arg)
-            # the holder owns the pool network
+            if netns_of is None:  # a new machine: on the pool network itself
+                spec["netns"], spec["networks"] = {"nsmode": "bridge"}, {given: {}}
+            # else the holder owns the pool network
         elif flag == "--runtime":
             spec["oci_runtime"] = given
         elif flag == "--ulimit":
@@ -104,6 +106,19 @@ def container_spec(record: MachineRecord, image: str, *, netns_of: str | None) -
     return spec
 
 
+def api_spec(record: MachineRecord, image: str, *, netns_of: str | None) -> dict[str, Any] | None:
+    """`container_spec`, or None where the CLI must make the container: a systemd machine
+    (published ssh port, ``--systemd``: the CLI handles their setup) or an option the spec here
+    cannot say (any ``[podman] extra_args``)."""
+    if any(o.startswith("--systemd") or o == "--publish" for o in record.options):
+        return None
+    try:
+        return container_spec(record, image, netns_of=netns_of)
+    except (Untranslatable, ValueError) as exc:
+        log.debug("%s on the CLI: the API spec cannot say %s", record.name, exc)
+        return None
+
+
 def _rewrite(path: Path, text: str) -> None:
     """Make ``path`` ``text``, 0644 and (as root) root's, in place (it is bind-mounted: a
     rename would not show in the container)."""
@@ -125,46 +140,32 @@ def _bytes(text: str) -> int:
 class ApiReset:
     """Full resets of one backend's machines through the pool's API service (podman only)."""
 
-    def __init__(self, state_dir: Path, *, tool: str = "podman", timeout: float = 30.0) -> None:
-        self._state_dir = Path(state_dir)
-        self._tool = tool
-        self._timeout = timeout
-        self._lock = threading.Lock()
-        self._client: api.PodmanApi | None = None
-        self._service: api.ApiService | None = None
-        #: set once the service could not start: this backend object keeps the CLI path
-        self._unavailable = False
-
-    def _api(self) -> api.PodmanApi | None:
-        """The client, starting (or reusing) the service on first use; None: use the CLI."""
-        with self._lock:
-            if self._client is not None and self._client.ping():
-                return self._client
-            if self._unavailable:
-                return None
-            started = api.start_api(self._state_dir, tool=self._tool, timeout=self._timeout)
-            if started is None:
-                self._unavailable = True
-                return None
-            self._service, self._client = started
-            return self._client
+    def __init__(self, channel: ApiChannel) -> None:
+        self._channel = channel
+        self._timeout = channel.timeout
 
     def reset(self, record: MachineRecord, image: str, *,
               before_create: Callable[[], None]) -> bool:
         """Recreate ``record``'s machine from ``image``, calling ``before_create`` once the old
         container is gone; False (nothing done) where the CLI path must do it. BackendError
         when the API failed part-way (the caller's CLI path then makes the machine anew)."""
-        if any(o.startswith("--systemd") or o == "--publish" for o in record.options):
+        holder = holder_name(record.name) if record.network else None
+        spec = api_spec(record, image, netns_of=holder)
+        if spec is None:
             return False
-        try:
-            holder = holder_name(record.name) if record.network else None
-            spec = container_spec(record, image, netns_of=holder)
-        except (Untranslatable, ValueError) as exc:
-            log.debug("reset %s on the CLI: the API spec cannot say %s", record.name, exc)
-            return False
-        client = self._api()
+        client = self._channel.client(start=True)
         if client is None:
             return False
+        try:
+            self._recreate(client, record, spec, holder, before_create)
+        except BackendError as exc:
+            if not isinstance(exc, api.ApiError):  # the service did not answer
+                self._channel.lost(client)
+            raise
+        return True
+
+    def _recreate(self, client: api.PodmanApi, record: MachineRecord, spec: dict[str, Any],
+                  holder: str | None, before_create: Callable[[], None]) -> None:
         api.remove(client, record.name, timeout=self._timeout)
         before_create()
         if holder is not None and not self._holder_running(client, holder):
@@ -178,7 +179,6 @@ class ApiReset:
             for key, text in record.net_files.items():
                 if info.get(key):
                     _rewrite(Path(str(info[key])), text)
-        return True
 
     @staticmethod
     def _holder_running(client: api.PodmanApi, holder: str) -> bool:
@@ -203,23 +203,6 @@ class ApiReset:
         }
         api.run(client, spec, timeout=self._timeout)
         log.info("reset %s: holder %s keeps address %s", record.name, holder, record.ip)
-
-    def close(self) -> None:
-        """Stop the service this object started (a recorded one of another process stays)."""
-        with self._lock:
-            if self._service is not None:
-                self._service.stop()
-            self._service = self._client = None
-
-
-def stop_service(state_dir: Path) -> bool:
-    """Stop the API service recorded under ``state_dir`` (teardown, reap); True if one ran.
-    A later full reset starts it again."""
-    try:
-        return api.stop_recorded(Path(state_dir))
-    except (OSError, BackendError, BackendUnavailable) as exc:
-        log.warning("could not stop the podman API service: %s", exc)
-        return False
 
 
 def holders(names: Sequence[str]) -> list[str]:

@@ -1,9 +1,11 @@
 """Podman (or docker) containers as machines: the backend's lifecycle, built from small parts.
 
-One class drives either CLI (``[podman] tool``) through its collaborators: `Tool` (the command
-line), `RuntimeDetector` (the OCI runtime and ``--ulimit`` values, vmpool.backends.podman.runtime),
-`Commands` (exec, through the exec agent), `RecordStore` (each machine's recipe), `Networks`, and
-`LiveReset` (vmpool.backends.podman.live_reset). On podman, reset is first tried in place,
+One class drives either tool (``[podman] tool``) through its collaborators: `Tool` (the command
+line), `ApiChannel` (podman's API service, which a prepared object uses instead of the command
+line: vmpool.backends.podman.channel), `RuntimeDetector` (the OCI runtime and ``--ulimit``
+values), `Commands` (exec, through the exec agent), `RecordStore` (each machine's recipe),
+`Networks`, `Removal` (vmpool.backends.podman.removal) and `LiveReset`
+(vmpool.backends.podman.live_reset). On podman, reset is first tried in place,
 without a new container (the processes running at ready time keep running, the address stays).
 Otherwise, and on docker, reset is "commit when ready, recreate from the commit": each
 machine's recipe (options and command) is kept in ``<state_dir>/<tool>/<name>.json`` so any
@@ -16,10 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vmpool.backends.base import (
     BackendBase,
@@ -32,13 +34,10 @@ from vmpool.backends.base import (
     validate_name,
 )
 from vmpool.backends.podman import inventory
-from vmpool.backends.podman.api_reset import (
-    NET_FILES,
-    ApiReset,
-    holder_name,
-    holders,
-    stop_service,
-)
+from vmpool.backends.podman.api import PodmanApi
+from vmpool.backends.podman.api_reset import NET_FILES, ApiReset, api_spec, holder_name
+from vmpool.backends.podman.channel import ApiChannel, stop_service
+from vmpool.backends.podman.cli_reset import cli_reset
 from vmpool.backends.podman.commands import Commands
 from vmpool.backends.podman.exec_agent import MOUNT_POINT as AGENT_MOUNT
 from vmpool.backends.podman.image import (
@@ -56,12 +55,8 @@ from vmpool.backends.podman.options import (
     SYSTEMD_OPTION,
     ContainerOptions,
 )
-from vmpool.backends.podman.records import (
-    MachineRecord,
-    RecordStore,
-    may_have_warm_image,
-    write_json,
-)
+from vmpool.backends.podman.records import MachineRecord, RecordStore, write_json
+from vmpool.backends.podman.removal import Removal
 from vmpool.backends.podman.runtime import RunOptions, RuntimeDetector
 from vmpool.backends.podman.tool import Tool, last_line
 from vmpool.config import ImageSettings, PodmanSettings
@@ -79,6 +74,7 @@ _CHECK_TTL = 60.0
 # aliases: inside PodmanBackend the name `list` is the protocol's method, not the builtin
 _MachineInfos = list[MachineInfo]
 _Argv = list[str]
+T = TypeVar("T")
 
 
 
@@ -97,7 +93,8 @@ class PodmanBackend(BackendBase):
     ) -> None:
         """``url``: a podman service (vmpool.backends.podman.fleet), where every command goes
         through ``podman --url``; nothing host-side applies there (no live reset, no cgroup
-        kill, no API service of this machine): a reset recreates the container on the CLI."""
+        kill, no API service of this machine, whose client kills cgroups from this machine):
+        every call, the full reset too, is on the CLI."""
         self.settings = settings
         self.name: str = settings.tool
         #: the image machines are made from
@@ -109,15 +106,19 @@ class PodmanBackend(BackendBase):
         self._records = RecordStore(self._dir)
         self._runtime = RuntimeDetector(self._tool, self.image, self._dir, write_json)
         self._commands = Commands(self._tool, self._dir / "exec", self._agent_autostarts)
-        self._networks = Networks(self._tool)
+        #: the pool's API service, which a prepared object uses (vmpool.backends.podman.channel)
+        self._channel = ApiChannel(self._state_dir, timeout=settings.command_timeout) \
+            if local_podman else None
+        self._networks = Networks(self._tool, self._channel)
         self._options = ContainerOptions(self._tool, self._runtime, self._commands, self.image,
                                          self._state_dir)
         self._checked_at: float | None = None
         #: in-place resets (vmpool.backends.podman.live_reset); podman only
         self._live = LiveReset(self._dir / "live", write_json) if local_podman else None
         #: full resets through podman's API service; podman only
-        self._api = ApiReset(self._state_dir, timeout=settings.command_timeout) \
-            if local_podman else None
+        self._api = ApiReset(self._channel) if self._channel is not None else None
+        self._removal = Removal(self._tool, self._records, self._channel, self._live,
+                                self._forget)
 
     # -- the protocol --------------------------------------------------------------------------
     def check(self) -> None:
@@ -134,6 +135,18 @@ class PodmanBackend(BackendBase):
         self.run_options()
         self._checked_at = now
 
+    def prepare(self, *, networked: bool) -> None:
+        """Start the pool's API service in the background (podman), which this object then
+        uses until close(), and learn the image's configuration once."""
+        if self._channel is not None:
+            self._channel.begin()
+        self._options.boots_systemd()
+
+    def close(self) -> None:
+        """Stop the API service prepare() started (and any the state directory records)."""
+        if self._channel is not None:
+            self._channel.close()
+
     def create(self, spec: MachineSpec) -> None:
         name = validate_name(spec.name)
         if spec.network is not None:
@@ -142,13 +155,22 @@ class PodmanBackend(BackendBase):
         options = self._options.build(name, spec.labels, spec.network, systemd=systemd)
         command = self._options.command(name, systemd=systemd)
         self._commands.rebuild_dir(name)
-        self._tool.run("create", *options, self.image, *command).check(f"create {name}")
-        self._records.write(MachineRecord(name, self.image, options, command,
-                                          network=spec.network))
+        record = MachineRecord(name, self.image, options, command, network=spec.network)
+        api = self._channel is not None and self._channel.client() is not None
+        recipe = api_spec(record, self.image, netns_of=None) if api else None
+        if recipe is None or self._api_call(f"create {name}", lambda c: c.create(recipe)) is None:
+            self._tool.run("create", *options, self.image, *command).check(f"create {name}")
+        self._records.write(record)
 
     def start(self, name: str) -> None:
-        self._tool.run("start", validate_name(name)).check(f"start {name}")
+        validate_name(name)
+        if self._api_call(f"start {name}", lambda c: c.start(name)) is None:
+            self._tool.run("start", name).check(f"start {name}")
         self._commands.started(name)  # an agent start that failed while it was stopped
+
+    def _api_call(self, what: str, request: Callable[[PodmanApi], T]) -> T | None:
+        """``request`` through the API service while this object holds one, else None."""
+        return self._channel.call(what, request) if self._channel is not None else None
 
     def wait_ready(self, name: str, timeout: float) -> None:
         """Probe with `true` until the container answers; a systemd one is ready once
@@ -286,11 +308,13 @@ class PodmanBackend(BackendBase):
     def _unchanged(self, name: str) -> bool:
         """True when the container's filesystem differs from its image only by the directories
         holding the mount points the tool manages (/etc/hosts, /etc/hostname, /run/...)."""
-        result = self._tool.run("diff", name)
-        if result.returncode != 0:
-            return False
-        changes = {line.strip() for line in result.stdout.splitlines() if line.strip()}
-        return changes <= _MOUNT_POINT_DIRS
+        lines = self._api_call(f"diff {name}", lambda c: c.changes(name))
+        if lines is None:
+            result = self._tool.run("diff", name)
+            if result.returncode != 0:
+                return False
+            lines = result.stdout.splitlines()
+        return {line.strip() for line in lines if line.strip()} <= _MOUNT_POINT_DIRS
 
     def reset(self, name: str) -> None:
         """Reset in place (vmpool.backends.podman.live_reset) where possible, else replace the
@@ -313,7 +337,7 @@ class PodmanBackend(BackendBase):
         if record is None or not record.warm_image:
             raise BackendError(f"reset {name}: no snapshot recorded; snapshot() it first")
         if not self._api_reset_done(record):
-            self._cli_reset(record)
+            cli_reset(self._tool, self._commands, record, self._holder_of(record))
         self._drop_stale_images(record)
         self.wait_ready(name, self.settings.command_timeout)
         self._snapshot_live(name)  # the new container's ready state, for the next reset
@@ -337,107 +361,34 @@ class PodmanBackend(BackendBase):
                         record.name, exc)
             return False
 
-    def _cli_reset(self, record: MachineRecord) -> None:
-        """``rm -f -v`` and ``run -d`` from the warm image, keeping the address where it can."""
-        name, image = record.name, str(record.warm_image)
-        self._tool.remove_container(name)
-        # the last user may have tampered with the agent's files: the new container gets new
-        # ones (and its agent in wait_ready)
-        self._commands.rebuild_dir(name)
-        options = self._commands.with_mounts(name, record.options)
-        holder = self._holder_of(record)
-        if holder is not None:  # an API reset gave it a holder, which owns the address
-            options = _joining(options, holder)
-        run = ["run", "-d", *options]
-        result = None
-        if record.ip and holder is None:
-            result = self._tool.run(*run, "--ip", record.ip, image, *record.command)
-            if result.returncode != 0:
-                # the address was taken meanwhile (or the network has no fixed subnet)
-                log.info("reset %s: cannot keep address %s: %s", name, record.ip,
-                         result.stderr.strip()[-300:])
-                self._tool.remove_container(name)
-        if result is None or result.returncode != 0:
-            self._tool.run(*run, image, *record.command).check(f"reset {name}")
-
-    def _holders(self, records: Mapping[str, MachineRecord | None]) -> _Argv:
-        """The holders the machines may have: networked ones, and any whose record is lost."""
-        if not self._tool.is_podman:
-            return []
-        return holders([n for n, r in records.items() if r is None or r.network])
-
     def _holder_of(self, record: MachineRecord) -> str | None:
-        """The running holder of the machine's network namespace, if it has one."""
-        if not record.network or not self._tool.is_podman:
-            return None
-        holder = holder_name(record.name)
-        info = self._tool.inspect(holder)
-        return holder if info and (info.get("State") or {}).get("Running") else None
+        return self._removal.holder_of(record, self._inspect)
 
     def delete(self, name: str) -> None:
-        validate_name(name)
-        record = self._records.load(name)
-        holder = self._holders({name: record})
-        if holder:  # with the machine in its namespace (--depend)
-            self._tool.run("rm", "-f", "-v", "-t", "0", "--ignore", "--depend", name, *holder
-                           ).check(f"remove {name}")
-        else:
-            self._tool.remove_container(name)
-        if may_have_warm_image(record):
-            self._tool.remove_image(warm_image_name(name), missing_ok=True)
-        if record is not None:
-            self._drop_stale_images(record, keep_current=False)
-        self._forget(name)
+        self._removal.delete(validate_name(name))
 
     def delete_many(self, names: Iterable[str]) -> dict[str, str]:
-        """``delete()`` each of ``names`` with one ``rm`` and one ``image rm`` for them all.
+        """``delete()`` each of ``names`` (vmpool.backends.podman.removal): in two tool
+        processes, or through the API service while this object holds one.
 
         Returns ``{name: error}`` for the machines that could not be removed (empty: all gone).
-        A tool process costs about as much as the removal itself, so a pool's teardown makes
-        two, not two per machine.
         """
-        names = sorted({validate_name(n) for n in names})
+        names = list(names)
         if not names:
             return {}
-        errors: dict[str, str] = {}
-        # --ignore: podman 4.3's `rm -f` given several names, one of them missing, exits 0 and
-        # removes none of them; -v: with the anonymous volumes the image declares
-        args = ["rm", "-f", "-v", "-t", "0", "--ignore"] if self._tool.is_podman \
-            else ["rm", "-f", "-v"]
-        records = {n: self._records.load(n) for n in names}
-        extra = self._holders(records)
-        if self._live is not None:  # from the host, at once: `rm` then waits for no process
-            for name in names:
-                self._live.kill(name)
-        if extra:  # --depend: a holder goes after the machine in its namespace
-            args.append("--depend")
-        result = self._tool.run(*args, *names, *extra)
-        if result.returncode != 0:
-            # which one failed (or was merely missing: docker says so)? ask one by one
-            for name in names:
-                try:
-                    self._tool.remove_container(name)
-                except BackendError as exc:
-                    errors[name] = str(exc)
-        gone = [n for n in names if n not in errors]
-        images = [warm_image_name(n) for n in gone if may_have_warm_image(records[n])]
-        images += [i for n in gone if (r := records[n]) is not None for i in r.stale_images]
-        if images:
-            rm = ["image", "rm", "--ignore"] if self._tool.is_podman else ["image", "rm"]
-            if self._tool.run(*rm, *images).returncode != 0:
-                for image in images:  # as delete(): best effort, an image left is not a machine
-                    self._tool.remove_image(image, missing_ok=True)
-        for name in gone:
-            self._forget(name)
-        if self._tool.is_podman:  # teardown and reap: the API service goes too (a reset
-            # starts it again)
-            if self._api is not None:
-                self._api.close()
-            stop_service(self._state_dir)
+        errors = self._removal.delete_many(names)
+        self._stop_unheld_service()
         return errors
 
+    def _stop_unheld_service(self) -> None:
+        """After a removal by an object that holds no service (prepare() was not called), the
+        API service a reset started goes too (a later reset starts it again); a holder stops
+        its own at close()."""
+        if self._channel is not None and not self._channel.held:
+            self._channel.close()
+
     def list(self, prefix: str) -> _MachineInfos:
-        return inventory.machines(self._tool, prefix)
+        return inventory.machines(self._tool, prefix, self._channel)
 
     def create_network(self, name: str, labels: Mapping[str, str]) -> None:
         self._networks.create(name, labels)
@@ -474,7 +425,7 @@ class PodmanBackend(BackendBase):
         ip = settings.get("IPAddress")
         if not ip and not networks and record is not None and record.network:
             holder = self._holder_of(record)  # the machine shares its holder's namespace
-            held = self._tool.inspect(holder) if holder is not None else None
+            held = self._inspect(holder) if holder is not None else None
             if held is not None:
                 return self._address_in(holder_name(name), held)
         return str(ip) if ip else None
@@ -488,7 +439,7 @@ class PodmanBackend(BackendBase):
         machine being created has them a moment before it exists). Returns what went."""
         gone = inventory.sweep(self._dir, prefix, existing, older_than=older_than,
                                dry_run=dry_run)
-        if not existing and not dry_run and self._tool.is_podman:
+        if not existing and not dry_run and self._channel is not None and not self._channel.held:
             stop_service(self._state_dir)  # no machine left that a reset would need it for
         return gone
 
@@ -511,15 +462,8 @@ class PodmanBackend(BackendBase):
             f"before it was ready; last output:\n{(logs.stdout + logs.stderr).strip()[-2000:]}"
         )
 
-    def _drop_stale_images(self, record: MachineRecord, *, keep_current: bool = True) -> None:
-        if not record.stale_images:
-            return
-        record.stale_images = [
-            image for image in record.stale_images
-            if not self._tool.remove_image(image, missing_ok=True)
-        ]
-        if keep_current:
-            self._records.write(record)
+    def _drop_stale_images(self, record: MachineRecord) -> None:
+        self._removal.drop_stale_images(record)
 
     def _agent_autostarts(self, name: str) -> bool:
         """Whether the machine's command starts the exec agent itself (see ContainerOptions)."""
@@ -527,7 +471,8 @@ class PodmanBackend(BackendBase):
         return record is not None and record.command[3:4] == [AGENT_ARGV0]
 
     def _inspect(self, name: str) -> dict[str, Any] | None:
-        return self._tool.inspect(name)
+        info = self._api_call(f"inspect {name}", lambda c: c.inspect(name))
+        return info if info is not None else self._tool.inspect(name)
 
     def _record_from_inspect(self, name: str) -> MachineRecord:
         """A record for a container made without one (e.g. by an older vmpool)."""
@@ -543,15 +488,3 @@ class PodmanBackend(BackendBase):
         options = self._options.build(name, labels, network, systemd=command == [INIT])
         return MachineRecord(name, image, options, command, network=network)
 
-
-def _joining(options: Sequence[str], holder: str) -> _Argv:
-    """``options`` with ``--network NET`` replaced by joining ``holder``'s namespace."""
-    out: _Argv = []
-    args = iter(options)
-    for arg in args:
-        if arg == "--network":
-            next(args, None)
-            out += ["--network", f"container:{holder}"]
-        else:
-            out.append(arg)
-    return out

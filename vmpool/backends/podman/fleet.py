@@ -205,6 +205,7 @@ class FleetBackend(BackendBase):
         each) while tests are collected, so the first machines do not wait for it."""
         def check(host: Host) -> None:
             try:
+                host.backend.prepare(networked=networked)
                 self._check_host(host)
             except BackendError as exc:
                 log.warning("podman host skipped for now: %s: %s", host.url, exc)
@@ -213,6 +214,10 @@ class FleetBackend(BackendBase):
             max_workers=len(self.hosts), thread_name_prefix="vmpool-hosts"
         ) as pool:
             list(pool.map(check, self.hosts))
+
+    def close(self) -> None:
+        for host in self.hosts:
+            host.backend.close()
 
     def create(self, spec: MachineSpec) -> None:
         name = validate_name(spec.name)

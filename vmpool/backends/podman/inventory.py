@@ -7,26 +7,24 @@ import contextlib
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from vmpool.backends.base import MachineInfo
 from vmpool.backends.podman.api_reset import HOLDER_LABEL
+from vmpool.backends.podman.channel import ApiChannel
 from vmpool.backends.podman.image import RECIPE_LABEL
 from vmpool.backends.podman.tool import Tool, json_rows, validate_prefix
 from vmpool.backends.podman.tool import labels as parse_labels
 
 
-def machines(tool: Tool, prefix: str) -> list[MachineInfo]:
-    """The containers named ``prefix…``, holders left out (they are part of their machine)."""
+def machines(tool: Tool, prefix: str, channel: ApiChannel | None = None) -> list[MachineInfo]:
+    """The containers named ``prefix…``, holders left out (they are part of their machine);
+    through the API service while ``channel`` holds one."""
     validate_prefix(prefix)
-    if tool.is_podman:
-        args = ["ps", "-a", "--format", "json"]
-        if prefix:
-            args[2:2] = ["--filter", f"name=^{prefix}"]
-    else:
-        args = ["ps", "-a", "--no-trunc", "--format", "{{json .}}"]
-        if prefix:
-            args[2:2] = ["--filter", f"name={prefix}"]
-    rows = json_rows(tool.run(*args).check("list containers").stdout)
+    rows = channel.call("list containers", lambda c: c.containers(prefix)) \
+        if channel is not None else None
+    if rows is None:
+        rows = _listed(tool, prefix)
     found: dict[str, MachineInfo] = {}
     for row in rows:
         names = row.get("Names") or row.get("Name") or []
@@ -41,6 +39,19 @@ def machines(tool: Tool, prefix: str) -> list[MachineInfo]:
             if cname.startswith(prefix):
                 found[cname] = MachineInfo(cname, labels, running)
     return sorted(found.values(), key=lambda m: m.name)
+
+
+def _listed(tool: Tool, prefix: str) -> list[dict[str, Any]]:
+    """``ps -a`` of the containers named ``prefix…``: podman's rows, or docker's."""
+    if tool.is_podman:
+        args = ["ps", "-a", "--format", "json"]
+        if prefix:
+            args[2:2] = ["--filter", f"name=^{prefix}"]
+    else:
+        args = ["ps", "-a", "--no-trunc", "--format", "{{json .}}"]
+        if prefix:
+            args[2:2] = ["--filter", f"name={prefix}"]
+    return json_rows(tool.run(*args).check("list containers").stdout)
 
 
 def sweep(

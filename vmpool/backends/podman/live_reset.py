@@ -282,19 +282,21 @@ class LiveReset:
             return False, None
         return True, baseline.address
 
-    def kill(self, name: str) -> None:
+    def kill(self, name: str) -> bool:
         """SIGKILL every process of ``name``'s container from the host, if it is still the one
-        recorded ready (best effort: a removal then need not wait for them to stop)."""
+        recorded ready (best effort: a removal then need not wait for them to stop); True
+        when it was."""
         baseline = self._load(name)
         if baseline is None or start_time(baseline.pid) != baseline.start:
-            return
+            return False
         try:
             pids = Cgroup(baseline.pid).pids()
         except (OSError, Unsupported):
-            return
+            return False
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        return True
 
     def reset(self, name: str) -> bool:
         """Reset ``name`` in place; False (and why, at INFO) when a full reset is needed."""
