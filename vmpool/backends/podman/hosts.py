@@ -1,22 +1,23 @@
 """One podman host of ``[podman] hosts``: a podman service reached by URL.
 
 A host is asked whether it answers with ``GET /_ping`` over its unix socket or TCP port
-(``http.client``, a deadline of a second or two); an ``ssh://`` host has no REST client here,
-so it is asked through ``podman --url URL version`` (ssh costs about half a second a call).
-Its machines are driven by a `PodmanBackend` whose every command is ``podman --url URL``, with
-a state directory of its own (``<state_dir>/podman-hosts/<id>/``: recipes, the runtime
-verdict). Nothing host-side applies on such a host, not even when the URL is a socket on this
-machine: no exec agent (its FIFOs are directories of this machine), no live reset and no
-host cgroup kill (they need the host's cgroups and overlays), no API service of this machine,
-no iptables isolation of the pool bridge; a reset is the full one on the CLI
-(``rm -f -v`` + ``run -d`` from the warm image), and the host's containers.conf chooses the
-OCI runtime (a remote ``podman run`` takes no ``--runtime``).
+(vmpool.backends.podman.remote_api, a deadline of two seconds); an ``ssh://`` host has no REST
+client here, so it is asked through ``podman --url URL version`` (ssh costs about half a second
+a call). Its machines are driven by a `PodmanBackend` with that URL: creates, starts, inspects,
+lists and removals through the host's REST API (unix, tcp), everything else (and everything on
+ssh) through ``podman --url URL``, with a state directory of its own
+(``<state_dir>/podman-hosts/<id>/``: recipes, the runtime verdict). Nothing host-side applies on
+such a host, not even when the URL is a socket on this machine: no exec agent (its FIFOs are
+directories of this machine: a command is a ``podman exec``), no live reset and no cgroup kill
+(they need the host's cgroups and overlays), no API service of this machine, no iptables
+isolation of the pool bridge; a reset is the full one on the CLI (``rm -f -v`` + ``run -d``
+from the warm image), and the host's containers.conf chooses the OCI runtime (a remote
+``podman run`` takes no ``--runtime``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import logging
 import re
 import time
@@ -24,11 +25,11 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmpool.backends.podman.api import _UnixConnection
 from vmpool.backends.podman.backend import PodmanBackend
+from vmpool.backends.podman.remote_api import host_api
 from vmpool.backends.podman.tool import Tool
 from vmpool.config import ImageSettings, PodmanHost, PodmanSettings
-from vmpool.errors import VmPoolError
+from vmpool.errors import BackendError, VmPoolError
 
 log = logging.getLogger(__name__)
 
@@ -101,21 +102,13 @@ class Host:
             except VmPoolError as exc:
                 return str(exc)
             return None if result.returncode == 0 else result.stderr.strip()[-300:]
-        conn: http.client.HTTPConnection
-        if scheme == "unix":
-            conn = _UnixConnection(self._parts.path, PING_TIMEOUT)
-        else:
-            conn = http.client.HTTPConnection(str(self._parts.hostname),
-                                              self._parts.port, timeout=PING_TIMEOUT)
+        client = host_api(self.url, timeout=PING_TIMEOUT)
+        assert client is not None  # unix and tcp URLs have one
         try:
-            conn.request("GET", "/_ping")
-            resp = conn.getresponse()
-            resp.read()
-        except (OSError, http.client.HTTPException) as exc:
-            return f"GET /_ping: {type(exc).__name__}: {exc}"
-        finally:
-            conn.close()
-        return None if resp.status == 200 else f"GET /_ping answered {resp.status}"
+            client.request("GET", "/_ping", ok=(200,))
+        except BackendError as exc:
+            return str(exc)
+        return None
 
     def down_message(self, what: str) -> str:
         """The text of a HostUnreachable for ``what`` (e.g. ``exec in NAME``)."""
