@@ -13,7 +13,12 @@ from _waiting import wait_until
 
 from vmpool import config
 from vmpool.backends.base import LABEL_POOL, ExecResult, MachineSpec
+from vmpool.backends.podman import removal
+from vmpool.backends.podman.backend import PodmanBackend
 from vmpool.backends.podman.fleet import LABEL_PODMAN_HOST, FleetBackend, machine_hosts
+from vmpool.backends.podman.records import RecordStore
+from vmpool.backends.podman.remote_api import RemoteChannel
+from vmpool.backends.podman.tool import Tool
 from vmpool.backends.sim import SimBackend
 from vmpool.config import PodmanHost, PodmanSettings, PoolSettings, SimSettings
 from vmpool.controller import Controller
@@ -213,3 +218,39 @@ def test_the_pool_replaces_idle_machines_of_a_host_that_stops_answering(
     assert controller.left_machines == [lost.name]
     _sim(fleet, 0).up = True
     assert [i.name for i in fleet.list("")] == [lost.name]
+
+
+# -- a backend with a URL -----------------------------------------------------------------------
+@pytest.mark.parametrize(("url", "channel"), [
+    ("unix:///run/h1.sock", "PodmanApi"), ("tcp://127.0.0.1:8081", "TcpApi"),
+    ("ssh://ci@builder/run/podman/podman.sock", None)])
+def test_a_backend_with_a_url_uses_that_hosts_api_and_nothing_host_side(
+    tmp_path: Path, url: str, channel: str | None
+) -> None:
+    backend = PodmanBackend(PodmanSettings(exec_agent=False), tmp_path, url=url)
+    assert backend._live is None and backend._api is None  # live and API resets: host-side
+    client = backend._channel.client() if backend._channel is not None else None
+    assert (type(client).__name__ if client is not None else None) == channel
+    assert backend._tool.url == url
+
+
+def test_removal_on_a_remote_host_kills_no_cgroup_from_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, bool]] = []
+
+    def remove(client: Any, name: str, *, timeout: float, killed: bool = False) -> None:
+        calls.append((name, killed))
+
+    class Client:
+        def remove_images(self, images: list[str]) -> list[str]:
+            return []
+
+    monkeypatch.setattr(removal.api, "remove", remove)
+    url = "unix:///run/h1.sock"
+    removing = removal.Removal(Tool(PodmanSettings(), url=url), RecordStore(tmp_path),
+                               RemoteChannel(Client(), timeout=5),  # type: ignore[arg-type]
+                               None, lambda name: None)
+    assert removing.delete_many(["vmp-a-0"]) == {}
+    # the machine and the holder it may have; killed: the API call skips the host-side kill
+    assert calls == [("vmp-a-0", True), ("vmp-a-0-nh", True)]
