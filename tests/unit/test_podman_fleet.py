@@ -12,6 +12,7 @@ import pytest
 from _waiting import wait_until
 
 from vmpool import config
+from vmpool.backends import make_backend
 from vmpool.backends.base import LABEL_POOL, ExecResult, MachineSpec
 from vmpool.backends.podman import removal
 from vmpool.backends.podman.backend import PodmanBackend
@@ -254,3 +255,11 @@ def test_removal_on_a_remote_host_kills_no_cgroup_from_here(
     assert removing.delete_many(["vmp-a-0"]) == {}
     # the machine and the holder it may have; killed: the API call skips the host-side kill
     assert calls == [("vmp-a-0", True), ("vmp-a-0-nh", True)]
+
+
+def test_hosts_make_a_fleet_on_podman_and_are_refused_on_docker(tmp_path: Path) -> None:
+    profile = config.Profile(name="default", podman=PodmanSettings(
+        hosts=[PodmanHost(url="unix:///run/h1.sock")]))
+    assert isinstance(make_backend("podman", profile, tmp_path), FleetBackend)
+    with pytest.raises(ConfigError, match=r'\[podman\] hosts needs backend "podman"'):
+        make_backend("docker", profile, tmp_path)
