@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from _waiting import wait_until
 
-from vmpool import config
+from vmpool import config, reaper
 from vmpool.backends import make_backend
 from vmpool.backends.base import LABEL_POOL, ExecResult, MachineSpec
 from vmpool.backends.podman import removal
@@ -24,6 +24,7 @@ from vmpool.backends.sim import SimBackend
 from vmpool.config import PodmanHost, PodmanSettings, PoolSettings, SimSettings
 from vmpool.controller import Controller
 from vmpool.errors import BackendError, ConfigError, HostUnreachable
+from vmpool.ownership import ProcessRef, owner_labels
 from vmpool.state import JsonStateDir
 
 
@@ -263,3 +264,27 @@ def test_hosts_make_a_fleet_on_podman_and_are_refused_on_docker(tmp_path: Path) 
     assert isinstance(make_backend("podman", profile, tmp_path), FleetBackend)
     with pytest.raises(ConfigError, match=r'\[podman\] hosts needs backend "podman"'):
         make_backend("docker", profile, tmp_path)
+
+
+def test_gc_reaps_on_the_answering_hosts_while_one_is_silent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dead_process: ProcessRef,
+    live_process: ProcessRef,
+) -> None:
+    fleet = _fleet(tmp_path, monkeypatch, capacities=(None, None))
+    dead = owner_labels("vmp-a", "s1", dead_process, "h")
+    for name in ("vmp-a-0", "vmp-a-1"):  # one per host, of a session that died
+        fleet.create(MachineSpec(name, dead))
+    fleet.create(MachineSpec("vmp-b-0", owner_labels("vmp-b", "s2", live_process, "h")))
+    silent = fleet.hosts[0]
+    orphan_there = next(n for n, u in machine_hosts(tmp_path).items() if u == silent.url
+                        and n.startswith("vmp-a"))
+    _sim(fleet, 0).up = False
+    report = reaper.reap(JsonStateDir(tmp_path / "state"), fleet, "vmp")
+    [other] = [n for n in ("vmp-a-0", "vmp-a-1") if n != orphan_there]
+    assert report.machines_deleted == [other]
+    assert [e for e in report.errors if f"podman host {silent.url} does not answer" in e]
+    assert orphan_there in machine_hosts(tmp_path)  # left for when the host is back
+    _sim(fleet, 0).up = True
+    report = reaper.reap(JsonStateDir(tmp_path / "state"), fleet, "vmp")
+    assert report.machines_deleted == [orphan_there] and not report.errors
+    assert sorted(machine_hosts(tmp_path)) == ["vmp-b-0"]  # a live session's: spared

@@ -301,11 +301,28 @@ class FleetBackend(BackendBase):
     def list_networks(self, prefix: str) -> builtins.list[MachineInfo]:
         return self._everywhere("list networks", lambda h: h.backend.list_networks(prefix))
 
+    def list_answering(
+        self, prefix: str, *, networks: bool = False
+    ) -> tuple[builtins.list[MachineInfo], builtins.list[str]]:
+        """What the answering hosts list, and a line per host that does not (the reaper
+        reaps on the others meanwhile)."""
+        what = "list networks" if networks else "list machines"
+        return self._answering(what, lambda h: h.backend.list_networks(prefix) if networks
+                               else h.backend.list(prefix))
+
     def _everywhere(
         self, what: str, call: Callable[[Host], builtins.list[MachineInfo]]
     ) -> builtins.list[MachineInfo]:
         """``call`` on every host, merged; HostUnreachable naming the hosts that do not
         answer (a partial listing would look like machines gone)."""
+        found, down = self._answering(what, call)
+        if down:
+            raise HostUnreachable("; ".join(down))
+        return found
+
+    def _answering(
+        self, what: str, call: Callable[[Host], builtins.list[MachineInfo]]
+    ) -> tuple[builtins.list[MachineInfo], builtins.list[str]]:
         found: dict[str, MachineInfo] = {}
         down = []
         for host in self.hosts:
@@ -314,9 +331,7 @@ class FleetBackend(BackendBase):
                 continue
             for info in call(host):
                 found.setdefault(info.name, info)
-        if down:
-            raise HostUnreachable("; ".join(down))
-        return sorted(found.values(), key=lambda m: m.name)
+        return sorted(found.values(), key=lambda m: m.name), down
 
     def create_network(self, name: str, labels: Mapping[str, str]) -> None:
         """Remembered, and made on each answering host now (on the others before their first
