@@ -3,9 +3,9 @@
     python -m bench.podman_hosts                # 3 machines per way, 10 execs, 5 resets each
     python -m bench.podman_hosts --machines 5
 
-Ways: ``local`` (this machine's podman: exec agent, live reset), ``unix`` and ``tcp`` (a podman
-service started here with storage of its own, on a unix socket or a 127.0.0.1 port, as
-tests/backends/test_podman_hosts.py starts them; every machine with ``--network none``). For
+Ways: ``local`` (this machine's podman, as a pool uses it: exec agent, live reset), ``unix`` and
+``tcp`` (a podman service started here with storage of its own, on a unix socket or a 127.0.0.1
+port, as tests/backends/test_podman_hosts.py starts them; machines with ``--network none``). For
 each machine: create + start + ready, ``exec true``, reset after a snapshot, delete; medians
 (min-max) of wall time. Needs podman and the busybox image (`vmpool image build --backend
 podman`).
@@ -80,8 +80,13 @@ def main() -> None:
     services = [Service(base, 1, tar), Service(base, 2, tar, tcp=True)]
     rows = []
     try:
-        local = PodmanBackend(PodmanSettings(extra_args=_NO_NET), base / "local")
-        rows.append(("local", _measure(local, args.machines, args.execs, args.resets)))
+        # this machine's podman as a pool uses it: its default network (with --network none
+        # the live reset cannot run: no resolv.conf)
+        local = PodmanBackend(PodmanSettings(), base / "local")
+        try:
+            rows.append(("local", _measure(local, args.machines, args.execs, args.resets)))
+        finally:
+            local.close()  # the API service a full reset may have started
         for service in services:
             service.start()
             service.load_image()
