@@ -252,6 +252,9 @@ def _stores(directory: JsonStateDir, shared: str | None) -> list[Any]:
 
 
 def _status_doc(directory: JsonStateDir, shared: str | None = None) -> dict[str, Any]:
+    from vmpool.backends.podman.fleet import machine_hosts
+
+    hosts = machine_hosts(directory.path)  # [podman] hosts: where each machine lives
     pools = []
     for store in _stores(directory, shared):
         pool = transport.read_current(store)  # a live pool's server: current
@@ -289,6 +292,7 @@ def _status_doc(directory: JsonStateDir, shared: str | None = None) -> dict[str,
                         "uses": m.uses,
                         "age": round(now - m.created_at, 3),
                         "address": m.address,
+                        "host": hosts.get(m.name),
                         "error": m.error,
                     }
                     for m in sorted(pool.machines, key=lambda m: m.slot)
@@ -322,12 +326,17 @@ def _print_status(doc: dict[str, Any], path: Path) -> None:
     for p in doc["pools"]:
         owner = "kept" if p["kept"] else ("live" if p["owner_alive"] else "orphaned")
         print(f"pool {p['id']} [{p['profile']}] on {p['backend']}: size {p['size']}, {owner}")
-        print(f"  {'MACHINE':<28} {'STATE':<10} {'HOLDER':<10} {'USES':>4} {'AGE':>7}  TEST")
+        # a HOST column only for pools spread over [podman] hosts
+        spread = any(m["host"] for m in p["machines"])
+        host_head = f" {'HOST':<30}" if spread else ""
+        print(f"  {'MACHINE':<28} {'STATE':<10} {'HOLDER':<10} {'USES':>4} {'AGE':>7}"
+              f"{host_head}  TEST")
         for m in p["machines"]:
             holder = m["holder"]["worker"] if m["holder"] else "-"
+            host = f" {m['host'] or '-':<30}" if spread else ""
             print(
                 f"  {m['name']:<28} {m['state']:<10} {holder:<10} {m['uses']:>4} "
-                f"{m['age']:>6.0f}s  {m['test'] or ''}"
+                f"{m['age']:>6.0f}s{host}  {m['test'] or ''}"
             )
 
 

@@ -12,12 +12,20 @@ import json
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vmpool.config_errors import ErrorText
 from vmpool.errors import ConfigError
@@ -151,6 +159,66 @@ class SimSettings(_Strict):
     fail_delete: bool = Field(False, description="Every delete of a machine or network fails.")
 
 
+#: the schemes of a ``[podman] hosts`` entry
+HOST_SCHEMES = ("unix", "tcp", "ssh")
+
+
+class PodmanHost(_Strict):
+    """One entry of ``[podman] hosts``: a podman service reached by URL (``podman --url``)."""
+
+    url: str = Field(
+        description="unix:///PATH.sock, tcp://HOST:PORT or ssh://USER@HOST[:PORT]/PATH.sock"
+    )
+    capacity: int | None = Field(
+        None, ge=1, le=4096,
+        description="Machines (of every pool of this state directory) the host takes at most "
+        "(unset: no limit).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        problem = host_url_problem(value)
+        if problem:
+            raise ValueError(f"{value!r}: {problem}")
+        return value
+
+
+def host_url_problem(url: str) -> str | None:
+    """What is wrong with a ``[podman] hosts`` URL, None when nothing is."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"not a URL ({exc})"
+    if parts.scheme not in HOST_SCHEMES:
+        return f"the scheme must be one of {', '.join(s + '://' for s in HOST_SCHEMES)}"
+    if parts.query or parts.fragment:
+        return "a host URL takes no ?query or #fragment"
+    if parts.scheme == "unix":
+        if parts.netloc or not parts.path.startswith("/"):
+            return "a unix URL is unix:///ABSOLUTE/PATH.sock (three slashes, no host)"
+        return None
+    if not parts.hostname:
+        return f"a {parts.scheme} URL needs a host"
+    if parts.scheme == "tcp":
+        if port is None:
+            return "a tcp URL needs a port (tcp://HOST:PORT)"
+        if parts.path not in ("", "/") or parts.username:
+            return "a tcp URL is tcp://HOST:PORT (no user, no path)"
+        return None
+    if not parts.username:
+        return "an ssh URL needs a user (ssh://USER@HOST/PATH.sock)"
+    if not parts.path.startswith("/") or parts.path == "/":
+        return "an ssh URL needs the service's socket path (ssh://USER@HOST/run/podman/podman.sock)"
+    return None
+
+
 class PodmanSettings(_Strict):
     """``[podman]``: podman or docker containers as machines."""
 
@@ -194,6 +262,29 @@ class PodmanSettings(_Strict):
         "2 ms each, not a `podman exec`, about 0.15 s); it shows in the container's process list. "
         "false: every command is a `podman exec`.",
     )
+    hosts: list[PodmanHost] = Field(
+        default_factory=list,
+        description="Podman services the pool's machines live on, each a URL string "
+        "(unix:///PATH.sock, tcp://127.0.0.1:PORT, ssh://USER@HOST/PATH.sock) or a table "
+        "{url = ..., capacity = N}. A new machine goes to the answering host with the fewest of "
+        "the pool's machines. Empty: this machine's podman. Needs tool = \"podman\".",
+    )
+
+    @field_validator("hosts")
+    @classmethod
+    def _distinct_hosts(cls, value: list[PodmanHost]) -> list[PodmanHost]:
+        seen: set[str] = set()
+        for host in value:
+            if host.url in seen:
+                raise ValueError(f"{host.url!r} is listed twice")
+            seen.add(host.url)
+        return value
+
+    @model_validator(mode="after")
+    def _hosts_need_podman(self) -> PodmanSettings:
+        if self.hosts and self.tool != "podman":
+            raise ValueError('hosts needs tool = "podman" (docker has no --url)')
+        return self
 
 
 class QemuSettings(_Strict):
@@ -294,10 +385,10 @@ class Profile(_Strict):
     def config_hash(self, backend: str) -> str:
         """Identity of the machines this profile makes (not of sizes or policies)."""
         section = getattr(self, backend, None)
-        payload: dict[str, Any] = {
-            "backend": backend,
-            "settings": section.model_dump(mode="json") if isinstance(section, BaseModel) else None,
-        }
+        settings = section.model_dump(mode="json") if isinstance(section, BaseModel) else None
+        if settings is not None and settings.get("hosts") == []:
+            del settings["hosts"]  # a pool on this machine's podman keeps the hash it had
+        payload: dict[str, Any] = {"backend": backend, "settings": settings}
         if self.image.packages:  # only then: the hashes of every other pool stay as they were
             payload["image"] = self.image.model_dump(mode="json")
         blob = json.dumps(payload, sort_keys=True).encode()

@@ -140,6 +140,8 @@ class Controller:
         self._thread: threading.Thread | None = None
         self._last_reclaim = 0.0
         self._work = MachineWork(self)
+        #: a look for idle machines out of reach (Backend.unreachable) is under way
+        self._looking = threading.Event()
         #: the maintainer's last error, while it lasts (also on the record: Pool.error)
         self.error: Exception | None = None
         #: serve check-outs/check-ins over a socket (vmpool.server); off, clients use the file
@@ -299,6 +301,11 @@ class Controller:
                 if reclaimed:
                     log.warning("reclaimed machines of dead processes: %s", reclaimed)
                 self._last_reclaim = now
+                idle = upkeep.idle_ready(pool)
+                if idle and not self._looking.is_set() and not pool.closing:
+                    # on the deletion budget's threads: a host that hangs never stalls a tick
+                    self._looking.set()
+                    self._delete_executor.submit(self._replace_unreachable, idle)
             leases.serve_queue(pool, now)
             work = upkeep.plan(
                 pool,
@@ -341,6 +348,22 @@ class Controller:
                 else:
                     self._inflight -= 1
             self._wake.set()
+
+    def _replace_unreachable(self, idle: list[str]) -> None:
+        """Replace the idle machines the backend can no longer reach (a podman host gone)."""
+        try:
+            lost = self.backend.unreachable(idle)
+            if lost:
+                with self.store.transaction() as pool:
+                    gone = upkeep.mark_unreachable(pool, lost)
+                if gone:
+                    log.warning("replacing machines out of reach: %s",
+                                "; ".join(f"{n}: {lost[n]}" for n in gone))
+                    self._wake.set()
+        except Exception:
+            log.exception("vmpool: looking for machines out of reach failed")
+        finally:
+            self._looking.clear()
 
     def report(self, pool: Pool, message: str) -> None:
         if self.progress is None:

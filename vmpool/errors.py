@@ -38,6 +38,10 @@ class BackendUnavailable(BackendError):
     """The backend's tool or image is missing; the message says what to install."""
 
 
+class HostUnreachable(BackendError):
+    """A podman host of ``[podman] hosts`` does not answer; the message names it."""
+
+
 class ReadyTimeout(BackendError):
     """A machine was not ready by its deadline; the message holds the last probe error."""
 

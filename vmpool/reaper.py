@@ -104,7 +104,7 @@ def reap(
             report.pools_removed.append(pool.id)
 
     errors = len(report.errors)
-    listed = _listed(report, f"{backend.name} machines", backend.list, prefix + "-")
+    listed = _listed(report, backend, prefix + "-", networks=False)
     if len(report.errors) == errors:
         # what a backend keeps beside machines removed outside vmpool (podman: recipes, agent
         # directories); only when the listing worked, or every machine would look removed
@@ -124,7 +124,7 @@ def reap(
         else:
             _delete(backend, info.name, report)
 
-    for info in _listed(report, f"{backend.name} networks", backend.list_networks, prefix + "-"):
+    for info in _listed(report, backend, prefix + "-", networks=True):
         if info.name in report.networks_deleted:
             continue
         if _verdict(info.labels, protected) != "dead":
@@ -198,14 +198,18 @@ def _verdict(labels: dict[str, str] | object, protected: set[str]) -> str:
 
 
 def _listed(
-    report: ReapReport, what: str, lister: Callable[[str], list[MachineInfo]], prefix: str
+    report: ReapReport, backend: Backend, prefix: str, *, networks: bool
 ) -> list[MachineInfo]:
-    """What ``lister`` returns; a failure is reported and lists nothing (nothing is deleted)."""
+    """What the backend's answering parts list (Backend.list_answering: each podman host of a
+    fleet); a part that does not answer, or a failure, is reported (nothing of it is deleted)."""
+    what = f"{backend.name} {'networks' if networks else 'machines'}"
     try:
-        return lister(prefix)
+        found, unanswered = backend.list_answering(prefix, networks=networks)
     except VmPoolError as exc:
         report.errors.append(f"listing {what}: {exc}")
         return []
+    report.errors.extend(f"listing {what}: {problem}" for problem in unanswered)
+    return found
 
 
 def _delete_network(backend: Backend, name: str, report: ReapReport) -> None:

@@ -5,7 +5,7 @@ clock of its own; the controller does the slow work outside the lock."""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -177,6 +177,24 @@ def record_create_failure(
         return True
     pool.machines.remove(m)
     return False
+
+
+def idle_ready(pool: Pool) -> list[str]:
+    """Ready machines nobody holds or works on (what Backend.unreachable is asked about)."""
+    return [m.name for m in pool.machines
+            if m.state is MachineState.READY and m.holder is None and m.actor is None]
+
+
+def mark_unreachable(pool: Pool, lost: Mapping[str, str]) -> list[str]:
+    """Idle ready machines of ``lost`` (name -> why, from Backend.unreachable) are replaced."""
+    out = []
+    for m in pool.machines:
+        if m.name in lost and m.state is MachineState.READY and m.holder is None \
+                and m.actor is None:
+            m.state = MachineState.REPLACING
+            m.error = lost[m.name]
+            out.append(m.name)
+    return out
 
 
 def record_deleted(pool: Pool, name: str, *, replaced: bool) -> None:

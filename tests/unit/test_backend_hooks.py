@@ -20,7 +20,8 @@ from vmpool.controller import Controller, policy_for
 from vmpool.errors import BackendError
 from vmpool.state import JsonStateDir
 
-HOOKS = ("prepare", "release", "delete_many", "forget_missing", "close")
+HOOKS = ("prepare", "release", "delete_many", "forget_missing", "close", "unreachable",
+         "list_answering")
 
 
 class HookedSim(SimBackend):

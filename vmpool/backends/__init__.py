@@ -34,6 +34,13 @@ def make_backend(name: str, profile: Profile, state_dir: Path) -> Backend:
         settings = profile.podman
         if settings.tool != name:
             settings = settings.model_copy(update={"tool": name})
+        if settings.hosts:
+            if name != "podman":
+                raise ConfigError('[podman] hosts needs backend "podman" (docker has no --url); '
+                                  f"got backend {name!r}")
+            from vmpool.backends.podman.fleet import FleetBackend
+
+            return FleetBackend(settings, state_dir, profile.image)
         return PodmanBackend(settings, state_dir, profile.image)
     if name == "qemu":
         from vmpool.backends.qemu import QemuBackend

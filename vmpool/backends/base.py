@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 from vmpool.errors import ReadyTimeout, VmPoolError
 
@@ -183,13 +183,26 @@ class Backend(Protocol):
         ``existing`` (removed outside vmpool), once untouched for ``older_than`` seconds;
         returns what went (with ``dry_run``, what would)."""
 
+    def list_answering(
+        self, prefix: str, *, networks: bool = False
+    ) -> tuple[builtins.list[MachineInfo], builtins.list[str]]:
+        """Machines (or networks) named ``prefix…`` on every part of the backend that answers,
+        and one line per part that does not (the reaper reaps the rest: podman's fleet lists
+        each host); ``list()`` and ``list_networks()`` instead fail when any part is silent."""
+
+    def unreachable(self, names: Sequence[str]) -> dict[str, str]:
+        """Those of ``names`` that can no longer be reached (their host stopped answering),
+        each with why; the controller replaces them while idle. Asked about twice a second:
+        it must be cheap and must not block."""
+
 
 class BackendBase:
     """The base of every backend: the optional hooks of Backend, each with its default.
 
     A backend overrides the hooks its tool needs (qemu: prepare, release; podman: prepare,
-    close, delete_many, forget_missing), as pytest-xdist's schedulers implement its
-    scheduler protocol; callers call every hook unconditionally.
+    close, delete_many, forget_missing; podman's fleet: list_answering, unreachable), as
+    pytest-xdist's schedulers implement its scheduler protocol; callers call every hook
+    unconditionally.
     """
 
     #: machines the default delete_many deletes at once (the default warmup_parallelism)
@@ -231,6 +244,17 @@ class BackendBase:
     ) -> builtins.list[str]:
         """Nothing is kept beside machines."""
         return []
+
+    def list_answering(
+        self, prefix: str, *, networks: bool = False
+    ) -> tuple[builtins.list[MachineInfo], builtins.list[str]]:
+        """One part, which answers or raises: ``list()`` (or ``list_networks()``)."""
+        me = cast(Backend, self)  # every backend implements the protocol's listings
+        return (me.list_networks(prefix) if networks else me.list(prefix)), []
+
+    def unreachable(self, names: Sequence[str]) -> dict[str, str]:
+        """Every machine is on this machine: none is ever out of reach."""
+        return {}
 
 
 def probe_until(

@@ -101,7 +101,7 @@ class PodmanApi:
         endpoint = f"{method} {target}"
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
-        conn = _UnixConnection(str(self.socket_path), self.timeout if timeout is None else timeout)
+        conn = self._connection(self.timeout if timeout is None else timeout)
         started = time.monotonic()
         try:
             conn.request(method, target, body=data, headers=headers)
@@ -119,6 +119,10 @@ class PodmanApi:
         if resp.status not in ok:
             raise ApiError(endpoint, resp.status, _message(decoded, raw))
         return Response(resp.status, decoded)
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        """A new connection to the service (vmpool.backends.podman.remote_api: over TCP)."""
+        return _UnixConnection(str(self.socket_path), timeout)
 
     def ping(self, timeout: float = 2.0) -> bool:
         """True when the service answers ``GET /_ping`` with 200."""

@@ -71,6 +71,8 @@ def container_spec(record: MachineRecord, image: str, *, netns_of: str | None) -
         elif flag == "--label":
             key, _, val = given.partition("=")
             spec["labels"][key] = val
+        elif flag == "--network" and given == "none" and not record.network:
+            spec["netns"] = {"nsmode": "none"}
         elif flag == "--network":
             if given != record.network:  # not the pool's (extra_args): the CLI says it
                 raise Untranslatable(arg)

@@ -56,6 +56,7 @@ from vmpool.backends.podman.options import (
     ContainerOptions,
 )
 from vmpool.backends.podman.records import MachineRecord, RecordStore, write_json
+from vmpool.backends.podman.remote_api import remote_channel
 from vmpool.backends.podman.removal import Removal
 from vmpool.backends.podman.runtime import RunOptions, RuntimeDetector
 from vmpool.backends.podman.tool import Tool, last_line
@@ -88,29 +89,39 @@ class PodmanBackend(BackendBase):
     capabilities = Capabilities(reset=True, labels=True, network=True)
 
     def __init__(
-        self, settings: PodmanSettings, state_dir: Path, image: ImageSettings | None = None
+        self, settings: PodmanSettings, state_dir: Path, image: ImageSettings | None = None,
+        *, url: str | None = None,
     ) -> None:
+        """``url``: a podman service (vmpool.backends.podman.fleet), where every command goes
+        through the host's REST API (vmpool.backends.podman.remote_api) or ``podman --url``;
+        nothing host-side applies there (no live reset, no cgroup kill, no API service of this
+        machine): the full reset is on the CLI."""
         self.settings = settings
         self.name: str = settings.tool
         #: the image machines are made from
         self.image = machine_image(settings, image)
-        self._tool = Tool(settings)
+        self._tool = Tool(settings, url=url)
+        local_podman = self._tool.is_podman and not self._tool.remote
         self._state_dir = Path(state_dir)
         self._dir = Path(state_dir) / settings.tool
         self._records = RecordStore(self._dir)
         self._runtime = RuntimeDetector(self._tool, self.image, self._dir, write_json)
         self._commands = Commands(self._tool, self._dir / "exec", self._agent_autostarts)
         #: the pool's API service, which a prepared object uses (vmpool.backends.podman.channel)
-        self._channel = ApiChannel(self._state_dir, timeout=settings.command_timeout) \
-            if self._tool.is_podman else None
+        self._channel: ApiChannel | None = None
+        if local_podman:
+            self._channel = ApiChannel(self._state_dir, timeout=settings.command_timeout)
+        elif url is not None and self._tool.is_podman:  # the host's own service, if reachable
+            self._channel = remote_channel(url, timeout=settings.command_timeout)
         self._networks = Networks(self._tool, self._channel)
         self._options = ContainerOptions(self._tool, self._runtime, self._commands, self.image,
                                          self._state_dir)
         self._checked_at: float | None = None
         #: in-place resets (vmpool.backends.podman.live_reset); podman only
-        self._live = LiveReset(self._dir / "live", write_json) if self._tool.is_podman else None
+        self._live = LiveReset(self._dir / "live", write_json) if local_podman else None
         #: full resets through podman's API service; podman only
-        self._api = ApiReset(self._channel) if self._channel is not None else None
+        self._api = ApiReset(self._channel) if self._channel is not None and local_podman \
+            else None
         self._removal = Removal(self._tool, self._records, self._channel, self._live,
                                 self._forget)
 

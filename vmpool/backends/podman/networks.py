@@ -55,7 +55,7 @@ class Networks:
     def _bridge(self, name: str) -> str | None:
         """The host bridge of pool network ``name`` where vmpool isolates it (rootful podman),
         else None."""
-        if not self._tool.is_podman or not isolation.applies():
+        if not self._tool.is_podman or self._tool.remote or not isolation.applies():
             return None
         info = self._channel.call(f"inspect network {name}", lambda c: c.network(name)) \
             if self._channel is not None else None

@@ -110,8 +110,10 @@ class Removal:
         ) as pool:
             # machines first: a holder goes once no machine is left in its namespace
             for batch in (names, held):
+                # a remote host's pids are not this machine's: no kill from here
                 futures = {n: pool.submit(api.remove, client, n, timeout=timeout,
-                                          killed=n in killed) for n in batch}
+                                          killed=n in killed or self._tool.remote)
+                           for n in batch}
                 for name, future in futures.items():
                     try:
                         future.result()

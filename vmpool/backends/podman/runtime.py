@@ -89,10 +89,11 @@ class RuntimeDetector:
         binary = _binary_identity(self._tool.name)
         if binary is None:  # not on PATH: let the tool's own error say what to install
             binary = last_line(self._tool.run("--version").check("version").stdout)
-        key = json.dumps(
-            {"tool": self._tool.name, "binary": binary, "runtime": s.runtime, "ulimits": s.ulimits},
-            sort_keys=True,
-        )
+        identity = {"tool": self._tool.name, "binary": binary, "runtime": s.runtime,
+                    "ulimits": s.ulimits}
+        if self._tool.url is not None:
+            identity["url"] = self._tool.url
+        key = json.dumps(identity, sort_keys=True)
         cache = self._read_cache()
         if key in cache:
             try:
@@ -115,7 +116,8 @@ class RuntimeDetector:
             # else `run` would try a registry and fail with a misleading pull error
             raise BackendUnavailable(missing_image_message(self._tool.name, self._image))
         runtimes: list[str | None] = [s.runtime] if s.runtime is not None else [None]
-        if s.runtime is None and _have_runc():
+        # a remote service takes no --runtime: its containers.conf chooses
+        if s.runtime is None and _have_runc() and not self._tool.remote:
             runtimes.append("runc")
         limit_sets = [ulimit_items(s.ulimits)] if s.ulimits is not None else [
             (), ulimit_items(FALLBACK_ULIMITS)

@@ -26,21 +26,31 @@ _PREFIX_RE = re.compile(r"^[a-z0-9-]*$")
 
 
 class Tool:
-    """Runs ``<tool> ARGS`` with ``[podman] command_timeout`` unless told otherwise."""
+    """Runs ``<tool> ARGS`` with ``[podman] command_timeout`` unless told otherwise; with a
+    ``url`` (a ``[podman] hosts`` entry), ``podman --url URL ARGS``: the service there does it."""
 
-    def __init__(self, settings: PodmanSettings) -> None:
+    def __init__(self, settings: PodmanSettings, url: str | None = None) -> None:
         self.settings = settings
         self.name: str = settings.tool
+        #: the podman service every command goes to; None: this machine's podman
+        self.url = url
+        self._global = ["--url", url] if url is not None else []
 
     @property
     def is_podman(self) -> bool:
         return self.name == "podman"
 
+    @property
+    def remote(self) -> bool:
+        """Commands go to a podman service by URL: nothing of its host is reachable from here
+        (no cgroups, overlays, network namespaces, paths)."""
+        return self.url is not None
+
     def run(
         self, *args: str, timeout: float | None = None, input: bytes | None = None
     ) -> _proc.ProcResult:
         return _proc.run(
-            [self.name, *args],
+            [self.name, *self._global, *args],
             timeout=self.settings.command_timeout if timeout is None else timeout,
             input=input,
             install_hint=INSTALL_HINTS[self.name],
