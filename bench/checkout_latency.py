@@ -44,7 +44,8 @@ except ImportError:  # run as `python bench/checkout_latency.py`
 
 from vmpool.backends.sim import SimBackend
 from vmpool.client import PoolClient
-from vmpool.config import PoolSettings, Profile, SimSettings
+from vmpool.config import PoolSettings, Profile
+from vmpool.config_backends import SimSettings
 from vmpool.controller import Controller, policy_for
 from vmpool.state import JsonStateDir
 

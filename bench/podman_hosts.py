@@ -27,7 +27,7 @@ from vmpool import _proc
 from vmpool.backends.base import LABEL_POOL, Backend, MachineSpec
 from vmpool.backends.podman import PodmanBackend, build_image
 from vmpool.backends.podman.fleet import FleetBackend
-from vmpool.config import PodmanHost, PodmanSettings
+from vmpool.config_backends import PodmanHost, PodmanSettings
 
 _NO_NET = ["--network", "none"]
 

@@ -39,7 +39,7 @@ from bench._common import markdown_table
 from vmpool import _proc
 from vmpool.backends.base import MachineSpec
 from vmpool.backends.podman import PodmanBackend, build_image
-from vmpool.config import PodmanSettings
+from vmpool.config_backends import PodmanSettings
 
 _CPUACCT = Path("/sys/fs/cgroup/cpuacct")
 _DIRT = "touch /tmp/vmpool-bench-dirt; sleep 1000 >/dev/null 2>&1 &"

@@ -25,7 +25,7 @@ from pathlib import Path
 from bench._common import markdown_table
 from vmpool.backends.base import MachineSpec
 from vmpool.backends.qemu import QemuBackend
-from vmpool.config import QemuSettings
+from vmpool.config_backends import QemuSettings
 
 _READY_TIMEOUT = 600.0
 _DIRT = "touch /root/vmpool-bench-dirt && systemctl stop cron.service 2>/dev/null; true"

@@ -31,7 +31,7 @@ from typing import Any
 from vmpool.backends.base import MachineSpec
 from vmpool.backends.qemu import QemuBackend
 from vmpool.backends.qemu.image import build_image
-from vmpool.config import QemuSettings
+from vmpool.config_backends import QemuSettings
 from vmpool.errors import VmPoolError
 
 _READY_TIMEOUT = 300.0

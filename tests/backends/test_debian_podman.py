@@ -22,7 +22,7 @@ from vmpool import _proc
 from vmpool.backends.base import Backend, MachineSpec
 from vmpool.backends.podman import PodmanBackend, build_image, debian_image_name
 from vmpool.client import VM
-from vmpool.config import PodmanSettings
+from vmpool.config_backends import PodmanSettings
 from vmpool.errors import UnitFailed, WaitTimeout
 
 pytestmark = [pytest.mark.podman, pytest.mark.xdist_group("debian-podman")]

@@ -83,7 +83,7 @@ def test_debian_examples_pass_on_podman_through_the_pool_and_leave_nothing(
     tmp_path: Path,
 ) -> None:
     from vmpool.backends.podman import build_image
-    from vmpool.config import PodmanSettings
+    from vmpool.config_backends import PodmanSettings
 
     build_image(PodmanSettings(distro="debian"))  # .ci/install built it: kept while current
     _run_debian_examples(tmp_path, "podman")
@@ -95,7 +95,7 @@ def test_debian_examples_pass_on_qemu_through_the_pool_and_leave_nothing(
     tmp_path: Path,
 ) -> None:
     from vmpool.backends.qemu import debian as qemu_debian
-    from vmpool.config import QemuSettings
+    from vmpool.config_backends import QemuSettings
 
     qemu_debian.find_image(QemuSettings())  # .ci/install built it (90 s): not built here
     _run_debian_examples(tmp_path, "qemu")

@@ -13,7 +13,7 @@ import pytest
 from vmpool.backends.base import Backend, MachineSpec
 from vmpool.backends.podman import PodmanBackend, build_image
 from vmpool.client import VM
-from vmpool.config import PodmanSettings
+from vmpool.config_backends import PodmanSettings
 from vmpool.errors import (
     CapabilityError,
     CommandFailed,
@@ -122,7 +122,7 @@ def test_succeed_copy_to_and_copy_from_on_a_qemu_guest(
 ) -> None:
     from vmpool.backends.qemu import QemuBackend
     from vmpool.backends.qemu.image import build_image as build_qemu_image
-    from vmpool.config import QemuSettings
+    from vmpool.config_backends import QemuSettings
 
     settings = QemuSettings(warmup="boot")
     build_qemu_image(settings)  # the user cache's image (.ci/install built it): kept if current

@@ -26,7 +26,7 @@ from vmpool.backends.orbstack import (
     parse_info_address,
     parse_list,
 )
-from vmpool.config import OrbstackSettings
+from vmpool.config_backends import OrbstackSettings
 from vmpool.errors import (
     BackendError,
     BackendUnavailable,

@@ -30,7 +30,7 @@ from vmpool.backends.podman import (
 from vmpool.backends.podman import api as podman_api
 from vmpool.backends.podman import commands as podman_commands
 from vmpool.backends.podman import image as podman_image
-from vmpool.config import PodmanSettings
+from vmpool.config_backends import PodmanSettings
 from vmpool.errors import BackendError, BackendUnavailable, ExecTimeout
 from vmpool.state import JsonStateDir
 

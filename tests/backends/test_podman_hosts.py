@@ -30,7 +30,8 @@ from vmpool.backends import make_backend
 from vmpool.backends.base import LABEL_POOL, LABEL_SESSION, MachineSpec
 from vmpool.backends.podman import build_image
 from vmpool.backends.podman.fleet import LABEL_PODMAN_HOST, FleetBackend, machine_hosts
-from vmpool.config import PodmanHost, PodmanSettings, load
+from vmpool.config import load
+from vmpool.config_backends import PodmanHost, PodmanSettings
 from vmpool.controller import Controller
 from vmpool.errors import HostUnreachable
 from vmpool.state import JsonStateDir

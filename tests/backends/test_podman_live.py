@@ -19,7 +19,7 @@ from vmpool.backends.base import MachineSpec
 from vmpool.backends.podman import PodmanBackend, build_image
 from vmpool.backends.podman import api as podman_api
 from vmpool.backends.podman import live_reset as podman_live
-from vmpool.config import PodmanSettings
+from vmpool.config_backends import PodmanSettings
 from vmpool.state import JsonStateDir
 
 pytestmark = pytest.mark.podman

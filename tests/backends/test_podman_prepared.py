@@ -18,7 +18,7 @@ from vmpool.backends.base import MachineSpec
 from vmpool.backends.podman import PodmanBackend, build_image
 from vmpool.backends.podman import api as podman_api
 from vmpool.backends.podman.api_reset import holder_name
-from vmpool.config import PodmanSettings
+from vmpool.config_backends import PodmanSettings
 
 pytestmark = pytest.mark.podman
 

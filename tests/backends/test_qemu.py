@@ -30,7 +30,7 @@ from vmpool.backends.qemu import agent as qemu_agent
 from vmpool.backends.qemu.image import MANIFEST_FILE, build_image, find_image
 from vmpool.backends.qemu.records import Record
 from vmpool.backends.qemu.template import valid_template
-from vmpool.config import QemuSettings
+from vmpool.config_backends import QemuSettings
 from vmpool.errors import BackendError, BackendUnavailable, ExecTimeout
 from vmpool.reaper import reap
 from vmpool.state import JsonStateDir

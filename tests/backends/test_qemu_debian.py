@@ -20,7 +20,7 @@ from vmpool.backends.base import Backend, MachineSpec
 from vmpool.backends.qemu import QemuBackend
 from vmpool.backends.qemu import debian as qemu_debian
 from vmpool.client import VM
-from vmpool.config import QemuSettings
+from vmpool.config_backends import QemuSettings
 from vmpool.errors import (
     BackendUnavailable,
     CommandFailed,

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from vmpool import config as vmconfig
+from vmpool import config_backends as vmconfig_backends
 from vmpool.backends import make_backend
 from vmpool.backends.base import validate_name
 from vmpool.backends.sim import SimBackend
@@ -234,7 +235,7 @@ def _controller(
 ) -> tuple[Controller, SimBackend]:
     profile = profile.model_copy(
         update={
-            "sim": vmconfig.SimSettings(**sim),  # type: ignore[arg-type]
+            "sim": vmconfig_backends.SimSettings(**sim),  # type: ignore[arg-type]
             "pool": profile.pool.model_copy(update={"retries": 1, "backoff": 0.01}),
         }
     )

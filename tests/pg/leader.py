@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from vmpool.backends.sim import SimBackend
-from vmpool.config import PoolSettings, Profile, SimSettings
+from vmpool.config import PoolSettings, Profile
+from vmpool.config_backends import SimSettings
 from vmpool.controller import Controller
 from vmpool.state import JsonStateDir
 

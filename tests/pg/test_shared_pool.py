@@ -16,7 +16,8 @@ import pytest
 from tests._waiting import wait_until
 from vmpool.backends.sim import SimBackend
 from vmpool.client import PoolClient
-from vmpool.config import PoolSettings, Profile, SimSettings
+from vmpool.config import PoolSettings, Profile
+from vmpool.config_backends import SimSettings
 from vmpool.controller import Controller, policy_for
 from vmpool.pgstore import throwaway
 from vmpool.pgstore.store import PgStore

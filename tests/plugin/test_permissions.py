@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from vmpool.backends.qemu.image import build_image
-from vmpool.config import QemuSettings
+from vmpool.config_backends import QemuSettings
 
 #: whole sessions with a stat of every file they made (12-32 s each under -n 2)
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from pathlib import Path
 from vmpool import leases
 from vmpool.backends.sim import SimBackend
 from vmpool.client import PoolClient
-from vmpool.config import SimSettings
+from vmpool.config_backends import SimSettings
 from vmpool.errors import CheckoutTimeout, PoolUnavailable, StateError
 from vmpool.ownership import ProcessRef, is_alive
 from vmpool.state import JsonStateDir

@@ -12,7 +12,8 @@ import pytest
 from _procs import process_ref
 
 from vmpool.backends.sim import SimBackend
-from vmpool.config import PoolSettings, Profile, SimSettings
+from vmpool.config import PoolSettings, Profile
+from vmpool.config_backends import SimSettings
 from vmpool.ownership import ProcessRef
 from vmpool.state import JsonStateDir
 

@@ -15,7 +15,8 @@ from vmpool import reaper
 from vmpool.backends.base import Backend, BackendBase, MachineSpec
 from vmpool.backends.sim import SimBackend
 from vmpool.client import PoolClient
-from vmpool.config import Config, Profile, SimSettings
+from vmpool.config import Config, Profile
+from vmpool.config_backends import SimSettings
 from vmpool.controller import Controller, policy_for
 from vmpool.errors import BackendError
 from vmpool.state import JsonStateDir

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from vmpool.backends.sim import SimBackend
-from vmpool.config import SimSettings
+from vmpool.config_backends import SimSettings
 
 
 def vmpool(cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -72,7 +72,8 @@ _SESSION = """
 import sys, time
 from pathlib import Path
 from vmpool.backends.sim import SimBackend
-from vmpool.config import PoolSettings, Profile, SimSettings
+from vmpool.config import PoolSettings, Profile
+from vmpool.config_backends import SimSettings
 from vmpool.controller import Controller
 from vmpool.state import JsonStateDir
 

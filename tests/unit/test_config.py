@@ -10,11 +10,11 @@ import pytest
 from pydantic import BaseModel
 
 from vmpool import config
-from vmpool.config import (
+from vmpool.config import PoolSettings
+from vmpool.config_backends import (
     ImageSettings,
     OrbstackSettings,
     PodmanSettings,
-    PoolSettings,
     QemuSettings,
     SimSettings,
 )

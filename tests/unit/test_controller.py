@@ -19,7 +19,8 @@ from _waiting import wait_until
 from vmpool.backends.base import MachineSpec
 from vmpool.backends.sim import SimBackend
 from vmpool.client import PoolClient
-from vmpool.config import Profile, SimSettings
+from vmpool.config import Profile
+from vmpool.config_backends import SimSettings
 from vmpool.controller import Controller, policy_for
 from vmpool.errors import CheckoutTimeout, PoolUnavailable
 from vmpool.state import JsonStateDir, MachineState, Pool
@@ -466,7 +467,7 @@ from pathlib import Path
 from vmpool import leases
 from vmpool.backends.sim import SimBackend
 from vmpool.client import PoolClient
-from vmpool.config import SimSettings
+from vmpool.config_backends import SimSettings
 from vmpool.state import JsonStateDir
 
 state, pool_id, root = sys.argv[1:]

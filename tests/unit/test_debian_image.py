@@ -15,7 +15,7 @@ from vmpool.backends.podman.options import ContainerOptions
 from vmpool.backends.podman.records import write_json
 from vmpool.backends.podman.runtime import RuntimeDetector
 from vmpool.backends.podman.tool import Tool
-from vmpool.config import ImageSettings, PodmanSettings
+from vmpool.config_backends import ImageSettings, PodmanSettings
 
 
 def test_the_plain_recipe_is_tagged_with_the_release() -> None:

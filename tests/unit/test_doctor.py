@@ -154,7 +154,7 @@ def test_qemu_image_missing_names_the_build_command(tmp_path: Path) -> None:
 @pytest.mark.qemu
 def test_qemu_image_out_of_date_is_reported(tmp_path: Path) -> None:
     from vmpool.backends.qemu import image as qemu_image
-    from vmpool.config import QemuSettings
+    from vmpool.config_backends import QemuSettings
 
     built = qemu_image.image_dir(QemuSettings())
     copy = tmp_path / "images"

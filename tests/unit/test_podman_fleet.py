@@ -21,7 +21,8 @@ from vmpool.backends.podman.records import RecordStore
 from vmpool.backends.podman.remote_api import RemoteChannel
 from vmpool.backends.podman.tool import Tool
 from vmpool.backends.sim import SimBackend
-from vmpool.config import PodmanHost, PodmanSettings, PoolSettings, SimSettings
+from vmpool.config import PoolSettings
+from vmpool.config_backends import PodmanHost, PodmanSettings, SimSettings
 from vmpool.controller import Controller
 from vmpool.errors import BackendError, ConfigError, HostUnreachable
 from vmpool.ownership import ProcessRef, owner_labels

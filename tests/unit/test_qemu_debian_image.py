@@ -10,7 +10,7 @@ import pytest
 from vmpool.backends import debian_image
 from vmpool.backends.qemu import debian as qemu_debian
 from vmpool.backends.qemu.debian import QemuRecipe
-from vmpool.config import QemuSettings
+from vmpool.config_backends import QemuSettings
 from vmpool.errors import BackendUnavailable
 
 

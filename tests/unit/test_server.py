@@ -262,7 +262,7 @@ import os, signal, sys
 from pathlib import Path
 from vmpool.backends.sim import SimBackend
 from vmpool.client import PoolClient
-from vmpool.config import SimSettings
+from vmpool.config_backends import SimSettings
 from vmpool.leases import Policy
 from vmpool.state import JsonStateDir
 
@@ -380,7 +380,7 @@ import sys, time
 from pathlib import Path
 from vmpool.backends.sim import SimBackend
 from vmpool.client import PoolClient
-from vmpool.config import SimSettings
+from vmpool.config_backends import SimSettings
 from vmpool.leases import Policy
 from vmpool.state import JsonStateDir
 

@@ -40,7 +40,8 @@ from vmpool import leases
 from vmpool.backends.base import MachineSpec
 from vmpool.backends.sim import SimBackend
 from vmpool.client import Lease, PoolClient
-from vmpool.config import PoolSettings, Profile, SimSettings
+from vmpool.config import PoolSettings, Profile
+from vmpool.config_backends import SimSettings
 from vmpool.controller import Controller, policy_for
 from vmpool.errors import CheckoutTimeout
 from vmpool.ownership import ProcessRef, is_alive, owner_from_labels, owner_labels

@@ -18,7 +18,7 @@ from vmpool import transfer
 from vmpool.backends.base import Backend, MachineSpec
 from vmpool.backends.sim import SimBackend
 from vmpool.client import VM
-from vmpool.config import SimSettings
+from vmpool.config_backends import SimSettings
 from vmpool.errors import CommandFailed, CommandSucceeded, TransferError, WaitTimeout
 
 

@@ -45,7 +45,7 @@ from vmpool.backends.base import (
     probe_until,
     validate_name,
 )
-from vmpool.config import OrbstackSettings
+from vmpool.config_backends import OrbstackSettings
 from vmpool.errors import BackendError, BackendUnavailable, CapabilityError
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from vmpool.backends.base import (
     probe_until,
     validate_name,
 )
-from vmpool.config import SimSettings
+from vmpool.config_backends import SimSettings
 from vmpool.errors import BackendError
 
 

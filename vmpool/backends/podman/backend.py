@@ -60,7 +60,7 @@ from vmpool.backends.podman.remote_api import remote_channel
 from vmpool.backends.podman.removal import Removal
 from vmpool.backends.podman.runtime import RunOptions, RuntimeDetector
 from vmpool.backends.podman.tool import Tool, last_line
-from vmpool.config import ImageSettings, PodmanSettings
+from vmpool.config_backends import ImageSettings, PodmanSettings
 from vmpool.errors import BackendError, BackendUnavailable
 from vmpool.ssh import pool_key
 

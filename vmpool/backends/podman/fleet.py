@@ -46,7 +46,7 @@ from vmpool.backends.base import (
 )
 from vmpool.backends.podman.hosts import HOSTS_DIR, Host
 from vmpool.backends.podman.records import write_json
-from vmpool.config import ImageSettings, PodmanSettings
+from vmpool.config_backends import ImageSettings, PodmanSettings
 from vmpool.errors import BackendError, BackendUnavailable, HostUnreachable, VmPoolError
 
 log = logging.getLogger(__name__)

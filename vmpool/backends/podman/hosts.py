@@ -28,7 +28,7 @@ from pathlib import Path
 from vmpool.backends.podman.backend import PodmanBackend
 from vmpool.backends.podman.remote_api import host_api
 from vmpool.backends.podman.tool import Tool
-from vmpool.config import ImageSettings, PodmanHost, PodmanSettings
+from vmpool.config_backends import ImageSettings, PodmanHost, PodmanSettings
 from vmpool.errors import BackendError, VmPoolError
 
 log = logging.getLogger(__name__)

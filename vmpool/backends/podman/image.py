@@ -22,7 +22,7 @@ from vmpool import _proc
 from vmpool.backends import debian_image
 from vmpool.backends.base import validate_name
 from vmpool.backends.podman.tool import Tool
-from vmpool.config import ImageSettings, PodmanSettings
+from vmpool.config_backends import ImageSettings, PodmanSettings
 from vmpool.errors import BackendUnavailable, VmPoolError
 
 log = logging.getLogger(__name__)

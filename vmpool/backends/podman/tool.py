@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from vmpool import _proc
-from vmpool.config import PodmanSettings
+from vmpool.config_backends import PodmanSettings
 from vmpool.errors import BackendError, BackendUnavailable
 
 log = logging.getLogger(__name__)

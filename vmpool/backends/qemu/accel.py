@@ -32,7 +32,7 @@ from vmpool.backends.qemu.records import (
     read_json,
     write_json,
 )
-from vmpool.config import QemuSettings
+from vmpool.config_backends import QemuSettings
 from vmpool.errors import BackendError, LockTimeout, VmPoolError
 
 log = logging.getLogger(__name__)

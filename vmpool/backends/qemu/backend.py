@@ -49,7 +49,7 @@ from vmpool.backends.qemu.records import (
     write_json,
 )
 from vmpool.backends.qemu.template import TEMPLATES_DIR, Templates
-from vmpool.config import QemuSettings
+from vmpool.config_backends import QemuSettings
 from vmpool.errors import BackendError, ReadyTimeout
 from vmpool.ssh import pool_key
 

@@ -26,7 +26,7 @@ from vmpool._files import private_dir, tighten_tree
 from vmpool._lock import file_lock
 from vmpool.backends import debian_image
 from vmpool.backends.qemu.image import BUILD_HOLDER, MODULES, _replace_dir, image_dir
-from vmpool.config import QemuSettings
+from vmpool.config_backends import QemuSettings
 from vmpool.errors import BackendError, BackendUnavailable
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from vmpool.backends.qemu import debian
 from vmpool.backends.qemu.image import ImagePaths
 from vmpool.backends.qemu.network import guest_address_commands
 from vmpool.backends.qemu.records import Record
-from vmpool.config import QemuSettings
+from vmpool.config_backends import QemuSettings
 from vmpool.errors import BackendError
 
 SSH_PORT = 22

@@ -30,7 +30,7 @@ import platformdirs
 from vmpool import _proc
 from vmpool._files import private_dir, tighten_tree
 from vmpool._lock import file_lock
-from vmpool.config import QemuSettings
+from vmpool.config_backends import QemuSettings
 from vmpool.errors import BackendError, BackendUnavailable
 
 log = logging.getLogger(__name__)

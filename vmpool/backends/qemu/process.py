@@ -32,7 +32,7 @@ from vmpool.backends.qemu.records import (
     read_json_quiet,
     tail,
 )
-from vmpool.config import QemuSettings
+from vmpool.config_backends import QemuSettings
 from vmpool.errors import BackendError, ReadyTimeout
 
 if TYPE_CHECKING:

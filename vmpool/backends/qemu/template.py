@@ -35,7 +35,7 @@ from vmpool.backends.qemu.records import (
     save_record,
     write_json,
 )
-from vmpool.config import QemuSettings
+from vmpool.config_backends import QemuSettings
 from vmpool.errors import BackendError, LockTimeout, VmPoolError
 
 log = logging.getLogger(__name__)
