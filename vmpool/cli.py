@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from vmpool import config as vmconfig
 from vmpool import reaper, transport
 from vmpool.backends import NAMES, make_backend
+from vmpool.backends.base import Backend
 from vmpool.controller import Controller, Progress
 from vmpool.errors import ConfigError, StateError, VmPoolError
 from vmpool.ownership import (
@@ -391,9 +393,26 @@ def _claim_for_down(store: StateStore, *, force: bool) -> Pool | None:
         return pool.model_copy(deep=True)
 
 
+def _backend_for(cfg: vmconfig.Config, directory: JsonStateDir) -> Callable[[Pool], Backend]:
+    """A pool's own backend (its record's backend and profile)."""
+    return lambda pool: make_backend(
+        pool.backend, cfg.profiles.get(pool.profile, cfg.default), directory.path
+    )
+
+
 def _down(args: argparse.Namespace) -> int:
     cfg = _load(args)
     directory = _state_dir(cfg)
+    shared = cfg.default.pool.store
+    if args.pool and shared is not None:
+        from vmpool.pgstore import closing
+        from vmpool.pgstore.store import pool_ids
+
+        if args.pool in pool_ids(shared):  # attached sessions: PoolInUse (exit 1)
+            outcome = closing.down(shared, args.pool, _backend_for(cfg, directory),
+                                   force=args.force)
+            print(outcome.line())
+            return EXIT_FAILED if outcome.failed else EXIT_OK
     status = EXIT_OK
     ids = [args.pool] if args.pool else directory.pool_ids()
     for pid in ids:
@@ -447,7 +466,19 @@ def _gc(args: argparse.Namespace) -> int:
     profile = cfg.profile(args.profile)
     directory = _state_dir(cfg)
     backend = make_backend(profile.pool.backend, profile, directory.path)
-    report = reaper.reap(directory, backend, profile.pool.name_prefix, dry_run=args.dry_run)
+    shared = cfg.default.pool.store
+    failed = False
+    listing: Callable[[], list[str]] | None = None
+    if shared is not None:  # first the shared pools no session is attached to
+        from vmpool.pgstore import closing
+        from vmpool.pgstore.store import pool_ids
+
+        for outcome in closing.gc(shared, _backend_for(cfg, directory), dry_run=args.dry_run):
+            print(outcome.line(args.dry_run))
+            failed = failed or outcome.failed
+        listing = functools.partial(pool_ids, shared)  # their machines are theirs
+    report = reaper.reap(directory, backend, profile.pool.name_prefix, dry_run=args.dry_run,
+                         shared=listing)
     verb = "would delete" if args.dry_run else "deleted"
     for name in report.machines_deleted:
         print(f"{verb} machine {name}")
@@ -465,7 +496,7 @@ def _gc(args: argparse.Namespace) -> int:
         print(f"vmpool: {err}", file=sys.stderr)
     if report.empty:
         print(f"nothing to reap in {directory.path} on {backend.name}")
-    return EXIT_FAILED if report.errors else EXIT_OK
+    return EXIT_FAILED if report.errors or failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -7,17 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests._waiting import wait_until
-from vmpool.backends.sim import SimBackend
+from tests.pg.conftest import Start
 from vmpool.client import PoolClient
-from vmpool.config import PoolSettings, Profile
-from vmpool.config_backends import SimSettings
 from vmpool.controller import Controller, policy_for
 from vmpool.pgstore import throwaway
 from vmpool.pgstore.store import PgStore
@@ -25,46 +21,6 @@ from vmpool.state import JsonStateDir, MachineState
 
 LEADER = Path(__file__).with_name("leader.py")
 ROOT = Path(__file__).parents[2]
-Start = Callable[[str], Controller]
-
-
-def _profile(dsn: str, prefix: str) -> Profile:
-    return Profile(name="default", pool=PoolSettings(
-        size=2, backend="sim", name_prefix=prefix, checkin_policy="reuse", pre_ping=False,
-        network=False, store=dsn, store_lease=2.0,
-    ), sim=SimSettings())
-
-
-@pytest.fixture
-def prefix() -> str:
-    return "t" + uuid.uuid4().hex[:6]
-
-
-@pytest.fixture
-def directory(tmp_path: Path) -> JsonStateDir:
-    return JsonStateDir(tmp_path / "state")
-
-
-@pytest.fixture
-def start(pg: throwaway.Throwaway, directory: JsonStateDir, prefix: str) -> Iterator[Start]:
-    """``start(session)``: that session's started controller of the shared pool."""
-    made: list[Controller] = []
-
-    def make(session: str) -> Controller:
-        profile = _profile(pg.dsn, prefix)
-        c = Controller(directory=directory, backend=SimBackend(profile.sim, directory.path),
-                       profile=profile, size=2, session=session, store=pg.dsn)
-        c.start()
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        if c.shared is not None and c.shared.election._thread is not None \
-                and not c._stop.is_set():
-            c.stop()
-
-
 def _client(c: Controller, directory: JsonStateDir) -> PoolClient:
     assert isinstance(c.store, PgStore)
     store = PgStore(c.store.dsn, c.pool_id, lease=2.0)

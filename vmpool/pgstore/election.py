@@ -21,12 +21,22 @@ from typing import Any
 
 import psycopg
 
+from vmpool.ownership import current_process
+from vmpool.pgstore.lifeline import token
 from vmpool.pgstore.store import connect
 
 log = logging.getLogger(__name__)
 
 RETRY = 0.5
 _LEADER = "SELECT pg_try_advisory_lock(hashtext(%s))"
+#: a session's election connection is named this + its lifeline token (vmpool.pgstore.closing
+#: names the hosts of a pool's attached sessions by it)
+CONTROLLER = "vmpool-controller:"
+
+
+def user_key(pool_id: str) -> str:
+    """The advisory lock's key that a pool's sessions hold shared while they use it."""
+    return f"vmpool-users:{pool_id}"
 
 
 class Election:
@@ -42,7 +52,7 @@ class Election:
         self.on_elected = on_elected
         self.connect_timeout = connect_timeout
         self._leader_key = f"vmpool-leader:{pool_id}"
-        self._user_key = f"vmpool-users:{pool_id}"
+        self._user_key = user_key(pool_id)
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -71,7 +81,7 @@ class Election:
     def _join(self) -> None:
         with self._lock:
             conn = connect(self.dsn, self.connect_timeout,
-                           application_name=f"vmpool-controller:{self.pool_id}"[:63])
+                           application_name=CONTROLLER + token(current_process()))
             conn.execute("SELECT pg_advisory_lock_shared(hashtext(%s))", (self._user_key,))
             self._conn = conn
             row = conn.execute(_LEADER, (self._leader_key,)).fetchone()

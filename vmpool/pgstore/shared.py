@@ -43,6 +43,14 @@ class Shared:
                 self.store.create(record)
             except StateError:  # another session made it meanwhile
                 existing = self.store.read()
+        if existing is not None and existing.closing:
+            # `vmpool down`/`gc` marked it (vmpool.pgstore.closing): its machines are going
+            self.election.close()
+            raise StateError(
+                f"pool {self.store.pool_id} in {redacted(self.dsn)} is being destroyed (marked "
+                "closing by `vmpool down` or `vmpool gc`): start again once it is gone; if it "
+                "stays, finish it with: vmpool gc"
+            )
         if existing is not None and (existing.backend, existing.config_hash) != (
             record.backend, record.config_hash
         ):

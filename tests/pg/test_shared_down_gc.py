@@ -1,0 +1,205 @@
+"""`vmpool gc` and `vmpool down` for pools on a shared store: a pool whose sessions all died
+is destroyed, one with an attached session is spared (down: refused unless --force), and a
+session attaching while they run never loses its machines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests._waiting import wait_until
+from tests.pg.conftest import Start
+from vmpool.backends.base import Backend
+from vmpool.backends.sim import SimBackend
+from vmpool.cli import main
+from vmpool.config_backends import SimSettings
+from vmpool.controller import Controller
+from vmpool.errors import StateError
+from vmpool.pgstore import closing, throwaway
+from vmpool.pgstore.store import PgStore, migrate, pool_ids, redacted
+from vmpool.state import JsonStateDir, MachineState, Pool
+
+LEADER = Path(__file__).with_name("leader.py")
+ROOT = Path(__file__).parents[2]
+SECRET = "s3cret-pw"
+
+
+@pytest.fixture
+def store_dsn(pg: throwaway.Throwaway) -> Iterator[str]:
+    """A database of its own on the throwaway server (gc sees only this test's pools), its
+    DSN carrying a password (ignored by the server's trust auth) that no message may show."""
+    name = "gc" + uuid.uuid4().hex[:10]
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    url = pg.dsn.replace("postgresql:///postgres?", f"postgresql:///{name}?") + \
+        f"&password={SECRET}"
+    migrate(url)
+    yield url
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def dsn(store_dsn: str) -> str:
+    return store_dsn
+
+
+def _backend(directory: JsonStateDir) -> SimBackend:
+    return SimBackend(SimSettings(), directory.path)
+
+
+def _listed(directory: JsonStateDir, pool_id: str) -> set[str]:
+    return {i.name for i in _backend(directory).list(pool_id + "-")}
+
+
+@pytest.fixture
+def config(tmp_path: Path, dsn: str, prefix: str, directory: JsonStateDir) -> Path:
+    path = tmp_path / "pool.toml"
+    path.write_text(
+        f'[pool]\nbackend = "sim"\nname_prefix = "{prefix}"\nnetwork = false\n'
+        f'state_dir = "{directory.path}"\nstore = "{dsn}"\n'
+    )
+    return path
+
+
+def _die(c: Controller) -> None:
+    """As a SIGKILL would leave it: the controller's threads stop, its connections close,
+    nothing is destroyed."""
+    assert c.shared is not None
+    c._halt(cancel=True)
+    c.shared.close()
+
+
+def _machines(dsn: str, pool_id: str) -> set[str]:
+    pool = PgStore(dsn, pool_id).read()
+    return set() if pool is None else {m.name for m in pool.machines}
+
+
+def test_gc_destroys_a_shared_pool_whose_sessions_were_all_killed(
+    dsn: str, config: Path, directory: JsonStateDir, prefix: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VMPOOL_HOST_ID": "host-a"}
+    leader = subprocess.Popen(
+        [sys.executable, str(LEADER), dsn, str(directory.path), prefix, "sa"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        assert leader.stdout is not None and leader.stdout.readline().strip() == "leading"
+        (pool_id,) = pool_ids(dsn)
+        machines = _machines(dsn, pool_id)
+        assert len(machines) == 2 and machines <= _listed(directory, pool_id)
+        leader.send_signal(signal.SIGKILL)
+        leader.wait(10)
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait(10)
+    wait_until(lambda: not closing.in_use(dsn, pool_id), 5, "the killed session's lock freed")
+    assert main(["gc", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"shared pool {pool_id} in {redacted(dsn)} destroyed" in out
+    assert SECRET not in out
+    assert pool_ids(dsn) == []
+    assert not machines & _listed(directory, pool_id)
+
+
+def test_gc_spares_a_shared_pool_with_a_live_session(
+    dsn: str, config: Path, directory: JsonStateDir, start: Start,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    a = start("sa")
+    machines = {m.name for m in a.wait_until_ready(2, 30).machines}
+    assert main(["gc", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"spared shared pool {a.pool_id} in {redacted(dsn)}: {a.me.host} (pid {a.me.pid})" \
+        in out
+    assert SECRET not in out
+    assert _machines(dsn, a.pool_id) == machines <= _listed(directory, a.pool_id)
+    assert not a.snapshot().closing
+
+
+def test_down_refuses_a_shared_pool_in_use_and_force_destroys_it(
+    dsn: str, config: Path, directory: JsonStateDir, start: Start,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    a = start("sa")
+    machines = {m.name for m in a.wait_until_ready(2, 30).machines}
+    assert main(["down", "--pool", a.pool_id, "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"pool {a.pool_id} in {redacted(dsn)} is in use by 1 attached session(s) on " \
+        f"{a.me.host} (pid {a.me.pid})" in err and "--force" in err
+    assert SECRET not in err
+    assert _machines(dsn, a.pool_id) == machines <= _listed(directory, a.pool_id)
+
+    assert main(["down", "--pool", a.pool_id, "--force", "--config", str(config)]) == 0
+    assert f"shared pool {a.pool_id} in {redacted(dsn)} destroyed" in capsys.readouterr().out
+    assert pool_ids(dsn) == []
+    assert not machines & _listed(directory, a.pool_id)
+
+
+def test_down_destroys_a_shared_pool_no_session_uses(
+    dsn: str, config: Path, directory: JsonStateDir, start: Start,
+) -> None:
+    a = start("sa")
+    machines = {m.name for m in a.wait_until_ready(2, 30).machines}
+    _die(a)
+    assert main(["down", "--pool", a.pool_id, "--config", str(config)]) == 0
+    assert pool_ids(dsn) == []
+    assert not machines & _listed(directory, a.pool_id)
+
+
+def test_a_session_attaching_to_a_pool_marked_closing_refuses(
+    dsn: str, start: Start,
+) -> None:
+    a = start("sa")
+    a.wait_until_ready(2, 30)
+    with closing.claimed(dsn, a.pool_id, force=True) as (_store, final):
+        assert final is not None and final.closing
+        with pytest.raises(StateError, match=f"pool {a.pool_id} in .* is being destroyed"):
+            start("sb")
+
+
+@pytest.mark.parametrize("how", ["gc", "down"])
+def test_a_session_attaching_while_gc_or_down_runs_never_loses_machines(
+    how: str, dsn: str, directory: JsonStateDir, start: Start,
+) -> None:
+    def backend_for(pool: Pool) -> Backend:
+        return _backend(directory)
+
+    def destroy(pool_id: str, errors: list[BaseException]) -> None:
+        try:
+            if how == "gc":
+                closing.gc(dsn, backend_for)
+            else:
+                closing.down(dsn, pool_id, backend_for)
+        except closing.PoolInUse:
+            pass  # the attacher came first: spared
+        except BaseException as exc:
+            errors.append(exc)
+
+    for round_ in range(8):
+        dead = start(f"d{round_}")
+        dead.wait_until_ready(2, 30)
+        _die(dead)  # its record and machines left behind, no session attached
+        errors: list[BaseException] = []
+        racer = threading.Thread(target=destroy, args=(dead.pool_id, errors))
+        racer.start()
+        attacher = start(f"a{round_}")
+        racer.join(30)
+        assert not racer.is_alive() and not errors
+        pool = attacher.wait_until_ready(2, 30)
+        ready = {m.name for m in pool.machines if m.state is MachineState.READY}
+        assert len(ready) >= 2 and not pool.closing
+        assert ready <= _listed(directory, attacher.pool_id), f"round {round_}: deleted"
+        attacher.stop()
+        assert pool_ids(dsn) == []
