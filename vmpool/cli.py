@@ -410,7 +410,7 @@ def _down(args: argparse.Namespace) -> int:
 
         if args.pool in pool_ids(shared):  # attached sessions: PoolInUse (exit 1)
             outcome = closing.down(shared, args.pool, _backend_for(cfg, directory),
-                                   force=args.force)
+                                   force=args.force, lease=cfg.default.pool.store_lease)
             print(outcome.line())
             return EXIT_FAILED if outcome.failed else EXIT_OK
     status = EXIT_OK
@@ -473,7 +473,8 @@ def _gc(args: argparse.Namespace) -> int:
         from vmpool.pgstore import closing
         from vmpool.pgstore.store import pool_ids
 
-        for outcome in closing.gc(shared, _backend_for(cfg, directory), dry_run=args.dry_run):
+        for outcome in closing.gc(shared, _backend_for(cfg, directory), dry_run=args.dry_run,
+                                  lease=cfg.default.pool.store_lease):
             print(outcome.line(args.dry_run))
             failed = failed or outcome.failed
         listing = functools.partial(pool_ids, shared)  # their machines are theirs

@@ -4,6 +4,7 @@ session attaching while they run never loses its machines."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -63,10 +64,12 @@ def _listed(directory: JsonStateDir, pool_id: str) -> set[str]:
 
 @pytest.fixture
 def config(tmp_path: Path, dsn: str, prefix: str, directory: JsonStateDir) -> Path:
+    # the sessions beat every 0.67 s (their lease 2 s); gc judges them by 5 s: a loaded host
+    # delaying a live session's beat never makes gc end it
     path = tmp_path / "pool.toml"
     path.write_text(
         f'[pool]\nbackend = "sim"\nname_prefix = "{prefix}"\nnetwork = false\n'
-        f'state_dir = "{directory.path}"\nstore = "{dsn}"\n'
+        f'state_dir = "{directory.path}"\nstore = "{dsn}"\nstore_lease = 5.0\n'
     )
     return path
 
@@ -84,10 +87,11 @@ def _machines(dsn: str, pool_id: str) -> set[str]:
     return set() if pool is None else {m.name for m in pool.machines}
 
 
-def test_gc_destroys_a_shared_pool_whose_sessions_were_all_killed(
-    dsn: str, config: Path, directory: JsonStateDir, prefix: str,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+@contextlib.contextmanager
+def _leader(dsn: str, directory: JsonStateDir, prefix: str
+            ) -> Iterator[tuple[subprocess.Popen[str], str, set[str]]]:
+    """A session in a process of its own (host-a), leading the shared pool with 2 machines
+    ready: the process, the pool's id and its machines; killed at the end."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VMPOOL_HOST_ID": "host-a"}
     leader = subprocess.Popen(
         [sys.executable, str(LEADER), dsn, str(directory.path), prefix, "sa"],
@@ -98,19 +102,57 @@ def test_gc_destroys_a_shared_pool_whose_sessions_were_all_killed(
         (pool_id,) = pool_ids(dsn)
         machines = _machines(dsn, pool_id)
         assert len(machines) == 2 and machines <= _listed(directory, pool_id)
-        leader.send_signal(signal.SIGKILL)
-        leader.wait(10)
+        yield leader, pool_id, machines
     finally:
-        if leader.poll() is None:
-            leader.kill()
-            leader.wait(10)
-    wait_until(lambda: not closing.in_use(dsn, pool_id), 5, "the killed session's lock freed")
+        leader.kill()
+        leader.wait(10)
+
+
+def _gc_destroys(config: Path, dsn: str, directory: JsonStateDir, pool_id: str,
+                 machines: set[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["gc", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert f"shared pool {pool_id} in {redacted(dsn)} destroyed" in out
     assert SECRET not in out
     assert pool_ids(dsn) == []
     assert not machines & _listed(directory, pool_id)
+
+
+def test_gc_destroys_a_shared_pool_whose_sessions_were_all_killed(
+    dsn: str, config: Path, directory: JsonStateDir, prefix: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with _leader(dsn, directory, prefix) as (leader, pool_id, machines):
+        leader.send_signal(signal.SIGKILL)
+        leader.wait(10)
+    wait_until(lambda: not closing.in_use(dsn, pool_id), 5, "the killed session's lock freed")
+    _gc_destroys(config, dsn, directory, pool_id, machines, capsys)
+
+
+def test_gc_ends_a_stopped_sessions_hold_and_destroys_its_pool(
+    dsn: str, config: Path, directory: JsonStateDir, prefix: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with _leader(dsn, directory, prefix) as (leader, pool_id, machines):
+        leader.send_signal(signal.SIGSTOP)  # it keeps its connections, it beats no more
+        wait_until(lambda: [s.beating for s in closing.in_use(dsn, pool_id, 5.0)] == [False],
+                   20, "the stopped session's heartbeat going stale")
+        _gc_destroys(config, dsn, directory, pool_id, machines, capsys)
+
+
+def test_gc_dry_run_names_what_it_would_destroy_and_removes_nothing(
+    dsn: str, config: Path, directory: JsonStateDir, start: Start,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    a = start("sa")
+    machines = {m.name for m in a.wait_until_ready(2, 30).machines}
+    assert main(["gc", "--dry-run", "--config", str(config)]) == 0
+    assert f"spared shared pool {a.pool_id}" in capsys.readouterr().out
+    _die(a)
+    assert main(["gc", "--dry-run", "--config", str(config)]) == 0
+    assert f"would destroy shared pool {a.pool_id} in {redacted(dsn)}" in \
+        capsys.readouterr().out
+    assert _machines(dsn, a.pool_id) == machines <= _listed(directory, a.pool_id)
 
 
 def test_gc_spares_a_shared_pool_with_a_live_session(

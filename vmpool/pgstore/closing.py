@@ -12,12 +12,16 @@ being granted, and its pool is spared. ``force`` claims a pool whose sessions ar
 they lose it, and a session attaching meanwhile finds it closing and refuses.
 
 A session stopped (SIGSTOP) or on a host cut off keeps its connection, hence the lock, until
-the server drops the connection: it counts as attached (its heartbeat shown stale).
+the server notices; when every attached session's heartbeat (vmpool.pgstore.lifeline) is
+older than the lease, as its leases are then judged dead, `down` and `gc` end those
+connections (``pg_terminate_backend``) and claim the pool. A session that has not beaten yet
+(just attaching) counts as alive.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +39,7 @@ from vmpool.teardown import Leftovers, destroy
 # the sessions holding a pool's user lock (a bigint key: classid its high half, objid its low
 # one), each named by the lifeline token in its election connection's application_name
 _ATTACHED = """
-SELECT h.host, h.pid, coalesce(h.beat >= extract(epoch from clock_timestamp()) - %s, false)
+SELECT h.host, h.pid, h.beat >= extract(epoch from clock_timestamp()) - %s, l.pid
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 LEFT JOIN vmpool_holders h ON h.token = substr(a.application_name, %s)
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
@@ -45,6 +49,7 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
   AND l.objid = (hashtext(%s)::bigint & 4294967295)::oid
 ORDER BY h.host, h.pid
 """
+log = logging.getLogger(__name__)
 _TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext(%s))"
 
 
@@ -54,11 +59,13 @@ class Session:
 
     host: str | None
     pid: int | None
-    beating: bool  #: its heartbeat is within the lease
+    #: its heartbeat is within the lease (None: it has not beaten yet, it is just attaching)
+    beating: bool | None
+    backend: int  #: the server's pid of its election connection
 
     def __str__(self) -> str:
         who = f"{self.host} (pid {self.pid})" if self.host else "an unknown host"
-        return who if self.beating else f"{who}, heartbeat stale"
+        return f"{who}, heartbeat stale" if self.beating is False else who
 
 
 class PoolInUse(VmPoolError):
@@ -106,7 +113,7 @@ class Outcome:
 def attached(conn: psycopg.Connection[Any], pool_id: str, lease: float) -> list[Session]:
     key = user_key(pool_id)
     rows = conn.execute(_ATTACHED, (lease, len(CONTROLLER) + 1, key, key)).fetchall()
-    return [Session(r[0], r[1], bool(r[2])) for r in rows]
+    return [Session(r[0], r[1], None if r[2] is None else bool(r[2]), r[3]) for r in rows]
 
 
 @contextlib.contextmanager
@@ -120,13 +127,17 @@ def claimed(
     try:
         with connect(dsn, timeout, application_name="vmpool-down") as conn:
             locked, sessions = False, []
-            for _ in range(2):  # a session that let go between the two looks: once more
+            # once more after a session let go between the two looks, or after the
+            # connections of sessions gone silent were ended
+            for _ in range(3):
                 row = conn.execute(_TRY_LOCK, (user_key(pool_id),)).fetchone()
                 locked = bool(row is not None and row[0])
                 if locked:
                     break
                 sessions = attached(conn, pool_id, lease)
-                if sessions:
+                if sessions and all(s.beating is False for s in sessions):
+                    _end_silent(conn, pool_id, sessions)
+                elif sessions:
                     break
             if not locked and not force:
                 raise PoolInUse(pool_id, dsn, sessions)
@@ -144,6 +155,15 @@ def claimed(
         store.close()
 
 
+def _end_silent(conn: psycopg.Connection[Any], pool_id: str, sessions: list[Session]) -> None:
+    """Every attached session's heartbeat is stale (stopped, or its host cut off): only its
+    connection still holds the lock, as its leases are already judged dead. End it."""
+    for s in sessions:
+        log.warning("vmpool: pool %s: ending the connection of the session on %s", pool_id, s)
+    conn.execute("SELECT pg_terminate_backend(pid, 5000) FROM unnest(%s::int[]) AS pid",
+                 ([s.backend for s in sessions],))
+
+
 def in_use(dsn: str, pool_id: str, lease: float = 30.0, timeout: float = 20.0) -> list[Session]:
     """The sessions attached to ``pool_id`` (empty: none; nothing is claimed)."""
     with connect(dsn, timeout, application_name="vmpool-gc") as conn:
@@ -153,11 +173,12 @@ def in_use(dsn: str, pool_id: str, lease: float = 30.0, timeout: float = 20.0) -
 
 def down(
     dsn: str, pool_id: str, backend_for: Callable[[Pool], Backend], *, force: bool = False,
+    lease: float = 30.0,
 ) -> Outcome:
     """Destroy shared pool ``pool_id``: its machines through its backend, then its record.
-    PoolInUse while sessions are attached, unless ``force``."""
+    PoolInUse while sessions are attached (a heartbeat within ``lease``), unless ``force``."""
     outcome = Outcome(pool_id, dsn)
-    with claimed(dsn, pool_id, force=force) as (store, final):
+    with claimed(dsn, pool_id, force=force, lease=lease) as (store, final):
         if final is None:
             return outcome
         outcome.machines = len(final.machines)
@@ -166,20 +187,21 @@ def down(
     return outcome
 
 
-def gc(dsn: str, backend_for: Callable[[Pool], Backend], *, dry_run: bool = False
-       ) -> list[Outcome]:
-    """Destroy every shared pool of ``dsn`` that no session is attached to; spare the others."""
+def gc(dsn: str, backend_for: Callable[[Pool], Backend], *, dry_run: bool = False,
+       lease: float = 30.0) -> list[Outcome]:
+    """Destroy every shared pool of ``dsn`` that no live session is attached to (a heartbeat
+    within ``lease``); spare the others."""
     outcomes = []
     for pool_id in pool_ids(dsn):
         if dry_run:
-            sessions = in_use(dsn, pool_id)
+            sessions = in_use(dsn, pool_id, lease)
             outcome = Outcome(pool_id, dsn)
-            if sessions:
+            if any(s.beating is not False for s in sessions):
                 outcome.spared = PoolInUse(pool_id, dsn, sessions)
             outcomes.append(outcome)
             continue
         try:
-            outcomes.append(down(dsn, pool_id, backend_for))
+            outcomes.append(down(dsn, pool_id, backend_for, lease=lease))
         except PoolInUse as exc:
             outcomes.append(Outcome(pool_id, dsn, spared=exc))
     return outcomes
