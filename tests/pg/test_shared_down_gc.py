@@ -211,6 +211,27 @@ def test_a_session_attaching_to_a_pool_marked_closing_refuses(
             start("sb")
 
 
+def test_machines_gc_could_not_delete_keep_the_pool_closing_until_a_later_gc(
+    dsn: str, directory: JsonStateDir, start: Start,
+) -> None:
+    a = start("sa")
+    machines = {m.name for m in a.wait_until_ready(2, 30).machines}
+    _die(a)
+    failing = SimBackend(SimSettings(fail_delete=True), directory.path)
+    (outcome,) = closing.gc(dsn, lambda pool: failing)
+    assert outcome.failed and sorted(machines) == outcome.leftovers.machines
+    assert f"could not delete {', '.join(sorted(machines))}; its record stays" in \
+        outcome.line()
+    record = PgStore(dsn, a.pool_id).read()
+    assert record is not None and record.closing
+    with pytest.raises(StateError, match="is being destroyed"):
+        start("sb")
+    (outcome,) = closing.gc(dsn, lambda pool: _backend(directory))
+    assert outcome.destroyed and pool_ids(dsn) == []
+    assert not machines & _listed(directory, a.pool_id)
+    start("sc").wait_until_ready(2, 30)  # a fresh pool
+
+
 @pytest.mark.parametrize("how", ["gc", "down"])
 def test_a_session_attaching_while_gc_or_down_runs_never_loses_machines(
     how: str, dsn: str, directory: JsonStateDir, start: Start,

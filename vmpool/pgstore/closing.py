@@ -103,8 +103,9 @@ class Outcome:
         if dry_run:
             return f"would destroy {where} (no session attached)"
         if self.failed:
-            return (f"{where}: could not delete {', '.join(self.leftovers.machines)} "
-                    f"{self.leftovers.network or ''}; its record stays (run vmpool gc again)")
+            left = [*self.leftovers.machines, *filter(None, [self.leftovers.network])]
+            return (f"{where}: could not delete {', '.join(left)}; its record stays, marked "
+                    "closing (run vmpool gc again)")
         if not self.destroyed:
             return f"{where}: gone meanwhile"
         return f"{where} destroyed ({self.machines} machine(s) in its record)"
