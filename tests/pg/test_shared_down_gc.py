@@ -13,6 +13,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -26,8 +27,10 @@ from vmpool.config_backends import SimSettings
 from vmpool.controller import Controller
 from vmpool.errors import StateError
 from vmpool.pgstore import closing, throwaway
+from vmpool.pgstore.election import Election
 from vmpool.pgstore.store import PgStore, migrate, pool_ids, redacted
 from vmpool.state import JsonStateDir, MachineState, Pool
+from vmpool.teardown import Leftovers
 
 LEADER = Path(__file__).with_name("leader.py")
 ROOT = Path(__file__).parents[2]
@@ -235,34 +238,66 @@ def test_machines_gc_could_not_delete_keep_the_pool_closing_until_a_later_gc(
 @pytest.mark.parametrize("how", ["gc", "down"])
 def test_a_session_attaching_while_gc_or_down_runs_never_loses_machines(
     how: str, dsn: str, directory: JsonStateDir, start: Start,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Rounds of three kinds: a free race (the destroyer usually first: the attacher waits
+    for the lock, then makes a new pool), the destroyer let go only once the attacher holds
+    the lock (spared), and the attacher let go only once the destroyer has claimed it."""
+    joined, claimed = threading.Event(), threading.Event()
+    real_join, real_destroy = Election._join, closing.destroy
+
+    def join(self: Election) -> None:
+        real_join(self)
+        joined.set()
+
+    def destroy_claimed(*args: Any) -> Leftovers:
+        claimed.set()
+        return real_destroy(*args)
+
+    monkeypatch.setattr(Election, "_join", join)
+    monkeypatch.setattr(closing, "destroy", destroy_claimed)
+
     def backend_for(pool: Pool) -> Backend:
         return _backend(directory)
 
-    def destroy(pool_id: str, errors: list[BaseException]) -> None:
+    def destroy(pool_id: str, after_join: bool, won: list[str]) -> None:
+        if after_join:
+            joined.wait(30)
         try:
             if how == "gc":
-                closing.gc(dsn, backend_for)
+                (outcome,) = closing.gc(dsn, backend_for)
+                won.append("attacher" if outcome.spared else "destroyer")
             else:
                 closing.down(dsn, pool_id, backend_for)
+                won.append("destroyer")
         except closing.PoolInUse:
-            pass  # the attacher came first: spared
+            won.append("attacher")
         except BaseException as exc:
-            errors.append(exc)
+            won.append(repr(exc))
+        finally:
+            claimed.set()  # nothing more to wait for
 
-    for round_ in range(8):
+    winners = []
+    for round_ in range(9):
+        kind = round_ % 3
         dead = start(f"d{round_}")
         dead.wait_until_ready(2, 30)
         _die(dead)  # its record and machines left behind, no session attached
-        errors: list[BaseException] = []
-        racer = threading.Thread(target=destroy, args=(dead.pool_id, errors))
+        joined.clear()
+        claimed.clear()
+        won: list[str] = []
+        racer = threading.Thread(target=destroy, args=(dead.pool_id, kind == 1, won))
         racer.start()
+        if kind == 2:
+            claimed.wait(30)
         attacher = start(f"a{round_}")
         racer.join(30)
-        assert not racer.is_alive() and not errors
+        assert not racer.is_alive() and won in (["attacher"], ["destroyer"])
+        winners += won
         pool = attacher.wait_until_ready(2, 30)
         ready = {m.name for m in pool.machines if m.state is MachineState.READY}
         assert len(ready) >= 2 and not pool.closing
         assert ready <= _listed(directory, attacher.pool_id), f"round {round_}: deleted"
         attacher.stop()
         assert pool_ids(dsn) == []
+    assert winners[1::3] == ["attacher"] * 3 and winners[2::3] == ["destroyer"] * 3
