@@ -393,11 +393,19 @@ def _claim_for_down(store: StateStore, *, force: bool) -> Pool | None:
         return pool.model_copy(deep=True)
 
 
-def _backend_for(cfg: vmconfig.Config, directory: JsonStateDir) -> Callable[[Pool], Backend]:
-    """A pool's own backend (its record's backend and profile)."""
-    return lambda pool: make_backend(
-        pool.backend, cfg.profiles.get(pool.profile, cfg.default), directory.path
-    )
+def _backend_for(
+    cfg: vmconfig.Config, directory: JsonStateDir, name: str | None = None
+) -> Callable[[Pool | None], Backend]:
+    """A pool's own backend (its record's backend and profile; without a record ``name``, else
+    the configured one)."""
+
+    def backend(pool: Pool | None) -> Backend:
+        if pool is None:
+            return make_backend(name or cfg.default.pool.backend, cfg.default, directory.path)
+        return make_backend(pool.backend, cfg.profiles.get(pool.profile, cfg.default),
+                            directory.path)
+
+    return backend
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -409,7 +417,7 @@ def _down(args: argparse.Namespace) -> int:
         from vmpool.pgstore.store import pool_ids
 
         if args.pool in pool_ids(shared):  # attached sessions: PoolInUse (exit 1)
-            outcome = closing.down(shared, args.pool, _backend_for(cfg, directory),
+            outcome = closing.down(shared, args.pool, _backend_for(cfg, directory, args.backend),
                                    force=args.force, lease=cfg.default.pool.store_lease)
             print(outcome.line())
             return EXIT_FAILED if outcome.failed else EXIT_OK

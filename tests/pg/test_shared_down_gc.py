@@ -214,6 +214,29 @@ def test_a_session_attaching_to_a_pool_marked_closing_refuses(
             start("sb")
 
 
+def test_gc_reports_an_unreadable_shared_record_and_destroys_the_other_dead_pools(
+    dsn: str, config: Path, directory: JsonStateDir, start: Start,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    a = start("sa")
+    machines = {m.name for m in a.wait_until_ready(2, 30).machines}
+    _die(a)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO vmpool_pools VALUES ('zz-broken', '{\"id\": 3}'::jsonb)")
+    assert main(["gc", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert f"shared pool {a.pool_id} in {redacted(dsn)} destroyed" in out
+    assert f"shared pool zz-broken in {redacted(dsn)}: left alone: pool zz-broken in " \
+        f"{redacted(dsn)}: unreadable record" in out
+    assert "vmpool down --pool zz-broken --force" in out
+    assert pool_ids(dsn) == ["zz-broken"]
+    assert not machines & _listed(directory, a.pool_id)
+    assert main(["down", "--pool", "zz-broken", "--config", str(config)]) == 3
+    assert "unreadable record" in capsys.readouterr().err
+    assert main(["down", "--pool", "zz-broken", "--force", "--config", str(config)]) == 0
+    assert pool_ids(dsn) == []
+
+
 def test_machines_gc_could_not_delete_keep_the_pool_closing_until_a_later_gc(
     dsn: str, directory: JsonStateDir, start: Start,
 ) -> None:
@@ -257,7 +280,7 @@ def test_a_session_attaching_while_gc_or_down_runs_never_loses_machines(
     monkeypatch.setattr(Election, "_join", join)
     monkeypatch.setattr(closing, "destroy", destroy_claimed)
 
-    def backend_for(pool: Pool) -> Backend:
+    def backend_for(pool: Pool | None) -> Backend:
         return _backend(directory)
 
     def destroy(pool_id: str, after_join: bool, won: list[str]) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 
 from vmpool.backends.base import Backend
-from vmpool.errors import PoolGone, VmPoolError
+from vmpool.errors import PoolGone, StateError, StoreError, VmPoolError
 from vmpool.ownership import current_process
 from vmpool.pgstore.election import CONTROLLER, user_key
 from vmpool.pgstore.store import PgStore, connect, pool_ids, redacted
@@ -91,15 +91,18 @@ class Outcome:
     machines: int = 0  #: machines its record had
     spared: PoolInUse | None = None
     leftovers: Leftovers = field(default_factory=Leftovers)
+    error: StateError | None = None  #: its record could not be claimed (e.g. unreadable)
 
     @property
     def failed(self) -> bool:
-        return bool(self.leftovers.machines or self.leftovers.network)
+        return bool(self.error or self.leftovers.machines or self.leftovers.network)
 
     def line(self, dry_run: bool = False) -> str:
         where = f"shared pool {self.pool_id} in {redacted(self.dsn)}"
         if self.spared is not None:
             return f"spared {where}: {', '.join(map(str, self.spared.sessions))} attached"
+        if self.error is not None:
+            return f"{where}: left alone: {self.error}"
         if dry_run:
             return f"would destroy {where} (no session attached)"
         if self.failed:
@@ -123,7 +126,8 @@ def claimed(
 ) -> Iterator[tuple[PgStore, Pool | None]]:
     """Hold ``pool_id`` for destruction: its user lock taken (unless ``force``), its record
     marked closing and owned by this process; yields the store and that record (None: no
-    record). PoolInUse when sessions are attached and not ``force``."""
+    record, or with ``force`` an unreadable one). PoolInUse when sessions are attached and
+    not ``force``."""
     store = PgStore(dsn, pool_id, lease=lease, connect_timeout=timeout)
     try:
         with connect(dsn, timeout, application_name="vmpool-down") as conn:
@@ -150,6 +154,13 @@ def claimed(
                     final: Pool | None = pool.model_copy(deep=True)
             except PoolGone:
                 final = None
+            except StoreError:
+                raise
+            except StateError as exc:  # an unreadable record: only --force destroys it
+                if not force:
+                    raise
+                log.warning("vmpool: %s; --force: destroying by labels", exc)
+                final = None
             yield store, final
         # the connection's end let the lock go: sessions waiting to attach go on
     finally:
@@ -173,22 +184,24 @@ def in_use(dsn: str, pool_id: str, lease: float = 30.0, timeout: float = 20.0) -
 
 
 def down(
-    dsn: str, pool_id: str, backend_for: Callable[[Pool], Backend], *, force: bool = False,
-    lease: float = 30.0,
+    dsn: str, pool_id: str, backend_for: Callable[[Pool | None], Backend], *,
+    force: bool = False, lease: float = 30.0,
 ) -> Outcome:
-    """Destroy shared pool ``pool_id``: its machines through its backend, then its record.
-    PoolInUse while sessions are attached (a heartbeat within ``lease``), unless ``force``."""
+    """Destroy shared pool ``pool_id``: its machines through its backend (``backend_for``
+    its record, None when there is none to read), then its record. PoolInUse while sessions
+    are attached (a heartbeat within ``lease``), unless ``force``; with ``force`` a pool
+    without a readable record is destroyed by its machines' labels."""
     outcome = Outcome(pool_id, dsn)
     with claimed(dsn, pool_id, force=force, lease=lease) as (store, final):
-        if final is None:
+        if final is None and not force:
             return outcome
-        outcome.machines = len(final.machines)
+        outcome.machines = len(final.machines) if final else 0
         outcome.leftovers = destroy(backend_for(final), store, pool_id, final)
         outcome.destroyed = not outcome.failed
     return outcome
 
 
-def gc(dsn: str, backend_for: Callable[[Pool], Backend], *, dry_run: bool = False,
+def gc(dsn: str, backend_for: Callable[[Pool | None], Backend], *, dry_run: bool = False,
        lease: float = 30.0) -> list[Outcome]:
     """Destroy every shared pool of ``dsn`` that no live session is attached to (a heartbeat
     within ``lease``); spare the others."""
@@ -205,4 +218,8 @@ def gc(dsn: str, backend_for: Callable[[Pool], Backend], *, dry_run: bool = Fals
             outcomes.append(down(dsn, pool_id, backend_for, lease=lease))
         except PoolInUse as exc:
             outcomes.append(Outcome(pool_id, dsn, spared=exc))
+        except StoreError:
+            raise  # the store itself: no other pool can be judged either
+        except StateError as exc:  # this record only (unreadable): the others still
+            outcomes.append(Outcome(pool_id, dsn, error=exc))
     return outcomes
