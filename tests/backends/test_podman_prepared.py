@@ -14,11 +14,12 @@ import pytest
 
 from tests.backends.test_podman import _spy
 from tests.backends.test_podman_live import container_id, podman
-from vmpool.backends.base import MachineSpec
+from vmpool.backends.base import MachineSpec, probe_until
 from vmpool.backends.podman import PodmanBackend, build_image
 from vmpool.backends.podman import api as podman_api
 from vmpool.backends.podman.api_reset import holder_name
 from vmpool.config_backends import PodmanSettings
+from vmpool.errors import BackendError
 
 pytestmark = pytest.mark.podman
 
@@ -57,6 +58,16 @@ def test_a_prepared_backend_runs_a_pool_without_a_podman_process_and_leaves_noth
         prepared.start(name)
         prepared.wait_ready(name, timeout=30)
         prepared.snapshot(name)
+    serve = "mkdir -p /www && echo hello > /www/f && httpd -p 8080 -h /www"
+    assert prepared.exec(names[0], ["sh", "-c", serve], timeout=10).ok
+    url = f"http://{prepared.address(names[0])}:8080/f"
+
+    def fetch() -> None:  # busybox-static's `wget -T` segfaults: `timeout` bounds it
+        got = prepared.exec(names[1], ["timeout", "10", "wget", "-q", "-O", "-", url], timeout=15)
+        if got.stdout != "hello\n":
+            raise BackendError(f"wget exited {got.returncode}: {got.stderr}")
+
+    probe_until(fetch, timeout=20, what="httpd on the other machine")  # one network
     assert prepared.exec(names[0], ["sh", "-c", "echo hi > /tmp/x"], timeout=10).ok
     prepared.reset(names[0])  # live
     assert prepared.exec(names[0], ["test", "-e", "/tmp/x"], timeout=10).returncode == 1
