@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vmpool import config as vmconfig
-from vmpool import reaper, transport
+from vmpool import reaper, status
 from vmpool.backends import NAMES, make_backend
 from vmpool.backends.base import Backend
 from vmpool.controller import Controller, Progress
@@ -243,103 +243,21 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 # -- status --------------------------------------------------------------------------------------
-def _stores(directory: JsonStateDir, shared: str | None) -> list[Any]:
-    """Every pool's store: the state directory's files, and a shared store's pools."""
-    stores: list[Any] = [directory.store(pool_id) for pool_id in directory.pool_ids()]
-    if shared is not None:
-        from vmpool.pgstore.store import PgStore, pool_ids
-
-        stores += [PgStore(shared, pool_id) for pool_id in pool_ids(shared)]
-    return stores
-
-
-def _status_doc(directory: JsonStateDir, shared: str | None = None) -> dict[str, Any]:
-    from vmpool.backends.podman.fleet import machine_hosts
-
-    hosts = machine_hosts(directory.path)  # [podman] hosts: where each machine lives
-    pools = []
-    for store in _stores(directory, shared):
-        pool = transport.read_current(store)  # a live pool's server: current
-        if pool is None:
-            continue
-        now = time.time()
-        pools.append(
-            {
-                "id": pool.id,
-                "profile": pool.profile,
-                "backend": pool.backend,
-                "size": pool.size,
-                "session": pool.session,
-                "kept": pool.keep,
-                "owner_alive": bool(pool.owner and is_alive(pool.owner)),
-                "shared": pool.durable,
-                "network": pool.network,
-                "stats": pool.stats.model_dump(),
-                "machines": [
-                    {
-                        "name": m.name,
-                        "state": m.state.value,
-                        "holder": (
-                            None
-                            if m.holder is None
-                            else {
-                                "worker": m.holder.worker,
-                                "pid": m.holder.pid,
-                                "host": m.holder.host,
-                                "test": m.holder.test,
-                                "since": m.holder.since,
-                            }
-                        ),
-                        "test": m.holder.test if m.holder else None,
-                        "uses": m.uses,
-                        "age": round(now - m.created_at, 3),
-                        "address": m.address,
-                        "host": hosts.get(m.name),
-                        "error": m.error,
-                    }
-                    for m in sorted(pool.machines, key=lambda m: m.slot)
-                ],
-            }
-        )
-    return {"pools": pools}
-
-
 def _status(args: argparse.Namespace) -> int:
     cfg = _load(args)
     directory = _state_dir(cfg)
     while True:
-        doc = _status_doc(directory, cfg.default.pool.store)
+        doc = status.status_doc(directory, cfg.default.pool.store)
         if args.json:
             print(json.dumps(doc, indent=2))
         else:
             if args.watch:
                 print("\033[2J\033[H", end="")
-            _print_status(doc, directory.path)
+            status.print_status(doc, directory.path)
         if not args.watch:
             return EXIT_OK
         sys.stdout.flush()  # each refresh reaches a pipe (`| tee`, a CI log) as it is made
         time.sleep(_WATCH_INTERVAL)  # a refresh period for a human, not a readiness wait
-
-
-def _print_status(doc: dict[str, Any], path: Path) -> None:
-    if not doc["pools"]:
-        print(f"no pools in {path}")
-        return
-    for p in doc["pools"]:
-        owner = "kept" if p["kept"] else ("live" if p["owner_alive"] else "orphaned")
-        print(f"pool {p['id']} [{p['profile']}] on {p['backend']}: size {p['size']}, {owner}")
-        # a HOST column only for pools spread over [podman] hosts
-        spread = any(m["host"] for m in p["machines"])
-        host_head = f" {'HOST':<30}" if spread else ""
-        print(f"  {'MACHINE':<28} {'STATE':<10} {'HOLDER':<10} {'USES':>4} {'AGE':>7}"
-              f"{host_head}  TEST")
-        for m in p["machines"]:
-            holder = m["holder"]["worker"] if m["holder"] else "-"
-            host = f" {m['host'] or '-':<30}" if spread else ""
-            print(
-                f"  {m['name']:<28} {m['state']:<10} {holder:<10} {m['uses']:>4} "
-                f"{m['age']:>6.0f}s{host}  {m['test'] or ''}"
-            )
 
 
 # -- up / down / gc ---------------------------------------------------------------------------

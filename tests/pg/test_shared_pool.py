@@ -103,13 +103,13 @@ def test_a_killed_leaders_pool_is_taken_over_and_keeps_serving(
 def test_status_shows_the_shared_pool_and_its_holders(
     start: Start, directory: JsonStateDir, pg: throwaway.Throwaway
 ) -> None:
-    from vmpool.cli import _status_doc
+    from vmpool.status import status_doc
 
     a = start("sa")
     a.wait_until_ready(2, 30)
     client = _client(a, directory)
     lease = client.checkout(1, test="t::x", timeout=10)
-    doc = _status_doc(directory, pg.dsn)
+    doc = status_doc(directory, pg.dsn)
     (pool,) = [p for p in doc["pools"] if p["id"] == a.pool_id]
     assert pool["shared"] and pool["owner_alive"]
     (held,) = [m for m in pool["machines"] if m["state"] == "leased"]
