@@ -637,11 +637,12 @@ def test_checkin_after_failure_replaces_machine(start_pool: Factory) -> None:
     assert client.checkin(lease, failed=True) == {lease.names[0]: "replace"}
     again = client.checkout(1, timeout=5)
     assert again.names != lease.names
+    # the deletion is recorded just after the backend's delete returns: wait for both
     wait_until(
-        lambda: [i.name for i in backend.list("vmpool-")] == again.names,
-        what="the backend listing only the leased machine",
+        lambda: [i.name for i in backend.list("vmpool-")] == again.names
+        and controller.snapshot().stats.replaced == 1,
+        what="the backend listing only the leased machine, the replacement recorded",
     )
-    assert controller.snapshot().stats.replaced == 1
 
 
 def test_pre_ping_failure_replaces_the_machine_and_checkout_still_succeeds(
