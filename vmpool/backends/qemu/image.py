@@ -11,14 +11,12 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
-import io
 import json
 import logging
 import lzma
 import os
 import re
 import shutil
-import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -30,6 +28,7 @@ import platformdirs
 from vmpool import _proc
 from vmpool._files import private_dir, tighten_tree
 from vmpool._lock import file_lock
+from vmpool.backends.qemu.cpio import Cpio
 from vmpool.config_backends import QemuSettings
 from vmpool.errors import BackendError, BackendUnavailable
 
@@ -384,65 +383,6 @@ done
 # --- the initramfs -----------------------------------------------------------------------
 
 
-class _Cpio:
-    """A minimal cpio "newc" writer: enough for an initramfs, no root needed for device nodes."""
-
-    def __init__(self) -> None:
-        self._buf = io.BytesIO()
-        self._ino = 1000
-        self._seen: set[str] = set()
-
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0),
-               nlink: int = 1) -> None:
-        self._ino += 1
-        encoded = name.encode() + b"\0"
-        fields = (
-            self._ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0
-        )
-        header = b"070701" + b"".join(f"{f:08x}".encode() for f in fields)
-        self._buf.write(header + encoded)
-        self._pad()
-        self._buf.write(data)
-        self._pad()
-
-    def _pad(self) -> None:
-        self._buf.write(b"\0" * (-self._buf.tell() % 4))
-
-    def directory(self, name: str) -> None:
-        name = name.strip("/")
-        if not name or name in self._seen:
-            return
-        parent = os.path.dirname(name)
-        if parent:
-            self.directory(parent)
-        self._seen.add(name)
-        self._entry(name, stat.S_IFDIR | 0o755, nlink=2)
-
-    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
-        name = name.strip("/")
-        self.directory(os.path.dirname(name))
-        self._seen.add(name)
-        self._entry(name, stat.S_IFREG | mode, data)
-
-    def symlink(self, name: str, target: str) -> None:
-        name = name.strip("/")
-        if name in self._seen:
-            return
-        self.directory(os.path.dirname(name))
-        self._seen.add(name)
-        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
-
-    def chardev(self, name: str, major: int, minor: int, mode: int = 0o600) -> None:
-        name = name.strip("/")
-        self.directory(os.path.dirname(name))
-        self._seen.add(name)
-        self._entry(name, stat.S_IFCHR | mode, rdev=(major, minor))
-
-    def finish(self) -> bytes:
-        self._entry("TRAILER!!!", 0)
-        return self._buf.getvalue()
-
-
 def _module_bytes(path: Path) -> bytes:
     if path.name.endswith(".ko"):
         return path.read_bytes()
@@ -463,7 +403,7 @@ def _module_bytes(path: Path) -> bytes:
 
 
 def _write_initramfs(inputs: _Inputs, dest: Path) -> None:
-    cpio = _Cpio()
+    cpio = Cpio()
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "lib/modules/vmpool", "proc", "sys", "dev",
               "tmp", "run", "var/run", "etc", "root"):
         cpio.directory(d)
