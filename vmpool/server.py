@@ -355,7 +355,8 @@ class LeaseServer:
         order = list(ops)
         last = {peer: i for i, (peer, _) in enumerate(batch)}
         try:
-            results = self.store.apply([ops[i] for i in order])
+            results = self.store.apply([(ops[i], batch[i][1]) for i in order],
+                                       OP_ADAPTER.validate_json)
         except StateError as exc:  # the record cannot be had (a full disk, a removed pool)
             results = [exc] * len(order)
         withdrawn: list[tuple[str, _Waiting]] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -217,18 +218,43 @@ class _Bump:
         return int(data)
 
     def model_dump_json(self) -> str:
-        return "{}"
+        return str(-self.by if self.fails else self.by)
+
+    @staticmethod
+    def parse(line: bytes) -> _Bump:
+        """An operation read from its JSON (a negative number: one that fails)."""
+        by = int(line)
+        return _Bump(abs(by), fails=by < 0)
+
+
+def _lines(*bys: int) -> list[tuple[_Bump, bytes]]:
+    """A batch as the lease server hands it over: each operation with its JSON."""
+    ops = [_Bump.parse(str(by).encode()) for by in bys]
+    return [(op, op.model_dump_json().encode()) for op in ops]
 
 
 def test_an_operation_that_raises_in_a_batch_is_undone_alone(owned: WriteBackStore) -> None:
     """Rebuilt from the last image and the operations since (earlier batches, a transaction
     in between), the record is as if the failing operation had never been sent."""
-    assert owned.apply([_Bump(1), _Bump(10)]) == [1, 11]
+    assert owned.apply(_lines(1, 10), _Bump.parse) == [1, 11]
     with owned.transaction() as pool:  # a controller transaction between two batches
         pool.size = 3
-    replies = owned.apply([_Bump(100), _Bump(1000, fails=True), _Bump(10000)])
+    replies = owned.apply(_lines(100, -1000, 10000), _Bump.parse)
     assert replies[0] == 111 and isinstance(replies[1], RuntimeError) and replies[2] == 10111
     pool = owned.read()
     assert pool is not None and pool.next_serial == 10111 and pool.size == 3
     wait_until(lambda: Pool.model_validate_json(owned.path.read_bytes()).next_serial == 10111,
                5, "the write-back of the rebuilt record")
+
+
+def test_a_batch_keeps_no_operation_alive(owned: WriteBackStore) -> None:
+    """Until the next write-back the store keeps what replays a batch, as bytes: the operations
+    themselves are freed at once (thousands a second kept as objects made the server's process
+    collect garbage hundreds of times a second, pausing every check-out in flight)."""
+    batch = _lines(1, 2)
+    refs = [weakref.ref(op) for op, _ in batch]
+    owned.apply(batch, _Bump.parse)
+    del batch
+    assert [r() for r in refs] == [None, None]
+    pool = owned.read()
+    assert pool is not None and pool.next_serial == 3
