@@ -4,6 +4,8 @@
     python bench/checkout_latency.py --procs 8 --machines 64 --iterations 2000 --json out.json
     python bench/checkout_latency.py --no-server          # every operation a file transaction
     python bench/checkout_latency.py --wait-checkin       # every check-in waits for its answer
+    python -m bench.checkout_latency --hold-ms 1 --baseline ../old --rounds 3
+                                       # this code and a worktree of other code, interleaved
 
 A zero-latency sim pool of ``--machines`` machines is warmed by a real Controller (which keeps
 running, as in a session, with its lease server), with ``checkin_policy = "reuse"`` and pre-ping
@@ -24,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import multiprocessing
 import random
 import selectors
 import shutil
 import socket
+import statistics
 import sys
 import tempfile
 import threading
@@ -38,10 +42,11 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from bench._common import host_facts, markdown_table
+    from bench._common import StealWatch, host_facts, markdown_table
 except ImportError:  # run as `python bench/checkout_latency.py`
-    from _common import host_facts, markdown_table  # type: ignore[no-redef]
+    from _common import StealWatch, host_facts, markdown_table  # type: ignore[no-redef]
 
+from vmpool import _proc
 from vmpool.backends.sim import SimBackend
 from vmpool.client import PoolClient
 from vmpool.config import PoolSettings, Profile
@@ -250,6 +255,25 @@ def minimal_floor(procs: int, machines: int, iterations: int, hold: float) -> di
     return _summary(times)
 
 
+class _Collections:
+    """Counts the cyclic collector's runs, by generation, in this process (the controller's,
+    with its lease server) while in use: each stops the server's thread mid-batch."""
+
+    def __init__(self) -> None:
+        self.counts = {0: 0, 1: 0, 2: 0}
+
+    def _seen(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "stop":
+            self.counts[info["generation"]] += 1
+
+    def __enter__(self) -> _Collections:
+        gc.callbacks.append(self._seen)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._seen)
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an ascending list."""
     if not sorted_values:
@@ -297,20 +321,24 @@ def run(
         warmup = time.monotonic() - started
         state_bytes = (directory.path / f"{controller.pool_id}.json").stat().st_size
 
-        got, wall = _gang(
-            _worker,
-            [
-                (
-                    i,
-                    str(directory.path),
-                    controller.pool_id,
-                    iterations,
-                    hold_ms / 1000,
-                    wait_checkin,
-                )
-                for i in range(procs)
-            ],
-        )
+        collections = _Collections()
+        steal = StealWatch()
+        with collections:
+            got, wall = _gang(
+                _worker,
+                [
+                    (
+                        i,
+                        str(directory.path),
+                        controller.pool_id,
+                        iterations,
+                        hold_ms / 1000,
+                        wait_checkin,
+                    )
+                    for i in range(procs)
+                ],
+            )
+        steal_pct = steal.percent()
         samples: list[tuple[float, float]] = [s for _, mine, _ in got for s in mine]
         cpu = sum(used for _, _, used in got)
         stats = controller.snapshot().stats
@@ -338,6 +366,8 @@ def run(
         "state_file_bytes": state_bytes,
         "pool_checkouts": stats.checkouts,
         "server": None if served is None else dataclasses.asdict(served),
+        "steal_pct": steal_pct,
+        "server_process_gc": collections.counts,
         "floor_round_trip_ms": floor(iterations, hold_ms / 1000),
         "client_cpu_per_cycle_ms": cpu / len(samples) * 1000,
         "floor_minimal_server_ms": minimal_floor(procs, machines, iterations, hold_ms / 1000),
@@ -377,8 +407,76 @@ def report(result: dict[str, Any]) -> str:
         f"p50 {result['floor_minimal_server_ms']['p50']:.3f} ms, "
         f"p99 {result['floor_minimal_server_ms']['p99']:.3f} ms\n"
         f"client CPU per cycle: {result['client_cpu_per_cycle_ms'] * 1000:.0f} us\n"
+        + "garbage collections in the lease server's process (gen 0/1/2): "
+        + "/".join(str(result["server_process_gc"][g]) for g in (0, 1, 2))
+        + "\n"
+        + (
+            f"CPU time the hypervisor gave to other guests meanwhile (steal): "
+            f"{result['steal_pct']:.1f}%\n"
+            if result["steal_pct"] is not None
+            else ""
+        )
         + f"p99(checkout+checkin) <= {result['target_ms']:g} ms: {verdict} "
         f"({result['ms']['checkout+checkin']['p99']:.3f} ms)"
+    )
+
+
+_RUN_TIMEOUT = 900.0
+
+
+def _run_in(checkout: Path, passed: list[str]) -> dict[str, Any]:
+    """One run of the benchmark of the code in ``checkout``, in a process of its own."""
+    with tempfile.TemporaryDirectory(prefix="vmpool-bench-cmp-") as tmp:
+        out = Path(tmp) / "result.json"
+        done = _proc.run(
+            [sys.executable, "-m", "bench.checkout_latency", *passed, "--json", str(out)],
+            timeout=_RUN_TIMEOUT,
+            cwd=checkout,
+            env={"PYTHONPATH": str(checkout)},
+        )
+        if done.returncode != 0 or not out.exists():
+            raise SystemExit(
+                f"the benchmark in {checkout} failed (exit {done.returncode}):\n"
+                f"{done.stderr.strip()[-2000:]}"
+            )
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+
+
+def compare(baseline: Path, passed: list[str], rounds: int) -> str:
+    """This code and ``baseline`` run in turns (the host's speed drifts by the minute: only
+    runs side by side compare), as a table with the ratio of their median p99."""
+    here = Path(__file__).resolve().parent.parent
+    rows: list[list[str]] = []
+    p99: dict[str, list[float]] = {"this": [], "baseline": []}
+    for _ in range(rounds):
+        for label, checkout in (("this", here), ("baseline", baseline.resolve())):
+            r = _run_in(checkout, passed)
+            cycle = r["ms"]["checkout+checkin"]
+            p99[label].append(cycle["p99"])
+            server = r.get("server") or {}
+            steal = r.get("steal_pct")
+            rows.append([
+                label,
+                f"{cycle['p50']:.2f}",
+                f"{cycle['p99']:.2f}",
+                f"{cycle['max']:.1f}",
+                f"{r['floor_minimal_server_ms']['p99']:.2f}",
+                f"{server['cpu_s'] / max(server['ops'], 1) * 1e6:.0f}" if server else "-",
+                f"{r['client_cpu_per_cycle_ms'] * 1000:.0f}",
+                "-" if steal is None else f"{steal:.1f}",
+            ])
+    table = markdown_table(
+        ["code", "p50 ms", "p99 ms", "max ms", "floor p99 ms", "server us/op",
+         "client us/cycle", "steal %"],
+        rows,
+    )
+    mine, theirs = statistics.median(p99["this"]), statistics.median(p99["baseline"])
+    return (
+        f"{table}\n\nthis code: {here}; baseline: {baseline}\n"
+        f"median p99: this {mine:.2f} ms, baseline {theirs:.2f} ms "
+        f"(this / baseline = {mine / theirs:.2f}); "
+        f"p99 <= {TARGET_MS:g} ms: {'yes' if mine <= TARGET_MS else 'NO'}"
     )
 
 
@@ -407,11 +505,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of other code (a git worktree): run it and this code in turns, each "
+        "in its own process, and print both side by side with their ratio",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="with --baseline: turns of each (3)"
+    )
+    parser.add_argument(
         "--state-root", type=Path, help="where the temporary state directory goes (system temp)"
     )
     args = parser.parse_args(argv)
     if not 1 <= args.machines <= 256:
         parser.error("--machines must be 1..256 (the pool size limit)")
+    if args.baseline is not None:
+        if not (args.baseline / "bench" / "checkout_latency.py").is_file():
+            parser.error(f"--baseline {args.baseline}: no bench/checkout_latency.py there")
+        if args.rounds < 1:
+            parser.error("--rounds must be at least 1")
+        passed = [
+            "--procs", str(args.procs), "--machines", str(args.machines),
+            "--iterations", str(args.iterations), "--hold-ms", str(args.hold_ms),
+        ] + (["--no-server"] if args.no_server else [])
+        print(compare(args.baseline, passed, args.rounds))
+        return 0
     result = run(
         args.procs,
         args.machines,
